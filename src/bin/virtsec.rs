@@ -1,0 +1,310 @@
+//! `virtsec`: the operator CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use virtsec::control::{self, ControlRequest};
+use virtsec::lab::{self, LabOptions};
+use virtsec::labxs::{Limits, Server, ServerConfig};
+
+const DEFAULT_CONTROL: &str = "/run/virtsec/control.sock";
+
+/// virtsec operator CLI.
+#[derive(Parser, Debug)]
+#[command(name = "virtsec", version, about)]
+struct Cli {
+    /// virtsecd's control socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    control_socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Health of the running service: XenStore connection, watches, counts, warnings.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every guest and vif the running service knows.
+    Domains {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a simulated Xen host and show virtsec following it (no Xen needed).
+    Lab {
+        #[command(subcommand)]
+        sub: Option<LabCmd>,
+        /// Number of simulated guests.
+        #[arg(long, default_value_t = 3)]
+        guests: u32,
+        /// Emit the timeline as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Directory for the lab's sockets (default /run/virtsec-lab as root).
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+        /// virtsecd binary (default: next to this one).
+        #[arg(long, value_name = "PATH")]
+        virtsecd: Option<PathBuf>,
+    },
+    /// Self-tests against this host's xenstored.
+    Selftest {
+        #[command(subcommand)]
+        sub: SelftestCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCmd {
+    /// Run the lab XenStore server in the foreground.
+    Xenstored {
+        /// The privileged (dom0) socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// An unprivileged domain's socket, DOMID=PATH (repeatable).
+        #[arg(long = "domain-socket", value_name = "DOMID=PATH")]
+        domain_sockets: Vec<String>,
+        /// Largest value in bytes.
+        #[arg(long, default_value_t = Limits::default().entry_size)]
+        entry_size: usize,
+        /// Nodes an unprivileged domain may own.
+        #[arg(long, default_value_t = Limits::default().nodes_per_domain)]
+        nodes_per_domain: usize,
+        /// Watches per unprivileged connection.
+        #[arg(long, default_value_t = Limits::default().watches_per_conn)]
+        watches_per_conn: usize,
+        /// Open transactions per unprivileged connection.
+        #[arg(long, default_value_t = Limits::default().transactions_per_conn)]
+        transactions_per_conn: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SelftestCmd {
+    /// Check that xenstored behaves as virtsec expects (scratch subtree, removed after).
+    Xenstore {
+        #[arg(long, value_name = "PATH", default_value = virtsec::xenstore::transport::DEFAULT_SOCKET)]
+        xenstore_socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("virtsec: {}", virtsec::logging::render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Status { json } => {
+            let s = control::call(&cli.control_socket, &ControlRequest::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Domains { json } => {
+            let d = control::call(&cli.control_socket, &ControlRequest::Domains)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print_domains(&d);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lab {
+            sub:
+                Some(LabCmd::Xenstored {
+                    socket,
+                    domain_sockets,
+                    entry_size,
+                    nodes_per_domain,
+                    watches_per_conn,
+                    transactions_per_conn,
+                }),
+            ..
+        } => {
+            let mut doms = Vec::new();
+            for spec in domain_sockets {
+                let (d, p) = spec
+                    .split_once('=')
+                    .with_context(|| format!("--domain-socket {spec:?}: expected DOMID=PATH"))?;
+                let d: u32 = d
+                    .parse()
+                    .with_context(|| format!("--domain-socket {spec:?}: {d:?} is not a domid"))?;
+                if d == 0 {
+                    bail!("--domain-socket {spec:?}: domain 0 is the privileged --socket");
+                }
+                doms.push((d, PathBuf::from(p)));
+            }
+            let cfg = ServerConfig {
+                socket,
+                domain_sockets: doms,
+                limits: Limits {
+                    entry_size,
+                    nodes_per_domain,
+                    watches_per_conn,
+                    transactions_per_conn,
+                    ..Limits::default()
+                },
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let server = Server::bind(&cfg)?;
+            eprintln!(
+                "virtsec lab xenstored: serving {} ({} domain socket(s))",
+                cfg.socket.display(),
+                cfg.domain_sockets.len()
+            );
+            server.run(&stop)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lab {
+            sub: None,
+            guests,
+            json,
+            run_dir,
+            virtsecd,
+        } => {
+            let virtsecd = match virtsecd {
+                Some(p) => p,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("cannot locate this binary's directory")?
+                    .join("virtsecd"),
+            };
+            let opts = LabOptions {
+                guests: guests.max(1),
+                run_dir: run_dir.unwrap_or_else(lab::default_run_dir),
+                json,
+                virtsecd,
+                step_timeout: Duration::from_secs(2),
+            };
+            let started = std::time::Instant::now();
+            let records = lab::run(&opts)?;
+            let failed = records.iter().filter(|r| !r.ok).count();
+            if !json {
+                println!(
+                    "{} passed, {} failed ({:.1} s)",
+                    records.len() - failed,
+                    failed,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Selftest {
+            sub: SelftestCmd::Xenstore { xenstore_socket },
+        } => {
+            let results = virtsec::xenstore::conformance::run(&xenstore_socket)?;
+            let mut failed = 0;
+            for r in &results {
+                match &r.outcome {
+                    Ok(()) => println!("ok   {}", r.name),
+                    Err(why) => {
+                        failed += 1;
+                        println!("FAIL {}: {why}", r.name);
+                    }
+                }
+            }
+            println!("{} passed, {} failed", results.len() - failed, failed);
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn print_status(s: &serde_json::Value) {
+    let xs = &s["xenstore"];
+    println!(
+        "virtsecd {} (pid {}), up {:.0} s",
+        s["version"].as_str().unwrap_or("?"),
+        s["pid"],
+        s["uptime_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "xenstore: {} at {} (domain {}), {} watches, {} reconcile passes{}",
+        if xs["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        xs["path"].as_str().unwrap_or("?"),
+        xs["self_domid"],
+        xs["watches"].as_array().map(Vec::len).unwrap_or(0),
+        xs["reconciles"],
+        if xs["in_sync"].as_bool() == Some(true) {
+            ", in sync"
+        } else {
+            ""
+        }
+    );
+    if let Some(err) = xs["last_error"].as_str() {
+        println!("last xenstore error: {err}");
+    }
+    println!("inventory: {} guests, {} vifs", s["guests"], s["vifs"]);
+    let w = &s["warnings"];
+    println!(
+        "warnings: {} untrusted frontend writes, {} frontend mismatches, {} invalid values, {} watch failures",
+        w["untrusted_frontend_writes"], w["frontend_mismatches"], w["invalid_values"], w["watch_failures"]
+    );
+    for d in w["denied"].as_array().into_iter().flatten() {
+        println!("  denied: {}", d.as_str().unwrap_or("?"));
+    }
+}
+
+fn print_domains(d: &serde_json::Value) {
+    println!(
+        "{:>5}  {:<20} {:<36}  {:<12} {:<17} {:<10} {:<11} hotplug",
+        "DOMID", "NAME", "UUID", "VIF", "MAC", "BRIDGE", "STATE"
+    );
+    for g in d.as_array().into_iter().flatten() {
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+        let vifs = g["vifs"].as_object();
+        if vifs.map(|v| v.is_empty()).unwrap_or(true) {
+            println!(
+                "{:>5}  {:<20} {:<36}  -",
+                g["domid"],
+                s(&g["name"]),
+                s(&g["uuid"])
+            );
+            continue;
+        }
+        for v in vifs.into_iter().flat_map(|m| m.values()) {
+            println!(
+                "{:>5}  {:<20} {:<36}  {:<12} {:<17} {:<10} {:<11} {}",
+                g["domid"],
+                s(&g["name"]),
+                s(&g["uuid"]),
+                s(&v["ifname"]),
+                s(&v["mac"]),
+                s(&v["bridge"]),
+                s(&v["state"]),
+                s(&v["hotplug_status"])
+            );
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! `virtsecd` configuration (TOML). Every option is documented in `docs/configuration.md` and
+//! in the sample `xen-config/virtsecd.toml`. Unknown keys and bad values are rejected with the
+//! file, line and reason: a typo must not silently fall back to a default in a security
+//! service.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/virtsec/virtsecd.toml";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub xenstore: XenstoreConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+/// `[xenstore]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct XenstoreConfig {
+    /// Socket (`/run/xenstored/socket`, dom0) or device (`/dev/xen/xenbus`, any domain).
+    pub path: PathBuf,
+    /// The domain the service runs in (the backend domain of the vifs it guards). Unset:
+    /// read from XenStore (`domid` under the service's own domain path), 0 if absent.
+    pub domid: Option<u32>,
+    /// How long one request may wait for xenstored before the connection is considered dead.
+    #[serde(deserialize_with = "millis_1_to_600000")]
+    pub request_timeout_ms: u64,
+    /// First reconnect delay after xenstored goes away; doubles up to `reconnect_max_ms`.
+    #[serde(deserialize_with = "millis_1_to_600000")]
+    pub reconnect_min_ms: u64,
+    #[serde(deserialize_with = "millis_1_to_600000")]
+    pub reconnect_max_ms: u64,
+    /// Watch each guest's frontend tree to count (never trust) what the guest writes there.
+    pub watch_frontends: bool,
+}
+
+impl Default for XenstoreConfig {
+    fn default() -> Self {
+        XenstoreConfig {
+            path: PathBuf::from(crate::xenstore::transport::DEFAULT_SOCKET),
+            domid: None,
+            request_timeout_ms: 5000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            watch_frontends: true,
+        }
+    }
+}
+
+/// `[control]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The operator socket (`virtsec status`, `virtsec domains`). Only root and the service's
+    /// own user may use it (checked with SO_PEERCRED).
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from("/run/virtsec/control.sock"),
+        }
+    }
+}
+
+/// Where logs go.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Syslog,
+    Stderr,
+}
+
+/// Log verbosity.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(l: LogLevel) -> log::LevelFilter {
+        match l {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub target: LogTarget,
+    pub level: LogLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            target: LogTarget::Syslog,
+            level: LogLevel::Info,
+        }
+    }
+}
+
+fn millis_1_to_600000<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if (1..=600_000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 1 to 600000 milliseconds"
+        )))
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
+    (line, col)
+}
+
+impl Config {
+    /// Parses `text`, naming `path` in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                reason: e.message().to_owned(),
+            }
+        })?;
+        if cfg.xenstore.reconnect_min_ms > cfg.xenstore.reconnect_max_ms {
+            let off = text.find("reconnect_min_ms").unwrap_or(0);
+            let (line, column) = line_col(text, off);
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                reason: "reconnect_min_ms must not exceed reconnect_max_ms".into(),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Loads `path`. A missing file at the default location means "all defaults"; a missing
+    /// file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/etc/virtsec/virtsecd.toml"))
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let c = parse("[xenstore]\npath = \"/dev/xen/xenbus\"\ndomid = 3\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n").unwrap();
+        assert_eq!(c.xenstore.path, PathBuf::from("/dev/xen/xenbus"));
+        assert_eq!(c.xenstore.domid, Some(3));
+        assert_eq!(c.log.target, LogTarget::Stderr);
+    }
+
+    #[test]
+    fn the_shipped_sample_parses_to_the_defaults() {
+        let sample = include_str!("../xen-config/virtsecd.toml");
+        assert_eq!(parse(sample).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_and_line() {
+        let e = parse("[xenstore]\npath = \"/x\"\npaht = \"/y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/virtsec/virtsecd.toml:3:"), "{e}");
+        assert!(e.contains("paht"), "{e}");
+        let e = parse("[log]\nlevel = \"loud\"\n").unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("loud"), "{e}");
+        let e = parse("[xenstore]\nrequest_timeout_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:") && e.contains("out of range"), "{e}");
+        let e = parse("[xenstore]\nreconnect_min_ms = 900\nreconnect_max_ms = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:"), "{e}");
+        let e = parse("[bogus]\n").unwrap_err().to_string();
+        assert!(e.contains(":1:") && e.contains("bogus"), "{e}");
+    }
+}

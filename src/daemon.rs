@@ -1,0 +1,543 @@
+//! `virtsecd`: wires XenStore, the inventory and the control socket on one mio event loop.
+//!
+//! ```text
+//!  xenstored ──(engine: pipelined requests, watch events)──▶ reconcile pass ──▶ inventory
+//!      ▲                                                                          │
+//!      └──────── watches: @introduceDomain, @releaseDomain, backend/vif,          ▼
+//!                per-guest name (reconcile) and device/ (count only)      control socket
+//! ```
+//!
+//! The loop never blocks on xenstored. When the connection breaks (EOF, protocol error, no
+//! reply within `request_timeout_ms`) the service keeps its last inventory, marks XenStore
+//! disconnected in `status`, redials with exponential back-off, re-registers every watch and
+//! runs a full reconcile: state is rebuilt from XenStore truth, never from memory.
+
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use serde::Serialize;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::Config;
+use crate::control::{ControlError, ControlRequest, ControlServer};
+use crate::inventory::{self, Guests, Pass, PassReport, Tag};
+use crate::xenstore::wire::{strip_nul, Request};
+use crate::xenstore::{Completion, Engine, XsError};
+
+const XS: Token = Token(0);
+const CONTROL: Token = Token(1);
+const SIGNALS: Token = Token(2);
+const CONTROL_CONN_BASE: usize = 16;
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("event loop setup failed: {0}")]
+    Poll(#[from] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// What a XenStore reply belongs to.
+#[derive(Debug)]
+enum Op {
+    Pass(Tag),
+    SelfDomid,
+    Watch(String),
+    Unwatch,
+}
+
+/// XenStore side of the status report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct XenstoreStatus {
+    pub path: String,
+    pub connected: bool,
+    pub self_domid: Option<u32>,
+    pub watches: Vec<String>,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+    pub last_reconcile_ms: Option<f64>,
+    /// The last completed pass saw XenStore as it is now (no change pending).
+    pub in_sync: bool,
+}
+
+/// Warnings about untrusted or unreadable input.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Warnings {
+    /// Writes a guest made into its own frontend tree (never trusted, only counted).
+    pub untrusted_frontend_writes: u64,
+    /// Vifs whose frontend MAC disagrees with the backend (last pass).
+    pub frontend_mismatches: u64,
+    /// Backend/toolstack values that failed validation (last pass).
+    pub invalid_values: u64,
+    /// Reads refused for lack of permission (last pass), e.g. in a driver domain.
+    pub denied: Vec<String>,
+    pub errors: Vec<String>,
+    /// Watches xenstored refused (quota in a driver domain): coverage is reduced.
+    pub watch_failures: u64,
+}
+
+/// `virtsec status --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub pid: u32,
+    pub uptime_s: f64,
+    pub xenstore: XenstoreStatus,
+    pub guests: usize,
+    pub vifs: usize,
+    pub warnings: Warnings,
+    pub control_refused_peers: u64,
+}
+
+enum Link {
+    Down {
+        retry_at: Instant,
+        backoff: Duration,
+    },
+    Up(Box<Engine<Op>>),
+}
+
+struct State {
+    cfg: Config,
+    started: Instant,
+    link: Link,
+    self_domid: Option<u32>,
+    pass: Option<(Pass, Instant)>,
+    dirty: bool,
+    inventory: Guests,
+    report: PassReport,
+    /// Guests whose per-guest watches are registered.
+    watched: BTreeSet<u32>,
+    watches: BTreeSet<String>,
+    last_progress: Instant,
+    xs: XenstoreStatus,
+    untrusted_frontend_writes: u64,
+    watch_failures: u64,
+    registered_fd: Option<RawFd>,
+}
+
+/// The service.
+pub struct Daemon {
+    poll: Poll,
+    control: ControlServer,
+    signals: Signals,
+    state: State,
+}
+
+impl Daemon {
+    /// Sets up the control socket and signal handling; connecting to xenstored happens in
+    /// [`Daemon::run`] so a missing xenstored delays, not prevents, start-up.
+    pub fn new(cfg: Config) -> Result<Daemon, DaemonError> {
+        let poll = Poll::new()?;
+        let control = ControlServer::bind(
+            &cfg.control.socket,
+            poll.registry(),
+            CONTROL,
+            CONTROL_CONN_BASE,
+        )?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let now = Instant::now();
+        let xs = XenstoreStatus {
+            path: cfg.xenstore.path.display().to_string(),
+            ..Default::default()
+        };
+        Ok(Daemon {
+            poll,
+            control,
+            signals,
+            state: State {
+                self_domid: cfg.xenstore.domid,
+                link: Link::Down {
+                    retry_at: now,
+                    backoff: Duration::from_millis(cfg.xenstore.reconnect_min_ms),
+                },
+                cfg,
+                started: now,
+                pass: None,
+                dirty: false,
+                inventory: Guests::new(),
+                report: PassReport::default(),
+                watched: BTreeSet::new(),
+                watches: BTreeSet::new(),
+                last_progress: now,
+                xs,
+                untrusted_frontend_writes: 0,
+                watch_failures: 0,
+                registered_fd: None,
+            },
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        let mut events = Events::with_capacity(256);
+        log::info!(
+            "virtsecd {} started; control socket {}",
+            env!("CARGO_PKG_VERSION"),
+            self.control.path().display()
+        );
+        loop {
+            self.state.maintain(&self.poll);
+            let timeout = self.state.next_wakeup();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    XS => self.state.on_xs_ready(&self.poll),
+                    CONTROL => self.control.accept(self.poll.registry()),
+                    SIGNALS => {
+                        for sig in self.signals.pending() {
+                            match sig {
+                                SIGHUP => {
+                                    log::info!(
+                                        "SIGHUP: configuration changes take effect on restart in this version; XenStore state is re-read now"
+                                    );
+                                    self.state.request_reconcile();
+                                }
+                                _ => {
+                                    log::info!("signal {sig}: shutting down");
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                    t if self.control.owns(t) => {
+                        let state = &self.state;
+                        let refused = self.control.refused_peers;
+                        self.control.on_ready(t, self.poll.registry(), &mut |req| {
+                            state.answer(req, refused)
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    fn answer(&self, req: ControlRequest, refused: u64) -> Result<serde_json::Value, String> {
+        let v = match req {
+            ControlRequest::Status => serde_json::to_value(self.status(refused)),
+            ControlRequest::Domains => {
+                serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
+            }
+        };
+        v.map_err(|e| e.to_string())
+    }
+
+    fn status(&self, refused_peers: u64) -> Status {
+        let mut xs = self.xs.clone();
+        xs.connected = matches!(self.link, Link::Up(_)) && self.self_domid.is_some();
+        xs.self_domid = self.self_domid;
+        xs.watches = self.watches.iter().cloned().collect();
+        xs.in_sync = xs.connected && self.pass.is_none() && !self.dirty && xs.reconciles > 0;
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            xenstore: xs,
+            guests: self.inventory.len(),
+            vifs: self.inventory.values().map(|g| g.vifs.len()).sum(),
+            warnings: Warnings {
+                untrusted_frontend_writes: self.untrusted_frontend_writes,
+                frontend_mismatches: self.report.frontend_mismatches,
+                invalid_values: self.report.invalid_values,
+                denied: self.report.denied.clone(),
+                errors: self.report.errors.clone(),
+                watch_failures: self.watch_failures,
+            },
+            control_refused_peers: refused_peers,
+        }
+    }
+
+    fn next_wakeup(&self) -> Duration {
+        let now = Instant::now();
+        match &self.link {
+            Link::Down { retry_at, .. } => retry_at.saturating_duration_since(now),
+            Link::Up(e) if e.outstanding() > 0 => Duration::from_millis(100),
+            Link::Up(_) => Duration::from_secs(1),
+        }
+    }
+
+    /// Reconnects when due and detects a xenstored that stopped answering.
+    fn maintain(&mut self, poll: &Poll) {
+        let now = Instant::now();
+        match &self.link {
+            Link::Down { retry_at, backoff } if now >= *retry_at => {
+                let backoff = *backoff;
+                self.connect(poll, backoff);
+            }
+            Link::Up(e) if e.outstanding() > 0 => {
+                let limit = Duration::from_millis(self.cfg.xenstore.request_timeout_ms);
+                if now.duration_since(self.last_progress) > limit {
+                    let err = XsError::Timeout {
+                        op: "request",
+                        ms: self.cfg.xenstore.request_timeout_ms,
+                    };
+                    self.disconnect(poll, &err);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn connect(&mut self, poll: &Poll, backoff: Duration) {
+        match Engine::<Op>::connect(&self.cfg.xenstore.path) {
+            Ok(engine) => {
+                let fd = engine.raw_fd();
+                if let Err(e) = poll.registry().register(
+                    &mut SourceFd(&fd),
+                    XS,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    log::error!("cannot register the xenstored connection: {e}");
+                    self.schedule_retry(backoff);
+                    return;
+                }
+                self.registered_fd = Some(fd);
+                self.link = Link::Up(Box::new(engine));
+                self.xs.connects += 1;
+                self.last_progress = Instant::now();
+                log::info!(
+                    "connected to xenstored at {}",
+                    self.cfg.xenstore.path.display()
+                );
+                self.watches.clear();
+                self.watched.clear();
+                self.pass = None;
+                match self.cfg.xenstore.domid {
+                    Some(d) => {
+                        self.self_domid = Some(d);
+                        self.after_domid();
+                    }
+                    None => {
+                        self.self_domid = None;
+                        self.submit(Request::Read("domid".into()), Op::SelfDomid);
+                    }
+                }
+            }
+            Err(e) => {
+                if self.xs.last_error.as_deref() != Some(&e.to_string()) {
+                    log::warn!("{e}; retrying");
+                }
+                self.xs.last_error = Some(e.to_string());
+                self.schedule_retry(backoff);
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self, backoff: Duration) {
+        let max = Duration::from_millis(self.cfg.xenstore.reconnect_max_ms);
+        self.link = Link::Down {
+            retry_at: Instant::now() + backoff,
+            backoff: (backoff * 2).min(max),
+        };
+    }
+
+    fn disconnect(&mut self, poll: &Poll, err: &XsError) {
+        if let Some(fd) = self.registered_fd.take() {
+            let _ = poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        log::warn!(
+            "lost xenstored connection: {err}; keeping the last inventory ({} guests) until resynchronised",
+            self.inventory.len()
+        );
+        self.xs.disconnects += 1;
+        self.xs.last_error = Some(err.to_string());
+        self.pass = None;
+        self.dirty = false;
+        self.watches.clear();
+        self.watched.clear();
+        // Dropping the engine closes the socket.
+        self.schedule_retry(Duration::from_millis(self.cfg.xenstore.reconnect_min_ms));
+    }
+
+    fn submit(&mut self, req: Request, op: Op) {
+        if let Link::Up(engine) = &mut self.link {
+            if engine.outstanding() == 0 {
+                self.last_progress = Instant::now();
+            }
+            if let Err(e) = engine.submit(0, req, op) {
+                // The write failed: the next readiness event reports the broken connection.
+                log::debug!("xenstored submit failed: {e}");
+            }
+        }
+    }
+
+    fn after_domid(&mut self) {
+        let Some(d) = self.self_domid else { return };
+        let backend = format!("/local/domain/{d}/backend/vif");
+        for (path, token) in [
+            ("@introduceDomain".to_string(), "domains"),
+            ("@releaseDomain".to_string(), "domains"),
+            (backend, "backend"),
+        ] {
+            self.submit(Request::Watch(path.clone(), token.into()), Op::Watch(path));
+        }
+        self.request_reconcile();
+    }
+
+    fn request_reconcile(&mut self) {
+        if self.self_domid.is_none() || !matches!(self.link, Link::Up(_)) {
+            return;
+        }
+        if self.pass.is_some() {
+            self.dirty = true;
+            return;
+        }
+        let mut outbox = Vec::new();
+        let pass = Pass::start(self.self_domid.unwrap_or(0), &mut outbox);
+        self.pass = Some((pass, Instant::now()));
+        for (req, tag) in outbox {
+            self.submit(req, Op::Pass(tag));
+        }
+    }
+
+    fn on_xs_ready(&mut self, poll: &Poll) {
+        let mut done = Vec::new();
+        let res = match &mut self.link {
+            Link::Up(engine) => engine.on_readable(&mut done),
+            Link::Down { .. } => return,
+        };
+        if !done.is_empty() {
+            self.last_progress = Instant::now();
+        }
+        for c in done {
+            self.on_completion(c);
+        }
+        if let Err(e) = res {
+            self.disconnect(poll, &e);
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion<Op>) {
+        match c {
+            Completion::Event(ev) => self.on_event(&ev.path, &ev.token),
+            Completion::Reply(Op::SelfDomid, res) => {
+                let d = res
+                    .ok()
+                    .and_then(|p| std::str::from_utf8(strip_nul(&p)).ok()?.trim().parse().ok())
+                    .unwrap_or(0);
+                log::info!(
+                    "running in domain {d}; guarding vifs under /local/domain/{d}/backend/vif"
+                );
+                self.self_domid = Some(d);
+                self.after_domid();
+            }
+            Completion::Reply(Op::Watch(path), Ok(_)) => {
+                self.watches.insert(path);
+            }
+            Completion::Reply(Op::Watch(path), Err(e)) => {
+                self.watch_failures += 1;
+                log::warn!("xenstored refused a watch on {path}: {e}; changes there are seen only on the next reconcile");
+            }
+            Completion::Reply(Op::Unwatch, _) => {}
+            Completion::Reply(Op::Pass(tag), res) => {
+                let mut outbox = Vec::new();
+                let finished = match &mut self.pass {
+                    Some((pass, _)) => pass.on_reply(tag, res, &mut outbox),
+                    None => None,
+                };
+                for (req, tag) in outbox {
+                    self.submit(req, Op::Pass(tag));
+                }
+                if let Some((guests, report)) = finished {
+                    self.finish_pass(guests, report);
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, path: &str, token: &str) {
+        if let Some(d) = token.strip_prefix("frontend/") {
+            let watched = format!("/local/domain/{d}/device");
+            if path != watched {
+                self.untrusted_frontend_writes += 1;
+                log::debug!("guest {d} wrote its frontend node {path}: not trusted, counted");
+            }
+            return;
+        }
+        match token {
+            "domains" | "backend" => self.request_reconcile(),
+            t if t.starts_with("name/") => self.request_reconcile(),
+            _ => {}
+        }
+    }
+
+    fn finish_pass(&mut self, guests: Guests, report: PassReport) {
+        let elapsed = self
+            .pass
+            .take()
+            .map(|(_, t)| t.elapsed().as_secs_f64() * 1e3);
+        for line in inventory::diff(&self.inventory, &guests) {
+            log::info!("{line}");
+        }
+        if report.frontend_mismatches > self.report.frontend_mismatches {
+            log::warn!(
+                "{} vif(s) have a guest-written frontend MAC that differs from the toolstack's; the backend value is used",
+                report.frontend_mismatches
+            );
+        }
+        if report.invalid_values > self.report.invalid_values {
+            log::warn!(
+                "{} XenStore value(s) failed validation and were ignored",
+                report.invalid_values
+            );
+        }
+        self.xs.reconciles += 1;
+        self.xs.last_reconcile_ms = elapsed;
+        self.inventory = guests;
+        self.report = report;
+        self.sync_guest_watches();
+        if std::mem::take(&mut self.dirty) {
+            self.request_reconcile();
+        }
+    }
+
+    /// Registers per-guest watches for new guests and drops those of departed ones.
+    fn sync_guest_watches(&mut self) {
+        let now: BTreeSet<u32> = self.inventory.keys().copied().collect();
+        let added: Vec<u32> = now.difference(&self.watched).copied().collect();
+        let gone: Vec<u32> = self.watched.difference(&now).copied().collect();
+        for d in added {
+            let name = format!("/local/domain/{d}/name");
+            self.submit(
+                Request::Watch(name.clone(), format!("name/{d}")),
+                Op::Watch(name),
+            );
+            if self.cfg.xenstore.watch_frontends {
+                let dev = format!("/local/domain/{d}/device");
+                self.submit(
+                    Request::Watch(dev.clone(), format!("frontend/{d}")),
+                    Op::Watch(dev),
+                );
+            }
+            self.watched.insert(d);
+        }
+        for d in gone {
+            let name = format!("/local/domain/{d}/name");
+            let dev = format!("/local/domain/{d}/device");
+            self.watches.remove(&name);
+            self.watches.remove(&dev);
+            self.submit(Request::Unwatch(name, format!("name/{d}")), Op::Unwatch);
+            if self.cfg.xenstore.watch_frontends {
+                self.submit(Request::Unwatch(dev, format!("frontend/{d}")), Op::Unwatch);
+            }
+            self.watched.remove(&d);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! virtsec: a security service for Xen hosts.
+//!
+//! Data flows one way through the modules (see `docs/architecture.md`):
+//!
+//! ```text
+//! xenstore → inventory → capture → decode → flow/stream → detect → policy → enforce → outputs
+//! ```
+//!
+//! Present today: [`xenstore`] (wire protocol, clients), [`inventory`] (guests and vifs from
+//! XenStore truth), [`daemon`] (the service's event loop), [`control`] (operator socket),
+//! [`config`]; and the lab parts [`labxs`] (a XenStore server) and [`lab`] (a simulated host).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod inventory;
+pub mod lab;
+pub mod labxs;
+pub mod logging;
+pub mod xenstore;
