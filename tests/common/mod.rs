@@ -1,0 +1,163 @@
+//! Shared helpers of the integration tests: real processes (the lab xenstored, virtsecd, the
+//! CLI, Debian's xenstore-utils) on private sockets in a temporary directory.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VIRTSEC: &str = env!("CARGO_BIN_EXE_virtsec");
+pub const VIRTSECD: &str = env!("CARGO_BIN_EXE_virtsecd");
+
+/// Kills the child on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts `virtsec lab xenstored` with domain sockets for `domids`.
+pub fn lab_xenstored(dir: &Path, domids: &[u32]) -> Proc {
+    let mut cmd = Command::new(VIRTSEC);
+    cmd.args(["lab", "xenstored", "--socket"])
+        .arg(dir.join("xs.sock"));
+    for d in domids {
+        cmd.arg("--domain-socket")
+            .arg(format!("{d}={}", dir.join(format!("d{d}.sock")).display()));
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn lab xenstored");
+    let sock = dir.join("xs.sock");
+    wait_for("lab xenstored socket", Duration::from_secs(5), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    Proc(child)
+}
+
+/// Starts virtsecd on the lab socket and waits until its first reconcile is done.
+pub fn virtsecd(dir: &Path) -> Proc {
+    let cfg = dir.join("virtsecd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n",
+            dir.join("xs.sock").display().to_string(),
+            dir.join("control.sock").display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("virtsecd.log")).unwrap();
+    let child = Command::new(VIRTSECD)
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn virtsecd");
+    let p = Proc(child);
+    wait_for("virtsecd in sync", Duration::from_secs(10), || {
+        status(dir)
+            .map(|s| s["xenstore"]["in_sync"] == true)
+            .unwrap_or(false)
+    });
+    p
+}
+
+/// Runs the CLI with the test's control socket.
+pub fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(VIRTSEC)
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"))
+        .args(args)
+        .output()
+        .expect("run virtsec")
+}
+
+pub fn status(dir: &Path) -> Option<serde_json::Value> {
+    let out = cli(dir, &["status", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// `virtsec domains --json`, parsed.
+pub fn domains(dir: &Path) -> serde_json::Value {
+    let out = cli(dir, &["domains", "--json"]);
+    assert!(
+        out.status.success(),
+        "virtsec domains failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("domains JSON")
+}
+
+pub fn guest(doms: &serde_json::Value, domid: u32) -> Option<serde_json::Value> {
+    doms.as_array()?
+        .iter()
+        .find(|g| g["domid"] == domid)
+        .cloned()
+}
+
+/// Polls `virtsec domains --json` until `pred` holds; returns how long it took.
+pub fn follow(
+    dir: &Path,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let d = domains(dir);
+        if pred(&d) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "virtsec domains did not show {what} within {timeout:?}; last: {d:#}\nvirtsecd log:\n{}",
+            std::fs::read_to_string(dir.join("virtsecd.log")).unwrap_or_default()
+        );
+    }
+}
+
+/// Debian's xenstore-utils binary `name`, run against `socket`.
+pub fn xs_util(socket: &Path, name: &str, args: &[&str]) -> Output {
+    let path = PathBuf::from("/usr/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: install Debian's xenstore-utils (apt-get install xenstore-utils); .ci/run does",
+        path.display()
+    );
+    Command::new(path)
+        .args(args)
+        .env("XENSTORED_PATH", socket)
+        .output()
+        .expect("run xenstore util")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
