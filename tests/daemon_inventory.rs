@@ -12,7 +12,7 @@ use virtsec::xenstore::Client;
 
 const FOLLOW: Duration = Duration::from_millis(100);
 
-fn vif<'a>(g: &'a serde_json::Value, devid: u32) -> &'a serde_json::Value {
+fn vif(g: &serde_json::Value, devid: u32) -> &serde_json::Value {
     &g["vifs"][devid.to_string()]
 }
 
