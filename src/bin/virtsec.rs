@@ -200,12 +200,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let records = lab::run(&opts)?;
             let failed = records.iter().filter(|r| !r.ok).count();
             if !json {
-                println!(
-                    "{} passed, {} failed ({:.1} s)",
-                    records.len() - failed,
-                    failed,
-                    started.elapsed().as_secs_f64()
-                );
+                println!("lab ran {:.1} s", started.elapsed().as_secs_f64());
+                println!("{} passed, {} failed", records.len() - failed, failed);
             }
             Ok(if failed == 0 {
                 ExitCode::SUCCESS

@@ -65,9 +65,15 @@ pub fn call(socket: &Path, req: &ControlRequest) -> Result<serde_json::Value, Co
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadReply(e.to_string()))?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    // A refused peer may find the socket closed before its request is written: the refusal
+    // is still there to read, and it explains more than EPIPE.
+    let written = s.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
+    let read = BufReader::new(s).read_line(&mut reply);
+    if reply.is_empty() {
+        written?;
+        read?;
+    }
     let v: serde_json::Value =
         serde_json::from_str(&reply).map_err(|e| ControlError::BadReply(e.to_string()))?;
     match v.get("ok").and_then(|o| o.as_bool()) {

@@ -526,3 +526,40 @@ mod tests {
         assert_eq!(g[&12].vifs[&0].ifname, "vif12.0");
     }
 }
+
+/// Drives a pass with replies cut from `data` (chunks separated by `0xff`; a chunk starting
+/// with `0xfe` is an error reply). Used by the fuzz target and property tests: must never
+/// panic, whatever the replies.
+pub fn fuzz_pass(data: &[u8]) -> usize {
+    let mut chunks = data.split(|&b| b == 0xff);
+    let mut outbox = Vec::new();
+    let mut pass = Pass::start(0, &mut outbox);
+    let mut handled = 0;
+    while let Some((_, tag)) = outbox.pop() {
+        handled += 1;
+        if handled > 20_000 {
+            break;
+        }
+        let res = match chunks.next() {
+            Some([0xfe, rest @ ..]) => Err(String::from_utf8_lossy(rest).into_owned()),
+            Some(c) => Ok(c.to_vec()),
+            None => Err("ENOENT".to_string()),
+        };
+        if let Some((guests, _)) = pass.on_reply(tag, res, &mut outbox) {
+            return guests.len();
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod prop {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_replies_finish_without_panic(data in proptest::collection::vec(any::<u8>(), 0..4000)) {
+            super::fuzz_pass(&data);
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# virtsec's test command: what CI runs (.ci/run calls this) and what a developer runs.
+# As root it installs the Debian packages the tests need; then formatting and lint checks,
+# the lab scenario, and the unit and integration tests. Layers: docs/testing.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v xenstore-read >/dev/null 2>&1 || missing+=(xenstore-utils)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "== installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "tests need: ${missing[*]} (sudo apt-get install ${missing[*]}, or run this script as root)" >&2
+        exit 1
+    fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== build"
+cargo build --locked --bins
+echo "== virtsec lab (default scenario)"
+./target/debug/virtsec lab --run-dir "$(mktemp -d)/lab"
+echo "== cargo test"
+cargo test --locked
