@@ -360,3 +360,71 @@ fn control_socket_refuses_other_users() {
     );
     assert_eq!(status(dir.path()).unwrap()["control_refused_peers"], 1);
 }
+
+#[test]
+fn driver_domain_degrades_cleanly_without_dom0_privilege() {
+    let dir = tempfile::tempdir().unwrap();
+    // Domain 3 is a network driver domain; guest 5's vif has its backend there.
+    let _xs = lab_xenstored(dir.path(), &[3]);
+    let mut dom0 = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    dom0.init_host().unwrap();
+    dom0.create(
+        &GuestSpec {
+            vifs: vec![],
+            ..GuestSpec::simple(3, "netdd", "-")
+        },
+        None,
+    )
+    .unwrap();
+    let mut ts = Toolstack::with_backend(Client::open(dir.path().join("xs.sock")).unwrap(), 3);
+
+    // virtsecd in the driver domain: unprivileged connection, domid read from XenStore.
+    let cfg = dir.path().join("dd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n",
+            dir.path().join("d3.sock").display().to_string(),
+            dir.path().join("control.sock").display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("virtsecd.log")).unwrap();
+    let _d = Proc(
+        std::process::Command::new(VIRTSECD)
+            .arg("--config")
+            .arg(&cfg)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("virtsecd in sync", Duration::from_secs(5), || {
+        status(dir.path())
+            .map(|s| s["xenstore"]["in_sync"] == true)
+            .unwrap_or(false)
+    });
+    assert_eq!(status(dir.path()).unwrap()["xenstore"]["self_domid"], 3);
+
+    ts.create(&GuestSpec::simple(5, "tenant", "xenbr0"), None)
+        .unwrap();
+    follow(
+        dir.path(),
+        "guest 5 via the driver domain's backend tree",
+        FOLLOW,
+        |d| connected(d, 5, 0),
+    );
+    let g = guest(&domains(dir.path()), 5).unwrap();
+    assert_eq!(vif(&g, 0)["ifname"], "vif5.0");
+    assert_eq!(vif(&g, 0)["mac"], "00:16:3e:00:05:00");
+    // What a driver domain may not read is absent, not guessed, and reported.
+    assert!(g["name"].is_null() && g["uuid"].is_null(), "{g:#}");
+    let s = status(dir.path()).unwrap();
+    let denied = s["warnings"]["denied"].to_string();
+    assert!(denied.contains("/local/domain"), "{s:#}");
+    assert_eq!(s["xenstore"]["connected"], true);
+
+    ts.destroy(5).unwrap();
+    follow(dir.path(), "guest 5 gone", FOLLOW, |d| {
+        guest(d, 5).is_none()
+    });
+}

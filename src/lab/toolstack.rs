@@ -81,11 +81,14 @@ fn rm_quiet(xs: &mut Client, t: u32, path: &str) -> Result<(), XsError> {
 }
 
 impl Toolstack {
+    /// A toolstack whose vif backends live in dom0.
     pub fn new(xs: Client) -> Toolstack {
-        Toolstack {
-            xs,
-            backend_domid: 0,
-        }
+        Toolstack::with_backend(xs, 0)
+    }
+
+    /// A toolstack whose vif backends live in a network driver domain (`backend=` in xl).
+    pub fn with_backend(xs: Client, backend_domid: u32) -> Toolstack {
+        Toolstack { xs, backend_domid }
     }
 
     pub fn client(&mut self) -> &mut Client {
