@@ -16,6 +16,16 @@ pub mod reconcile;
 pub use model::{Guest, Guests, MacAddr, Vif, XenbusState};
 pub use reconcile::{Pass, PassReport, Tag};
 
+fn state_name(s: Option<XenbusState>) -> String {
+    match s {
+        Some(s) => serde_json::to_value(s)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{s:?}")),
+        None => "(none)".into(),
+    }
+}
+
 /// Human-readable differences between two inventories, for the service log.
 pub fn diff(old: &Guests, new: &Guests) -> Vec<String> {
     let mut out = Vec::new();
@@ -53,10 +63,17 @@ pub fn diff(old: &Guests, new: &Guests) -> Vec<String> {
                 Some(b) if b != v => {
                     let mut what = Vec::new();
                     if b.state != v.state {
-                        what.push(format!("state {:?} -> {:?}", b.state, v.state));
+                        what.push(format!(
+                            "state {} -> {}",
+                            state_name(b.state),
+                            state_name(v.state)
+                        ));
                     }
                     if b.hotplug_status != v.hotplug_status {
-                        what.push(format!("hotplug-status {:?}", v.hotplug_status));
+                        what.push(format!(
+                            "hotplug-status {}",
+                            v.hotplug_status.as_deref().unwrap_or("(removed)")
+                        ));
                     }
                     if what.is_empty() {
                         what.push("configuration changed".into());

@@ -340,9 +340,9 @@ pub fn run(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
         let conn = &mut guest_conns[0];
         conn.write(&format!("{fe}/mac"), "de:ad:be:ef:00:01")?;
         conn.write(&format!("{fe}/backend"), "/local/domain/0/backend/vif/99/0")?;
-        conn.write(&format!("{fe}/state"), "9")?;
+        conn.write(&format!("{fe}/handle"), "77")?;
         sc.expect(
-            &format!("guest{d} forges its frontend mac/backend/state: ignored"),
+            &format!("guest{d} forges its frontend mac/backend/handle: ignored"),
             t,
             |doms, status| {
                 let n = status["warnings"]["untrusted_frontend_writes"]

@@ -119,7 +119,7 @@ impl Client {
         Ok(Client {
             stream: Stream::open(path, false)?,
             path: path.to_owned(),
-            dec: Decoder::new(),
+            dec: Decoder::with_limit(super::wire::CLIENT_REPLY_MAX),
             next_req: 1,
             events: VecDeque::new(),
             timeout: Duration::from_secs(10),

@@ -67,7 +67,7 @@ impl<T> Engine<T> {
     pub fn connect(path: &Path) -> Result<Engine<T>, XsError> {
         Ok(Engine {
             stream: Stream::open(path, true)?,
-            dec: Decoder::new(),
+            dec: Decoder::with_limit(super::wire::CLIENT_REPLY_MAX),
             out: Vec::new(),
             pending: HashMap::new(),
             next_req: 1,

@@ -118,8 +118,8 @@ impl From<MsgType> for u32 {
 pub enum WireError {
     /// A peer announced a payload larger than the protocol allows; the stream cannot be
     /// resynchronised and the connection must be dropped.
-    #[error("peer sent a {0}-byte payload, more than XENSTORE_PAYLOAD_MAX ({PAYLOAD_MAX}); the connection is out of sync")]
-    Oversize(u32),
+    #[error("peer sent a {0}-byte payload, more than the {1} bytes accepted; the connection is out of sync")]
+    Oversize(u32, usize),
     /// We were asked to send a payload the protocol cannot carry.
     #[error("payload of {0} bytes exceeds XENSTORE_PAYLOAD_MAX ({PAYLOAD_MAX})")]
     PayloadTooLarge(usize),
@@ -205,6 +205,19 @@ impl Message {
         Ok(())
     }
 
+    /// Appends the frame whatever its size (a server answering over a socket, as oxenstored
+    /// does; tests).
+    pub fn emit_unchecked(&self, out: &mut Vec<u8>) {
+        Header {
+            ty: self.ty,
+            req_id: self.req_id,
+            tx_id: self.tx_id,
+            len: self.payload.len() as u32,
+        }
+        .emit(out);
+        out.extend_from_slice(&self.payload);
+    }
+
     /// The `ERROR` payload as an errno name, when this is an error reply.
     pub fn error_name(&self) -> Option<&str> {
         if self.ty != MsgType::Error {
@@ -214,16 +227,38 @@ impl Message {
     }
 }
 
+/// Largest reply a client accepts from xenstored. oxenstored does not cap replies on its Unix
+/// socket at [`PAYLOAD_MAX`] (measured: a 6,300-byte `DIRECTORY` reply to dom0), so clients
+/// accept more, still bounded so a broken peer cannot make us allocate without limit.
+pub const CLIENT_REPLY_MAX: usize = 1 << 20;
+
 /// Incremental stream decoder: feed it whatever `read` returned, take frames out.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
+    limit: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new()
+    }
 }
 
 impl Decoder {
+    /// A decoder enforcing the protocol's [`PAYLOAD_MAX`] (what a server must do).
     pub fn new() -> Decoder {
-        Decoder::default()
+        Decoder::with_limit(PAYLOAD_MAX)
+    }
+
+    /// A decoder accepting payloads up to `limit` bytes.
+    pub fn with_limit(limit: usize) -> Decoder {
+        Decoder {
+            buf: Vec::new(),
+            start: 0,
+            limit,
+        }
     }
 
     /// Appends bytes read from the peer.
@@ -250,8 +285,8 @@ impl Decoder {
         let Some(h) = Header::parse(avail) else {
             return Ok(None);
         };
-        if h.len as usize > PAYLOAD_MAX {
-            return Err(WireError::Oversize(h.len));
+        if h.len as usize > self.limit {
+            return Err(WireError::Oversize(h.len, self.limit));
         }
         let total = HEADER_LEN + h.len as usize;
         if avail.len() < total {
@@ -650,8 +685,14 @@ mod tests {
         dec.feed(&hdr);
         assert_eq!(
             dec.next_message(),
-            Err(WireError::Oversize(PAYLOAD_MAX as u32 + 1))
+            Err(WireError::Oversize(PAYLOAD_MAX as u32 + 1, PAYLOAD_MAX))
         );
+        // A client accepts oxenstored's larger socket replies.
+        let mut big = Vec::new();
+        Message::new(MsgType::Directory, 1, 0, vec![b'a'; 6300]).emit_unchecked(&mut big);
+        let mut dec = Decoder::with_limit(CLIENT_REPLY_MAX);
+        dec.feed(&big);
+        assert_eq!(dec.next_message().unwrap().unwrap().payload.len(), 6300);
     }
 
     #[test]

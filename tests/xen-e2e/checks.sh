@@ -1,0 +1,182 @@
+#!/bin/sh
+# Checks run inside the test dom0 against the real oxenstored, xl and netback.
+# Output: "ok N - name (detail)" / "not ok N - name: reason", "# ..." for context.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+n=0
+T0=$(date +%s)
+echo "# checks start $(cut -d' ' -f1 /proc/uptime) s after dom0 boot"
+ok() { n=$((n + 1)); echo "ok $n - $1${2:+ ($2)}"; }
+notok() { n=$((n + 1)); echo "not ok $n - $1: $2"; }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# until_ms TIMEOUT_MS CMD...: runs CMD until it succeeds; fails after TIMEOUT_MS.
+until_ms() {
+    t_end=$(( $(now_ms) + $1 )); shift
+    while ! "$@" >/dev/null 2>&1; do
+        [ "$(now_ms)" -gt "$t_end" ] && return 1
+        sleep 0.05
+    done
+}
+doms() { virtsec domains --json; }
+status() { virtsec status --json; }
+XS=/run/xenstored/socket
+be() { echo "/local/domain/0/backend/vif/$1/$2"; }
+
+start_virtsecd() {
+    virtsecd --config /etc/virtsec/virtsecd.toml --stderr >>/var/log/virtsecd.log 2>&1 &
+    echo $! > /run/virtsecd.pid
+}
+in_sync() { status | jq -e '.xenstore.connected and .xenstore.in_sync' ; }
+
+mkcfg() { # name mac
+    cat > "/xen-e2e/$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "/xen-e2e/vmlinuz"
+ramdisk = "/xen-e2e/guest.cpio.gz"
+extra = "console=hvc0 quiet"
+memory = 96
+vcpus = 1
+vif = [ 'mac=$2,bridge=xenbr0' ]
+on_crash = "destroy"
+CFG
+}
+
+# A guest is "listed" when virtsec shows its identity and vif 0 connected with the
+# toolstack's MAC and bridge.
+listed() { # domid name mac
+    uuid=$(xenstore-read "/local/domain/$1/vm" | sed 's,^/vm/,,')
+    doms | jq -e --argjson d "$1" --arg n "$2" --arg m "$3" --arg u "$uuid" \
+        '.[] | select(.domid == $d and .name == $n and .uuid == $u)
+             | .vifs["0"] | select(.ifname == "vif\($d).0" and .mac == $m and .bridge == "xenbr0"
+                                   and .state == "connected" and .hotplug_status == "connected")'
+}
+
+create_and_time() { # name mac -> sets DOMID, LAT_MS
+    mkcfg "$1" "$2"
+    xl create "/xen-e2e/$1.cfg" >/tmp/xl-create-$1.log 2>&1 &
+    xl_pid=$!
+    until_ms 60000 xl domid "$1" || return 1
+    DOMID=$(xl domid "$1")
+    until_ms 60000 sh -c "[ \"\$(xenstore-read $(be "$DOMID" 0)/state 2>/dev/null)\" = 4 ]" || return 1
+    t0=$(now_ms)
+    until_ms 5000 listed "$DOMID" "$1" "$2" || return 1
+    LAT_MS=$(( $(now_ms) - t0 ))
+    wait "$xl_pid"
+}
+
+# 1. The service starts in dom0 and connects to the real xenstored.
+start_virtsecd
+if until_ms 15000 in_sync && status | jq -e --arg p "$XS" '.xenstore.path == $p and .xenstore.self_domid == 0' >/dev/null; then
+    ok "virtsecd starts in dom0 and connects to $XS" "$(status | jq -c '{watches: (.xenstore.watches|length), reconciles: .xenstore.reconciles}')"
+else
+    notok "virtsecd starts in dom0 and connects to $XS" "$(status 2>&1 | tr '\n' ' ')"
+fi
+
+# 2. The conformance suite that runs against the lab server, here against oxenstored.
+if virtsec selftest xenstore --xenstore-socket "$XS" >/tmp/selftest.log 2>&1; then
+    ok "XenStore conformance suite against the real xenstored" "$(tail -1 /tmp/selftest.log)"
+else
+    notok "XenStore conformance suite against the real xenstored" "$(grep -v '^ok' /tmp/selftest.log | tr '\n' ' ')"
+fi
+sed 's/^/#   /' /tmp/selftest.log
+
+# 3. xl create: listed within 1 s of the vif reaching Connected.
+if create_and_time guest1 00:16:3e:00:00:01 && [ "$LAT_MS" -le 1000 ]; then
+    G1=$DOMID
+    ok "xl create guest1: virtsec domains lists domid $G1, uuid, name, vif$G1.0 with MAC and bridge within 1 s of Connected" "${LAT_MS} ms"
+else
+    G1=${DOMID:-}
+    notok "xl create guest1 listed within 1 s of Connected" "latency ${LAT_MS:-none} ms; $(doms | jq -c . 2>&1); xl: $(cat /tmp/xl-create-guest1.log)"
+fi
+
+# 4. The guest's traffic crosses vif<D>.0 (netback carries it; the service sees the vif).
+if [ -n "$G1" ] && until_ms 20000 sh -c "[ \$(cat /sys/class/net/vif$G1.0/statistics/rx_packets) -gt 3 ]"; then
+    ok "guest1 sends traffic on vif$G1.0" "rx_packets $(cat /sys/class/net/vif"$G1".0/statistics/rx_packets)"
+else
+    notok "guest1 sends traffic on vif${G1}.0" "no packets from the guest"
+fi
+
+# 5. The guest writes nonsense into its own frontend nodes: nothing trusted changes.
+if [ -n "$G1" ]; then
+    before=$(doms | jq -S --argjson d "$G1" '.[] | select(.domid == $d)')
+    writes0=$(status | jq '.warnings.untrusted_frontend_writes')
+    xenstore-write "/local/domain/$G1/data/please-forge" 1
+    if until_ms 20000 sh -c "[ \"\$(xenstore-read /local/domain/$G1/data/forged 2>/dev/null)\" = 1 ]"; then
+        kill -HUP "$(cat /run/virtsecd.pid)"   # a fresh reconcile must ignore it too
+        sleep 1
+        after=$(doms | jq -S --argjson d "$G1" '.[] | select(.domid == $d)')
+        fe_mac=$(xenstore-read "/local/domain/$G1/device/vif/0/mac")
+        be_mac=$(xenstore-read "$(be "$G1" 0)/mac")
+        writes1=$(status | jq '.warnings.untrusted_frontend_writes')
+        if [ "$before" = "$after" ] && [ "$fe_mac" = de:ad:be:ef:00:01 ] && [ "$be_mac" = 00:16:3e:00:00:01 ] \
+           && [ "$writes1" -gt "$writes0" ] && ! grep -q "GUEST WROTE" /var/log/xen/console/guest-guest1.log 2>/dev/null; then
+            ok "guest1 forges its frontend mac/backend/backend-id/handle/ip: inventory unchanged" "$((writes1 - writes0)) untrusted writes counted; frontend mac $fe_mac ignored"
+        else
+            notok "guest1 forges its frontend: inventory unchanged" "before=$before after=$after fe=$fe_mac be=$be_mac writes $writes0->$writes1"
+        fi
+    else
+        notok "guest1 forges its frontend: inventory unchanged" "the guest never wrote (console: $(tail -5 /var/log/xen/console/guest-guest1.log 2>/dev/null | tr '\n' ' '))"
+    fi
+else
+    notok "guest1 forges its frontend: inventory unchanged" "no guest1"
+fi
+
+# 6. A second guest started later gets its own entry.
+if create_and_time guest2 00:16:3e:00:00:02 && [ "$LAT_MS" -le 1000 ]; then
+    G2=$DOMID
+    ok "xl create guest2 later: its own entry (domid $G2)" "${LAT_MS} ms after Connected"
+else
+    G2=${DOMID:-}
+    notok "xl create guest2 later: its own entry" "latency ${LAT_MS:-none} ms; $(cat /tmp/xl-create-guest2.log)"
+fi
+
+# 7. xl network-detach: the vif is gone within 1 s.
+if [ -n "$G1" ] && xl network-detach guest1 0 >/tmp/detach.log 2>&1; then
+    t0=$(now_ms)
+    if until_ms 1000 sh -c "virtsec domains --json | jq -e --argjson d $G1 '.[] | select(.domid == \$d) | .vifs | has(\"0\") | not'"; then
+        ok "xl network-detach guest1 0: vif$G1.0 gone" "$(( $(now_ms) - t0 )) ms after xl returned"
+    else
+        notok "xl network-detach guest1 0: vif gone within 1 s" "$(doms | jq -c .)"
+    fi
+else
+    notok "xl network-detach guest1 0" "$(cat /tmp/detach.log 2>/dev/null)"
+fi
+
+# 8. Restart: the inventory is rebuilt from XenStore and matches xl list and the backend tree.
+kill "$(cat /run/virtsecd.pid)"; sleep 0.5
+start_virtsecd
+if until_ms 15000 in_sync; then
+    xl_doms=$(xl list | awk 'NR > 1 && $2 != 0 {print $2 ":" $1}' | sort | tr '\n' ' ')
+    vs_doms=$(doms | jq -r '.[] | "\(.domid):\(.name)"' | sort | tr '\n' ' ')
+    xs_vifs=$(for d in $(xenstore-list /local/domain/0/backend/vif 2>/dev/null); do
+                for v in $(xenstore-list "/local/domain/0/backend/vif/$d"); do echo "$d/$v"; done; done | sort | tr '\n' ' ')
+    vs_vifs=$(doms | jq -r '.[] | .domid as $d | .vifs | keys[] | "\($d)/\(.)"' | sort | tr '\n' ' ')
+    if [ "$xl_doms" = "$vs_doms" ] && [ "$xs_vifs" = "$vs_vifs" ]; then
+        ok "virtsecd restarted: inventory rebuilt, matches xl list and the backend tree" "domains [$vs_doms] vifs [$vs_vifs]"
+    else
+        notok "virtsecd restarted: inventory matches" "xl [$xl_doms] vs [$vs_doms]; backend [$xs_vifs] vs [$vs_vifs]"
+    fi
+else
+    notok "virtsecd restarted: inventory rebuilt" "not in sync: $(tail -5 /var/log/virtsecd.log | tr '\n' ' ')"
+fi
+
+# 9. xl destroy: the guest is gone within 1 s.
+for g in guest1 guest2; do
+    d=$(xl domid "$g" 2>/dev/null) || { notok "xl destroy $g" "not running"; continue; }
+    xl destroy "$g"
+    t0=$(now_ms)
+    if until_ms 1000 sh -c "virtsec domains --json | jq -e --argjson d $d 'map(select(.domid == \$d)) | length == 0'"; then
+        ok "xl destroy $g: domain $d gone" "$(( $(now_ms) - t0 )) ms after xl returned"
+    else
+        notok "xl destroy $g: gone within 1 s" "$(doms | jq -c .)"
+    fi
+done
+
+# 10. No warnings beyond the guest's forged frontend writes, and the service is still in sync.
+if in_sync >/dev/null && status | jq -e '.warnings.invalid_values == 0 and (.warnings.errors | length) == 0 and .warnings.watch_failures == 0' >/dev/null; then
+    ok "virtsecd in sync, no invalid values or read errors on a real host" "$(status | jq -c '.warnings')"
+else
+    notok "virtsecd clean at the end" "$(status | jq -c .)"
+fi
+echo "# virtsecd log:"
+sed 's/^/#   /' /var/log/virtsecd.log | tail -40

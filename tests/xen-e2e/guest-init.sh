@@ -1,0 +1,29 @@
+#!/bin/sh
+# /init of the busybox PV guest: netfront up, ping dom0 forever; on request (dom0 writes
+# data/please-forge) write nonsense into its own frontend nodes, as a hostile guest would.
+# It leaves device/vif/0/state alone: a guest may legitimately close its own vif that way
+# (netback then moves the backend to Closing, which the inventory follows as it should).
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+insmod /lib/modules/xen-netfront.ko
+d=$(xenstore-read domid 2>/dev/null || echo 0)
+for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ip link set eth0 up
+ip addr add "169.254.1.$((10 + d))/24" dev eth0
+forged=0
+while true; do
+    ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1
+    if [ "$forged" = 0 ] && xenstore-read data/please-forge >/dev/null 2>&1; then
+        xenstore-write device/vif/0/mac de:ad:be:ef:00:01 \
+                       device/vif/0/backend /local/domain/0/backend/vif/999/0 \
+                       device/vif/0/backend-id 7 device/vif/0/handle 77 \
+                       device/vif/0/ip "0.0.0.0/0"
+        # Attempts on nodes the guest does not own must fail.
+        xenstore-write "/local/domain/0/backend/vif/$d/0/mac" de:ad:be:ef:00:02 2>/dev/null && echo "GUEST WROTE BACKEND"
+        xenstore-write name evil 2>/dev/null && echo "GUEST WROTE NAME"
+        xenstore-write data/forged 1
+        forged=1
+    fi
+    sleep 0.5
+done
