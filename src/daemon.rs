@@ -70,7 +70,8 @@ pub struct XenstoreStatus {
 /// Warnings about untrusted or unreadable input.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Warnings {
-    /// Writes a guest made into its own frontend tree (never trusted, only counted).
+    /// Changes seen in guests' own frontend trees (`device/**`, writable by the guest; the
+    /// toolstack writes there too when it adds or removes a device). Never trusted, only counted.
     pub untrusted_frontend_writes: u64,
     /// Vifs whose frontend MAC disagrees with the backend (last pass).
     pub frontend_mismatches: u64,
