@@ -14,6 +14,10 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod decode;
+pub mod detect;
+pub mod flow;
+pub mod inspect;
 pub mod inventory;
 pub mod lab;
 pub mod labxs;

@@ -54,6 +54,31 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         virtsecd: Option<PathBuf>,
     },
+    /// Inspect pcap/pcapng files with Suricata-syntax rules; alerts as EVE JSON.
+    Inspect {
+        /// Rule file (repeatable).
+        #[arg(long = "rules", value_name = "FILE", required = true)]
+        rules: Vec<PathBuf>,
+        /// Where to write EVE alert lines ("-" for stdout).
+        #[arg(long, value_name = "PATH|-")]
+        eve: Option<PathBuf>,
+        /// Literal matcher: auto (Hyperscan if available), ac (aho-corasick) or hs.
+        #[arg(long, default_value = "auto")]
+        matcher: virtsec::detect::matcher::Backend,
+        /// Bytes of each stream direction inspected.
+        #[arg(long, default_value_t = 1 << 20)]
+        stream_depth: u64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "PCAP", required = true)]
+        pcaps: Vec<PathBuf>,
+    },
+    /// Rule files.
+    Rules {
+        #[command(subcommand)]
+        sub: RulesCmd,
+    },
     /// Self-tests against this host's xenstored.
     Selftest {
         #[command(subcommand)]
@@ -83,6 +108,15 @@ enum LabCmd {
         /// Open transactions per unprivileged connection.
         #[arg(long, default_value_t = Limits::default().transactions_per_conn)]
         transactions_per_conn: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCmd {
+    /// Parse rule files; list every skipped rule with its reason. Exits 1 if any was skipped.
+    Check {
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -204,6 +238,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{} passed, {} failed", records.len() - failed, failed);
             }
             Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Inspect {
+            rules,
+            eve,
+            matcher,
+            stream_depth,
+            json,
+            pcaps,
+        } => {
+            let mut limits = virtsec::flow::FlowLimits::default();
+            limits.stream.depth = stream_depth;
+            let to_stdout = eve.as_deref().is_some_and(|p| p.as_os_str() == "-");
+            let opts = virtsec::inspect::InspectOptions {
+                rules,
+                eve,
+                backend: matcher,
+                limits,
+                progress: true,
+            };
+            let s = virtsec::inspect::run(&opts, &pcaps, &mut |w| eprintln!("warning: {w}"))?;
+            let text = if json {
+                serde_json::to_string_pretty(&s)?
+            } else {
+                format!(
+                    "{} packets, {:.1} MB, {} flows, {} alerts\n{} rules loaded, {} skipped ({} literals, {} matcher, loaded in {:.3} s)\ninspected in {:.3} s: {:.2} Gb/s",
+                    s.packets,
+                    s.bytes as f64 / 1e6,
+                    s.flows,
+                    s.alerts,
+                    s.rules_loaded,
+                    s.rules_skipped,
+                    s.literals,
+                    s.matcher,
+                    s.rule_load_s,
+                    s.inspect_s,
+                    s.gbit_per_s
+                )
+            };
+            if to_stdout {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rules {
+            sub: RulesCmd::Check { files },
+        } => {
+            let rs = virtsec::inspect::load_rules(&files)?;
+            for w in &rs.skipped {
+                println!("{w}");
+            }
+            println!("{}", rs.summary());
+            Ok(if rs.skipped.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,0 +1,318 @@
+//! Flows: a table keyed by the 5-tuple (both directions map to one flow), with timeouts and a
+//! cap on the number of flows, and TCP reassembly per direction ([`stream`]).
+//!
+//! The table is generic over what the next layer keeps per flow (`T`), so this module does
+//! not depend on detection. Lookup is one hash of a small key (Fx hash: the table is keyed by
+//! addresses a guest chooses, so the service also caps the table and evicts; see
+//! docs/inspection.md for the hash-flooding trade-off). When the table is full, expired flows
+//! are swept first, then the least recently seen flow is evicted; evictions are counted.
+
+pub mod stream;
+
+use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
+
+use crate::decode::{Packet, Proto};
+use stream::{StreamLimits, TcpStream};
+
+/// Normalised 5-tuple: the lower endpoint first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub a: (IpAddr, u16),
+    pub b: (IpAddr, u16),
+    pub proto: Proto,
+}
+
+impl FlowKey {
+    pub fn of(p: &Packet<'_>) -> FlowKey {
+        let x = (p.src, p.sport);
+        let y = (p.dst, p.dport);
+        if x <= y {
+            FlowKey {
+                a: x,
+                b: y,
+                proto: p.proto,
+            }
+        } else {
+            FlowKey {
+                a: y,
+                b: x,
+                proto: p.proto,
+            }
+        }
+    }
+}
+
+/// Table limits.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowLimits {
+    pub max_flows: usize,
+    /// Seconds without packets before a flow expires.
+    pub timeout_s: u64,
+    pub stream: StreamLimits,
+}
+
+impl Default for FlowLimits {
+    fn default() -> FlowLimits {
+        FlowLimits {
+            max_flows: 1 << 18,
+            timeout_s: 600,
+            stream: StreamLimits::default(),
+        }
+    }
+}
+
+/// One flow.
+pub struct Flow<T> {
+    pub id: u64,
+    pub key: FlowKey,
+    /// The endpoint that opened the flow (SYN sender, or first packet's source).
+    pub client: (IpAddr, u16),
+    pub first_ts: u64,
+    pub last_ts: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Per direction, index 0 = to server.
+    pub tcp: [TcpStream; 2],
+    syn: bool,
+    synack: bool,
+    pub established: bool,
+    pub user: T,
+}
+
+/// Counters of the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlowStats {
+    pub created: u64,
+    pub expired: u64,
+    pub evicted: u64,
+    pub active: u64,
+}
+
+/// The flow table.
+pub struct FlowTable<T> {
+    map: FxHashMap<FlowKey, usize>,
+    slots: Vec<Option<Flow<T>>>,
+    free: Vec<usize>,
+    next_id: u64,
+    last_sweep: u64,
+    pub limits: FlowLimits,
+    pub stats: FlowStats,
+}
+
+/// What happened to a packet in its flow.
+pub struct Seen<'f, T> {
+    pub flow: &'f mut Flow<T>,
+    /// Direction: 0 client→server, 1 server→client.
+    pub dir: usize,
+}
+
+impl<T> FlowTable<T> {
+    pub fn new(limits: FlowLimits) -> FlowTable<T> {
+        FlowTable {
+            map: FxHashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            next_id: 1,
+            last_sweep: 0,
+            limits,
+            stats: FlowStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Finds or creates the packet's flow (`ts` in microseconds) and updates its TCP state.
+    pub fn track(&mut self, p: &Packet<'_>, ts: u64, new_user: impl FnOnce() -> T) -> Seen<'_, T> {
+        let key = FlowKey::of(p);
+        if ts / 1_000_000 > self.last_sweep + 10 {
+            self.sweep(ts);
+        }
+        let idx = match self.map.get(&key) {
+            Some(&i) => i,
+            None => {
+                if self.map.len() >= self.limits.max_flows {
+                    self.sweep(ts);
+                    if self.map.len() >= self.limits.max_flows {
+                        self.evict_oldest();
+                    }
+                }
+                // The SYN's sender is the client; a SYN-ACK's receiver; else the first sender.
+                let client = match p.tcp {
+                    Some(t) if t.syn && t.ack_flag => (p.dst, p.dport),
+                    _ => (p.src, p.sport),
+                };
+                let flow = Flow {
+                    id: self.next_id,
+                    key,
+                    client,
+                    first_ts: ts,
+                    last_ts: ts,
+                    packets: [0; 2],
+                    bytes: [0; 2],
+                    tcp: [TcpStream::default(), TcpStream::default()],
+                    syn: false,
+                    synack: false,
+                    established: p.proto != Proto::Tcp,
+                    user: new_user(),
+                };
+                self.next_id += 1;
+                self.stats.created += 1;
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i] = Some(flow);
+                        i
+                    }
+                    None => {
+                        self.slots.push(Some(flow));
+                        self.slots.len() - 1
+                    }
+                };
+                self.map.insert(key, i);
+                i
+            }
+        };
+        self.stats.active = self.map.len() as u64;
+        let Some(flow) = self.slots[idx].as_mut() else {
+            unreachable!("map points at a live slot")
+        };
+        let dir = usize::from((p.src, p.sport) != flow.client);
+        flow.last_ts = ts;
+        flow.packets[dir] += 1;
+        flow.bytes[dir] += p.payload.len() as u64;
+        if let Some(t) = p.tcp {
+            if t.syn && !t.ack_flag && dir == 0 {
+                flow.syn = true;
+                flow.tcp[0].syn(t.seq);
+            } else if t.syn && t.ack_flag && dir == 1 {
+                flow.synack = true;
+                flow.tcp[1].syn(t.seq);
+            } else if t.ack_flag && dir == 0 && flow.syn && flow.synack {
+                flow.established = true;
+            } else if flow.packets[0] > 0 && flow.packets[1] > 0 && !flow.syn {
+                // Picked up midstream: both sides talking counts as established.
+                flow.established = true;
+            }
+        }
+        Seen { flow, dir }
+    }
+
+    /// Removes flows idle for longer than the timeout; returns them for final processing.
+    pub fn sweep(&mut self, now: u64) -> usize {
+        self.last_sweep = now / 1_000_000;
+        let limit = self.limits.timeout_s * 1_000_000;
+        let expired: Vec<FlowKey> = self
+            .map
+            .iter()
+            .filter(|(_, &i)| {
+                self.slots[i]
+                    .as_ref()
+                    .is_some_and(|f| now.saturating_sub(f.last_ts) > limit)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &expired {
+            self.remove(k);
+        }
+        self.stats.expired += expired.len() as u64;
+        expired.len()
+    }
+
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .map
+            .iter()
+            .filter_map(|(k, &i)| self.slots[i].as_ref().map(|f| (f.last_ts, *k)))
+            .min_by_key(|(ts, _)| *ts)
+            .map(|(_, k)| k);
+        if let Some(k) = oldest {
+            self.remove(&k);
+            self.stats.evicted += 1;
+        }
+    }
+
+    fn remove(&mut self, k: &FlowKey) {
+        if let Some(i) = self.map.remove(k) {
+            self.slots[i] = None;
+            self.free.push(i);
+        }
+    }
+
+    /// Visits every live flow (end of input).
+    pub fn for_each(&mut self, mut f: impl FnMut(&mut Flow<T>)) {
+        for flow in self.slots.iter_mut().flatten() {
+            f(flow);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::TcpInfo;
+
+    fn pkt(src: &str, sport: u16, dst: &str, dport: u16, tcp: Option<TcpInfo>) -> Packet<'static> {
+        Packet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: Proto::Tcp,
+            sport,
+            dport,
+            tcp,
+            payload: b"",
+        }
+    }
+
+    fn flags(syn: bool, ack: bool) -> Option<TcpInfo> {
+        Some(TcpInfo {
+            seq: 1,
+            ack: 0,
+            syn,
+            ack_flag: ack,
+            fin: false,
+            rst: false,
+        })
+    }
+
+    #[test]
+    fn both_directions_one_flow_and_handshake() {
+        let mut t: FlowTable<()> = FlowTable::new(FlowLimits::default());
+        let c = "10.0.1.1";
+        let s = "10.0.2.2";
+        let id = t
+            .track(&pkt(c, 40000, s, 80, flags(true, false)), 1, || ())
+            .flow
+            .id;
+        let seen = t.track(&pkt(s, 80, c, 40000, flags(true, true)), 2, || ());
+        assert_eq!((seen.flow.id, seen.dir), (id, 1));
+        assert!(!seen.flow.established);
+        let seen = t.track(&pkt(c, 40000, s, 80, flags(false, true)), 3, || ());
+        assert!(seen.flow.established && seen.dir == 0);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn cap_evicts_the_oldest_and_timeouts_expire() {
+        let mut t: FlowTable<()> = FlowTable::new(FlowLimits {
+            max_flows: 2,
+            timeout_s: 60,
+            ..FlowLimits::default()
+        });
+        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 1_000_000, || ());
+        t.track(&pkt("10.0.0.2", 1, "10.0.0.9", 80, None), 2_000_000, || ());
+        t.track(&pkt("10.0.0.3", 1, "10.0.0.9", 80, None), 3_000_000, || ());
+        assert_eq!((t.len(), t.stats.evicted), (2, 1));
+        // The first flow was the one evicted: seeing it again creates a new flow.
+        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 4_000_000, || ());
+        assert_eq!(t.stats.created, 4);
+        assert_eq!(t.sweep(200_000_000), 2);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,385 @@
+//! Offline inspection (`virtsec inspect`): pcap/pcapng → decode → flow/stream → detect → EVE.
+//!
+//! The same engine serves the live data plane later: [`Engine::packet`] takes one frame with
+//! its timestamp and returns nothing but counters and alerts, so the source of frames
+//! (a file here, an AF_PACKET ring there) is the caller's business.
+
+pub mod eve;
+
+use std::fs::File;
+use std::io::{BufReader, IsTerminal, Read, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pcap_file::pcap::PcapReader;
+use pcap_file::pcapng::{Block, PcapNgReader};
+use pcap_file::DataLink;
+
+use crate::decode::{self, DecodeStats, Packet, Proto};
+use crate::detect::matcher::Backend;
+use crate::detect::rules::{Rule, RuleSet, Vars};
+use crate::detect::{Ctx, Detector, DirState};
+use crate::flow::stream::StreamStats;
+use crate::flow::{FlowLimits, FlowStats, FlowTable};
+
+/// Errors of `virtsec inspect`.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a pcap or pcapng file: {why}")]
+    Format { path: PathBuf, why: String },
+    #[error(transparent)]
+    Matcher(#[from] crate::detect::matcher::MatcherError),
+    #[error("cannot write alerts: {0}")]
+    Output(std::io::Error),
+}
+
+/// Per-flow detection state.
+pub struct FlowDetect {
+    dirs: [Option<DirState>; 2],
+    alerted: Vec<u32>,
+}
+
+/// One alert.
+#[derive(Clone, Debug)]
+pub struct Alert {
+    pub ts_us: u64,
+    pub flow_id: u64,
+    pub rule: u32,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: Proto,
+    pub to_server: bool,
+}
+
+/// The inspection engine for one thread.
+pub struct Engine {
+    pub detector: Detector,
+    pub flows: FlowTable<FlowDetect>,
+    pub decode: DecodeStats,
+    pub alerts: u64,
+    pub payload_bytes: u64,
+    pub stream: StreamStats,
+    fired: Vec<u32>,
+}
+
+impl Engine {
+    pub fn new(detector: Detector, limits: FlowLimits) -> Engine {
+        Engine {
+            detector,
+            flows: FlowTable::new(limits),
+            decode: DecodeStats::default(),
+            alerts: 0,
+            payload_bytes: 0,
+            stream: StreamStats::default(),
+            fired: Vec::new(),
+        }
+    }
+
+    /// Inspects one decoded packet; alerts go to `sink`.
+    pub fn packet(&mut self, p: &Packet<'_>, ts_us: u64, sink: &mut dyn FnMut(&Alert, &Rule)) {
+        let det = &self.detector;
+        let stream_limits = self.flows.limits.stream;
+        let stream_stats = &mut self.stream;
+        let seen = self.flows.track(p, ts_us, || FlowDetect {
+            dirs: [None, None],
+            alerted: Vec::new(),
+        });
+        let flow = seen.flow;
+        let dir = seen.dir;
+        let ctx = Ctx {
+            proto: p.proto,
+            src: p.src,
+            sport: p.sport,
+            dst: p.dst,
+            dport: p.dport,
+            to_server: dir == 0,
+            established: flow.established,
+        };
+        self.fired.clear();
+        let fired = &mut self.fired;
+        let FlowDetect { dirs, alerted } = &mut flow.user;
+        match p.tcp {
+            Some(t) => {
+                if t.syn && flow.tcp[dir].delivered() == 0 {
+                    flow.tcp[dir].syn(t.seq);
+                }
+                if p.payload.is_empty() {
+                    return;
+                }
+                let st = dirs[dir].get_or_insert_with(|| det.new_dir());
+                let mut inspected = 0u64;
+                flow.tcp[dir].segment(
+                    t.seq,
+                    p.payload,
+                    &stream_limits,
+                    stream_stats,
+                    &mut |chunk| {
+                        inspected += chunk.len() as u64;
+                        det.inspect(st, chunk, &ctx, alerted, fired);
+                    },
+                );
+                self.payload_bytes += inspected;
+            }
+            None => {
+                if p.payload.is_empty() {
+                    return;
+                }
+                // Datagrams are inspected one by one.
+                let mut st = det.new_dir();
+                det.inspect(&mut st, p.payload, &ctx, alerted, fired);
+                self.payload_bytes += p.payload.len() as u64;
+            }
+        }
+        for &ri in fired.iter() {
+            self.alerts += 1;
+            let a = Alert {
+                ts_us,
+                flow_id: flow.id,
+                rule: ri,
+                src: p.src,
+                sport: p.sport,
+                dst: p.dst,
+                dport: p.dport,
+                proto: p.proto,
+                to_server: dir == 0,
+            };
+            sink(&a, &det.rules()[ri as usize]);
+        }
+    }
+
+    pub fn flow_stats(&self) -> &FlowStats {
+        &self.flows.stats
+    }
+}
+
+/// Options of `virtsec inspect`.
+#[derive(Clone, Debug)]
+pub struct InspectOptions {
+    pub rules: Vec<PathBuf>,
+    /// `None`: no alert file; `Some("-")`: stdout.
+    pub eve: Option<PathBuf>,
+    pub backend: Backend,
+    pub limits: FlowLimits,
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub packets: u64,
+    pub bytes: u64,
+    pub payload_bytes: u64,
+    pub flows: u64,
+    pub alerts: u64,
+    pub rules_loaded: usize,
+    pub rules_skipped: usize,
+    pub literals: usize,
+    pub matcher: &'static str,
+    pub rule_load_s: f64,
+    pub inspect_s: f64,
+    pub gbit_per_s: f64,
+    pub decode: DecodeStats,
+    pub flow: FlowStats,
+    pub stream: StreamStats,
+}
+
+/// Loads rule files; warnings for skipped rules are returned with the set.
+pub fn load_rules(paths: &[PathBuf]) -> Result<RuleSet, InspectError> {
+    let mut rs = RuleSet::default();
+    let vars = Vars::default();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|source| InspectError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        rs.parse(&text, &p.display().to_string(), &vars);
+    }
+    Ok(rs)
+}
+
+enum Source {
+    Pcap(PcapReader<BufReader<File>>),
+    PcapNg(PcapNgReader<BufReader<File>>),
+}
+
+fn open(path: &Path) -> Result<Source, InspectError> {
+    let read_err = |source| InspectError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = File::open(path).map_err(read_err)?;
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic).map_err(read_err)?;
+    let f = File::open(path).map_err(read_err)?;
+    let r = BufReader::with_capacity(1 << 20, f);
+    let fmt = |e: pcap_file::PcapError| InspectError::Format {
+        path: path.to_owned(),
+        why: e.to_string(),
+    };
+    if magic == [0x0a, 0x0d, 0x0d, 0x0a] {
+        Ok(Source::PcapNg(PcapNgReader::new(r).map_err(fmt)?))
+    } else {
+        Ok(Source::Pcap(PcapReader::new(r).map_err(fmt)?))
+    }
+}
+
+fn decode_link<'a>(link: DataLink, data: &'a [u8], st: &mut DecodeStats) -> Option<Packet<'a>> {
+    match link {
+        DataLink::ETHERNET => decode::decode_ethernet(data, st).ok(),
+        DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => decode::decode_ip(data, st).ok(),
+        _ => {
+            st.frames += 1;
+            st.bytes += data.len() as u64;
+            st.not_ip += 1;
+            None
+        }
+    }
+}
+
+/// Runs `virtsec inspect` over `pcaps`.
+pub fn run(
+    opts: &InspectOptions,
+    pcaps: &[PathBuf],
+    warn: &mut dyn FnMut(&str),
+) -> Result<Summary, InspectError> {
+    let t_load = Instant::now();
+    let rs = load_rules(&opts.rules)?;
+    for w in &rs.skipped {
+        warn(&w.to_string());
+    }
+    let (loaded, skipped) = (rs.rules.len(), rs.skipped.len());
+    let detector = Detector::new(rs.rules, opts.backend)?;
+    let rule_load_s = t_load.elapsed().as_secs_f64();
+    let literals = detector.literals();
+    let matcher = detector.matcher_name();
+    let mut engine = Engine::new(detector, opts.limits);
+
+    let mut out: Option<Box<dyn Write>> = match &opts.eve {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => {
+            Some(Box::new(std::io::BufWriter::new(std::io::stdout().lock())))
+        }
+        Some(p) => Some(Box::new(std::io::BufWriter::with_capacity(
+            1 << 16,
+            File::create(p).map_err(InspectError::Output)?,
+        ))),
+    };
+    let mut write_err: Option<std::io::Error> = None;
+    let mut sink = |a: &Alert, r: &Rule| {
+        if let Some(w) = out.as_mut() {
+            if let Err(e) = eve::write_alert(w, a, r) {
+                write_err.get_or_insert(e);
+            }
+        }
+    };
+    let total: u64 = pcaps
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let show = opts.progress && std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut last_progress = t0;
+    for path in pcaps {
+        match open(path)? {
+            Source::Pcap(mut r) => {
+                let link = r.header().datalink;
+                while let Some(pkt) = r.next_packet() {
+                    let pkt = pkt.map_err(|e| InspectError::Format {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                    let ts = pkt.timestamp.as_micros() as u64;
+                    if let Some(p) = decode_link(link, &pkt.data, &mut engine.decode) {
+                        engine.packet(&p, ts, &mut sink);
+                    }
+                    if show
+                        && engine.decode.frames % 4096 == 0
+                        && last_progress.elapsed() > Duration::from_millis(500)
+                    {
+                        last_progress = Instant::now();
+                        progress(engine.decode.bytes, total, t0, engine.alerts);
+                    }
+                }
+            }
+            Source::PcapNg(mut r) => {
+                let mut links: Vec<DataLink> = Vec::new();
+                while let Some(block) = r.next_block() {
+                    let block = block.map_err(|e| InspectError::Format {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                    match block {
+                        Block::InterfaceDescription(idb) => links.push(idb.linktype),
+                        Block::EnhancedPacket(epb) => {
+                            let link = links
+                                .get(epb.interface_id as usize)
+                                .copied()
+                                .unwrap_or(DataLink::ETHERNET);
+                            let ts = epb.timestamp.as_micros() as u64;
+                            if let Some(p) = decode_link(link, &epb.data, &mut engine.decode) {
+                                engine.packet(&p, ts, &mut sink);
+                            }
+                        }
+                        Block::SimplePacket(spb) => {
+                            let link = links.first().copied().unwrap_or(DataLink::ETHERNET);
+                            if let Some(p) = decode_link(link, &spb.data, &mut engine.decode) {
+                                engine.packet(&p, 0, &mut sink);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let inspect_s = t0.elapsed().as_secs_f64();
+    if show {
+        eprintln!();
+    }
+    if let Some(mut w) = out {
+        w.flush().map_err(InspectError::Output)?;
+    }
+    if let Some(e) = write_err {
+        return Err(InspectError::Output(e));
+    }
+    Ok(Summary {
+        packets: engine.decode.frames,
+        bytes: engine.decode.bytes,
+        payload_bytes: engine.payload_bytes,
+        flows: engine.flows.stats.created,
+        alerts: engine.alerts,
+        rules_loaded: loaded,
+        rules_skipped: skipped,
+        literals,
+        matcher,
+        rule_load_s,
+        inspect_s,
+        gbit_per_s: engine.decode.bytes as f64 * 8.0 / inspect_s.max(1e-9) / 1e9,
+        decode: engine.decode.clone(),
+        flow: engine.flows.stats.clone(),
+        stream: engine.stream.clone(),
+    })
+}
+
+fn progress(done: u64, total: u64, t0: Instant, alerts: u64) {
+    let pct = if total > 0 {
+        done as f64 * 100.0 / total as f64
+    } else {
+        0.0
+    };
+    let rate = done as f64 * 8.0 / t0.elapsed().as_secs_f64().max(1e-9) / 1e9;
+    eprint!(
+        "\r  {pct:5.1}%  {:>8.1} MB  {rate:5.2} Gb/s  {alerts} alerts ",
+        done as f64 / 1e6
+    );
+}
