@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v xenstore-read >/dev/null 2>&1 || missing+=(xenstore-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+# Hyperscan (runtime library only: virtsec loads it with dlopen); the matcher differential
+# and parity tests must not skip it here.
+[ -e /usr/lib/x86_64-linux-gnu/libhs.so.5 ] || missing+=(libhyperscan5)
+export VIRTSEC_REQUIRE_HYPERSCAN=1
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "== installing ${missing[*]}"
