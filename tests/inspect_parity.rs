@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::Command;
 
 type Pair = (u32, String, String, u16, String, u16);
+/// One direction of a TCP connection: source ip, port, destination ip, port.
+type Dir = (String, u16, String, u16);
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -78,8 +80,8 @@ fn suricata_pairs() -> BTreeSet<Pair> {
 
 /// Naive reassembly: every TCP payload of each direction placed by sequence number (first
 /// byte written wins), no limits, no cleverness.
-fn naive_streams(pcap: &Path) -> HashMap<(String, u16, String, u16), Vec<u8>> {
-    let mut segs: HashMap<(String, u16, String, u16), Vec<(u32, Vec<u8>)>> = HashMap::new();
+fn naive_streams(pcap: &Path) -> HashMap<Dir, Vec<u8>> {
+    let mut segs: HashMap<Dir, Vec<(u32, Vec<u8>)>> = HashMap::new();
     let mut r = pcap_file::pcap::PcapReader::new(std::fs::File::open(pcap).unwrap()).unwrap();
     while let Some(p) = r.next_packet() {
         let p = p.unwrap();
