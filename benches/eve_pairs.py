@@ -21,5 +21,5 @@ def pairs(path):
 
 a, b = pairs(sys.argv[1]), pairs(sys.argv[2])
 print(json.dumps({"a": len(a), "b": len(b), "common": len(a & b),
-                  "only_a": sorted(map(list, a - b))[:20], "only_b": sorted(map(list, b - a))[:20]}))
+                  "only_a": sorted(map(list, a - b)), "only_b": sorted(map(list, b - a))}))
 sys.exit(0 if a == b else 1)

@@ -1,8 +1,9 @@
 //! `virtsec inspect` finds what Suricata 7 finds on the bench's 10 MB pcap with 1,000 rules:
 //! every (sid, flow) pair Suricata reported (committed in tests/fixtures, with the command that
 //! produced it), with both matcher backends. A pair Suricata did not report is accepted only
-//! if it is a planted attack string that an independent, naive reassembly of that flow (in
-//! this file) confirms is really there: a true positive Suricata missed, never noise.
+//! if the rule's content is really in that flow, as an independent, naive reassembly (in this
+//! file) confirms: a true positive Suricata missed, never noise. Every planted attack string
+//! (split and out-of-order ones included) must be reported.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;

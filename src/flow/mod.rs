@@ -77,6 +77,8 @@ pub struct Flow<T> {
     pub tcp: [TcpStream; 2],
     syn: bool,
     synack: bool,
+    /// The client's initial sequence number, once its SYN was seen.
+    client_isn: Option<u32>,
     pub established: bool,
     pub user: T,
 }
@@ -87,6 +89,9 @@ pub struct FlowStats {
     pub created: u64,
     pub expired: u64,
     pub evicted: u64,
+    /// A new connection (a SYN with a new initial sequence number) on the 5-tuple of a
+    /// tracked flow: the old flow is ended and a new one starts.
+    pub reused: u64,
     pub active: u64,
 }
 
@@ -135,6 +140,18 @@ impl<T> FlowTable<T> {
         if ts / 1_000_000 > self.last_sweep + 10 {
             self.sweep(ts);
         }
+        let existing = self.map.get(&key).copied();
+        if let (Some(i), Some(t)) = (existing, p.tcp) {
+            let new_conn = t.syn
+                && !t.ack_flag
+                && self.slots[i]
+                    .as_ref()
+                    .is_some_and(|f| f.client_isn != Some(t.seq));
+            if new_conn {
+                self.remove(&key);
+                self.stats.reused += 1;
+            }
+        }
         let idx = match self.map.get(&key) {
             Some(&i) => i,
             None => {
@@ -160,6 +177,7 @@ impl<T> FlowTable<T> {
                     tcp: [TcpStream::default(), TcpStream::default()],
                     syn: false,
                     synack: false,
+                    client_isn: None,
                     established: p.proto != Proto::Tcp,
                     user: new_user(),
                 };
@@ -190,6 +208,7 @@ impl<T> FlowTable<T> {
         if let Some(t) = p.tcp {
             if t.syn && !t.ack_flag && dir == 0 {
                 flow.syn = true;
+                flow.client_isn = Some(t.seq);
                 flow.tcp[0].syn(t.seq);
             } else if t.syn && t.ack_flag && dir == 1 {
                 flow.synack = true;
@@ -296,6 +315,19 @@ mod tests {
         let seen = t.track(&pkt(c, 40000, s, 80, flags(false, true)), 3, || ());
         assert!(seen.flow.established && seen.dir == 0);
         assert_eq!(t.len(), 1);
+        // A retransmitted SYN stays in the flow; a SYN with a new ISN is a new connection.
+        assert_eq!(
+            t.track(&pkt(c, 40000, s, 80, flags(true, false)), 4, || ())
+                .flow
+                .id,
+            id
+        );
+        let mut again = flags(true, false);
+        if let Some(x) = again.as_mut() {
+            x.seq = 99;
+        }
+        assert_ne!(t.track(&pkt(c, 40000, s, 80, again), 5, || ()).flow.id, id);
+        assert_eq!(t.stats.reused, 1);
     }
 
     #[test]

@@ -115,19 +115,27 @@ impl Engine {
                 if p.payload.is_empty() {
                     return;
                 }
-                let st = dirs[dir].get_or_insert_with(|| det.new_dir());
-                let mut inspected = 0u64;
-                flow.tcp[dir].segment(
-                    t.seq,
-                    p.payload,
-                    &stream_limits,
-                    stream_stats,
-                    &mut |chunk| {
-                        inspected += chunk.len() as u64;
-                        det.inspect(st, chunk, &ctx, alerted, fired);
-                    },
-                );
-                self.payload_bytes += inspected;
+                if flow.tcp[dir].delivered() >= stream_limits.depth {
+                    // Past the stream depth: keep inspecting each packet on its own (as
+                    // Suricata's packet payload inspection does) rather than going blind.
+                    let mut st = det.new_dir();
+                    det.inspect(&mut st, p.payload, &ctx, alerted, fired);
+                    self.payload_bytes += p.payload.len() as u64;
+                } else {
+                    let st = dirs[dir].get_or_insert_with(|| det.new_dir());
+                    let mut inspected = 0u64;
+                    flow.tcp[dir].segment(
+                        t.seq,
+                        p.payload,
+                        &stream_limits,
+                        stream_stats,
+                        &mut |chunk| {
+                            inspected += chunk.len() as u64;
+                            det.inspect(st, chunk, &ctx, alerted, fired);
+                        },
+                    );
+                    self.payload_bytes += inspected;
+                }
             }
             None => {
                 if p.payload.is_empty() {
