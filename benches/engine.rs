@@ -16,7 +16,10 @@ use virtsec::flow::stream::{StreamLimits, StreamStats, TcpStream};
 use virtsec::flow::{FlowKey, FlowLimits, FlowTable};
 
 fn frames() -> Vec<Vec<u8>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bench-10M.pcap.gz");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bench-10M.pcap.gz"
+    );
     let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(path).expect("fixture"));
     let mut buf = Vec::new();
     gz.read_to_end(&mut buf).expect("gunzip");
@@ -29,13 +32,20 @@ fn frames() -> Vec<Vec<u8>> {
 }
 
 fn literals(n: usize) -> Vec<Literal> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bench-1000.rules")).expect("rules");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/bench-1000.rules"
+    ))
+    .expect("rules");
     let mut rs = RuleSet::default();
     rs.parse(&text, "bench", &Vars::default());
     rs.rules
         .iter()
         .take(n)
-        .map(|r| Literal { bytes: r.contents[0].bytes.clone(), nocase: r.contents[0].nocase })
+        .map(|r| Literal {
+            bytes: r.contents[0].bytes.clone(),
+            nocase: r.contents[0].nocase,
+        })
         .collect()
 }
 
@@ -43,7 +53,10 @@ fn benches(c: &mut Criterion) {
     let frames = frames();
     let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
     let mut st = DecodeStats::default();
-    let pkts: Vec<Packet<'_>> = frames.iter().filter_map(|f| decode_ethernet(f, &mut st).ok()).collect();
+    let pkts: Vec<Packet<'_>> = frames
+        .iter()
+        .filter_map(|f| decode_ethernet(f, &mut st).ok())
+        .collect();
     let payload: u64 = pkts.iter().map(|p| p.payload.len() as u64).sum();
 
     let mut g = c.benchmark_group("decode");
@@ -54,7 +67,10 @@ fn benches(c: &mut Criterion) {
     g.bench_function("etherparse decode", |b| {
         b.iter(|| {
             let mut st = DecodeStats::default();
-            frames.iter().filter(|f| decode_ethernet(f, &mut st).is_ok()).count()
+            frames
+                .iter()
+                .filter(|f| decode_ethernet(f, &mut st).is_ok())
+                .count()
         })
     });
     g.finish();
@@ -103,7 +119,9 @@ fn benches(c: &mut Criterion) {
             let mut n = 0usize;
             for p in &pkts {
                 let Some(t) = p.tcp else { continue };
-                let s = streams.entry((FlowKey::of(p), (p.src, p.sport) < (p.dst, p.dport))).or_default();
+                let s = streams
+                    .entry((FlowKey::of(p), (p.src, p.sport) < (p.dst, p.dport)))
+                    .or_default();
                 if t.syn {
                     s.syn(t.seq);
                 }
@@ -120,11 +138,24 @@ fn benches(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("matcher {n} literals"));
         g.throughput(Throughput::Bytes(payload));
         let pats: Vec<Vec<u8>> = lits.iter().map(|l| l.bytes.clone()).collect();
-        let raw = aho_corasick::AhoCorasick::builder().ascii_case_insensitive(true).build(&pats).expect("ac");
-        g.bench_function("baseline: aho-corasick crate, overlapping search per packet", |b| {
-            b.iter(|| pkts.iter().map(|p| raw.find_overlapping_iter(p.payload).count()).sum::<usize>())
-        });
-        for (name, backend) in [("virtsec aho-corasick stream", Backend::Ac), ("virtsec hyperscan stream", Backend::Hs)] {
+        let raw = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&pats)
+            .expect("ac");
+        g.bench_function(
+            "baseline: aho-corasick crate, overlapping search per packet",
+            |b| {
+                b.iter(|| {
+                    pkts.iter()
+                        .map(|p| raw.find_overlapping_iter(p.payload).count())
+                        .sum::<usize>()
+                })
+            },
+        );
+        for (name, backend) in [
+            ("virtsec aho-corasick stream", Backend::Ac),
+            ("virtsec hyperscan stream", Backend::Hs),
+        ] {
             let Ok(m) = AnyMatcher::build(&lits, backend) else {
                 eprintln!("{name}: backend unavailable, skipped");
                 continue;

@@ -274,3 +274,51 @@ fn rules_check_reports_skips_with_lines() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[test]
+fn pcapng_input_gives_the_same_alerts_as_pcap() {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock;
+    use pcap_file::pcapng::PcapNgWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = pcap(dir.path());
+    let ng = dir.path().join("bench.pcapng");
+    {
+        let mut r = pcap_file::pcap::PcapReader::new(std::fs::File::open(&pcap).unwrap()).unwrap();
+        let mut w = PcapNgWriter::new(std::fs::File::create(&ng).unwrap()).unwrap();
+        w.write_pcapng_block(InterfaceDescriptionBlock {
+            linktype: pcap_file::DataLink::ETHERNET,
+            snaplen: 0xffff,
+            options: vec![],
+        })
+        .unwrap();
+        while let Some(p) = r.next_packet() {
+            let p = p.unwrap();
+            w.write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp: p.timestamp,
+                original_len: p.orig_len,
+                data: p.data,
+                options: vec![],
+            })
+            .unwrap();
+        }
+    }
+    let a = inspect(&pcap, "ac", dir.path());
+    let b_eve = dir.path().join("ng.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_virtsec"))
+        .args(["inspect", "--matcher", "ac", "--rules"])
+        .arg(fixture("bench-1000.rules"))
+        .arg("--eve")
+        .arg(&b_eve)
+        .arg(&ng)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a, pairs_of_eve(&b_eve));
+    assert!(a.len() > 200);
+}

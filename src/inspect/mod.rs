@@ -391,3 +391,54 @@ fn progress(done: u64, total: u64, t0: Instant, alerts: u64) {
         done as f64 / 1e6
     );
 }
+
+/// Feeds `data`, cut into frames by 2-byte big-endian length prefixes, through decode, the
+/// flow table, reassembly and a small rule set. For the fuzz target and property tests: must
+/// never panic, whatever the frames.
+pub fn fuzz_frames(data: &[u8]) -> u64 {
+    use std::sync::OnceLock;
+    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
+    let rules = RULES.get_or_init(|| {
+        let mut rs = RuleSet::default();
+        rs.parse(
+            "alert tcp any any -> any any (content:\"evil\"; nocase; sid:1;)\nalert ip any any -> any any (content:\"AB\"; content:\"CD\"; distance:1; within:4; sid:2;)\nalert udp any any -> any 53 (content:\"|00 01|\"; offset:2; depth:2; sid:3;)\n",
+            "fuzz",
+            &Vars::default(),
+        );
+        rs.rules
+    });
+    let Ok(det) = Detector::new(rules.clone(), Backend::Ac) else {
+        return 0;
+    };
+    let mut engine = Engine::new(
+        det,
+        FlowLimits {
+            max_flows: 64,
+            ..FlowLimits::default()
+        },
+    );
+    let mut rest = data;
+    let mut ts = 0u64;
+    while rest.len() >= 2 {
+        let n = (u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let frame = &rest[2..2 + n];
+        rest = &rest[2 + n..];
+        ts += 1000;
+        if let Ok(p) = decode::decode_ethernet(frame, &mut engine.decode) {
+            engine.packet(&p, ts, &mut |_, _| {});
+        }
+    }
+    engine.alerts
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_frames_never_panic(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            super::fuzz_frames(&data);
+        }
+    }
+}
