@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use rustc_hash::FxHashMap;
 
 use crate::decode::{Packet, Proto};
-use stream::{StreamLimits, TcpStream};
+use stream::{StreamLimits, StreamStats, TcpStream};
 
 /// Normalised 5-tuple: the lower endpoint first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +93,7 @@ pub struct FlowStats {
     /// tracked flow: the old flow is ended and a new one starts.
     pub reused: u64,
     pub active: u64,
+    pub stream: StreamStats,
 }
 
 /// The flow table.
@@ -111,6 +112,8 @@ pub struct Seen<'f, T> {
     pub flow: &'f mut Flow<T>,
     /// Direction: 0 client→server, 1 server→client.
     pub dir: usize,
+    /// The table's reassembly counters (and memcap gauge), for `TcpStream::segment`.
+    pub stream: &'f mut StreamStats,
 }
 
 impl<T> FlowTable<T> {
@@ -198,6 +201,7 @@ impl<T> FlowTable<T> {
             }
         };
         self.stats.active = self.map.len() as u64;
+        let stream_stats = &mut self.stats.stream;
         let Some(flow) = self.slots[idx].as_mut() else {
             unreachable!("map points at a live slot")
         };
@@ -220,7 +224,11 @@ impl<T> FlowTable<T> {
                 flow.established = true;
             }
         }
-        Seen { flow, dir }
+        Seen {
+            flow,
+            dir,
+            stream: stream_stats,
+        }
     }
 
     /// Removes flows idle for longer than the timeout; returns them for final processing.
@@ -259,6 +267,11 @@ impl<T> FlowTable<T> {
 
     fn remove(&mut self, k: &FlowKey) {
         if let Some(i) = self.map.remove(k) {
+            if let Some(f) = self.slots[i].as_mut() {
+                for s in &mut f.tcp {
+                    s.release(&mut self.stats.stream);
+                }
+            }
             self.slots[i] = None;
             self.free.push(i);
         }

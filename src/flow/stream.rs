@@ -6,8 +6,10 @@
 //!
 //! - **In-order data is not copied**: a segment that starts at the next expected byte and does
 //!   not run into queued data is handed over straight from the packet (the common case).
-//! - Out-of-order segments are copied into a queue (bounded by `max_queued` bytes per
-//!   direction; beyond it segments are dropped and counted) and released when the gap closes.
+//! - Out-of-order segments are copied into a queue and released when the gap closes. The
+//!   queue is bounded per direction (`max_queued`) and across all streams of the table
+//!   (`memcap`, the `queued_bytes` gauge): beyond either, segments are dropped and counted, so
+//!   a guest opening many connections with gaps cannot exhaust the service's memory.
 //! - Retransmissions of delivered bytes are dropped and counted.
 //! - **Overlap policy: first wins.** A byte, once received (delivered or queued), is never
 //!   replaced by a later segment carrying different data for the same sequence number. This
@@ -26,6 +28,8 @@ use std::collections::BTreeMap;
 pub struct StreamLimits {
     pub depth: u64,
     pub max_queued: usize,
+    /// Bytes of out-of-order data queued across all streams sharing one `StreamStats`.
+    pub memcap: usize,
 }
 
 impl Default for StreamLimits {
@@ -33,6 +37,7 @@ impl Default for StreamLimits {
         StreamLimits {
             depth: 1 << 20,
             max_queued: 1 << 20,
+            memcap: 64 << 20,
         }
     }
 }
@@ -46,6 +51,10 @@ pub struct StreamStats {
     pub retransmitted_bytes: u64,
     pub overlap_bytes: u64,
     pub queue_dropped: u64,
+    /// Segments (bytes) dropped because the table-wide memcap was reached.
+    pub memcap_dropped: u64,
+    /// Out-of-order bytes queued now, across streams (gauge).
+    pub queued_bytes: u64,
     pub beyond_depth_bytes: u64,
     pub midstream_pickups: u64,
 }
@@ -68,6 +77,13 @@ impl TcpStream {
     /// Bytes waiting behind a gap.
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// Frees the queue (the flow ends) and returns the gauge's share.
+    pub fn release(&mut self, stats: &mut StreamStats) {
+        stats.queued_bytes = stats.queued_bytes.saturating_sub(self.queued as u64);
+        self.queue.clear();
+        self.queued = 0;
     }
 
     /// Notes a SYN: the stream starts at `seq + 1`.
@@ -191,6 +207,11 @@ impl TcpStream {
                 stats.queue_dropped += len as u64;
                 continue;
             }
+            if stats.queued_bytes as usize + len > lim.memcap {
+                stats.memcap_dropped += len as u64;
+                continue;
+            }
+            stats.queued_bytes += len as u64;
             let from = (ps - off) as usize;
             self.queue.insert(ps, data[from..from + len].to_vec());
             self.queued += len;
@@ -211,6 +232,7 @@ impl TcpStream {
                 return;
             };
             self.queued -= v.len();
+            stats.queued_bytes = stats.queued_bytes.saturating_sub(v.len() as u64);
             let end = k + v.len() as u64;
             if end <= self.next {
                 continue;
@@ -272,6 +294,7 @@ mod tests {
         let lim = StreamLimits {
             depth: 5,
             max_queued: 4,
+            memcap: 100,
         };
         let (out, st) = feed(&[(1000, b"abc"), (1003, b"defgh"), (1008, b"ij")], lim);
         assert_eq!(out, b"abcde");
@@ -279,10 +302,26 @@ mod tests {
         let lim = StreamLimits {
             depth: 100,
             max_queued: 4,
+            memcap: 100,
         };
         let (out, st) = feed(&[(1003, b"defgh"), (1000, b"abc")], lim);
         assert_eq!(out, b"abc");
         assert_eq!(st.queue_dropped, 5);
+        // The table-wide memcap binds across streams sharing the counters.
+        let lim = StreamLimits {
+            depth: 100,
+            max_queued: 100,
+            memcap: 6,
+        };
+        let mut st = StreamStats::default();
+        let (mut a, mut b) = (TcpStream::default(), TcpStream::default());
+        a.syn(0);
+        b.syn(0);
+        a.segment(10, b"xxxx", &lim, &mut st, &mut |_| {});
+        b.segment(10, b"yyyy", &lim, &mut st, &mut |_| {});
+        assert_eq!((st.queued_bytes, st.memcap_dropped), (4, 4));
+        a.release(&mut st);
+        assert_eq!(st.queued_bytes, 0);
     }
 
     #[test]

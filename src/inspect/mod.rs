@@ -67,7 +67,6 @@ pub struct Engine {
     pub decode: DecodeStats,
     pub alerts: u64,
     pub payload_bytes: u64,
-    pub stream: StreamStats,
     fired: Vec<u32>,
 }
 
@@ -79,7 +78,6 @@ impl Engine {
             decode: DecodeStats::default(),
             alerts: 0,
             payload_bytes: 0,
-            stream: StreamStats::default(),
             fired: Vec::new(),
         }
     }
@@ -88,13 +86,13 @@ impl Engine {
     pub fn packet(&mut self, p: &Packet<'_>, ts_us: u64, sink: &mut dyn FnMut(&Alert, &Rule)) {
         let det = &self.detector;
         let stream_limits = self.flows.limits.stream;
-        let stream_stats = &mut self.stream;
         let seen = self.flows.track(p, ts_us, || FlowDetect {
             dirs: [None, None],
             alerted: Vec::new(),
         });
         let flow = seen.flow;
         let dir = seen.dir;
+        let stream_stats = seen.stream;
         let ctx = Ctx {
             proto: p.proto,
             src: p.src,
@@ -375,7 +373,7 @@ pub fn run(
         gbit_per_s: engine.decode.bytes as f64 * 8.0 / inspect_s.max(1e-9) / 1e9,
         decode: engine.decode.clone(),
         flow: engine.flows.stats.clone(),
-        stream: engine.stream.clone(),
+        stream: engine.flows.stats.stream.clone(),
     })
 }
 
