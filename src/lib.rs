@@ -11,6 +11,7 @@
 //! [`config`]; and the lab parts [`labxs`] (a XenStore server) and [`lab`] (a simulated host).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -74,6 +74,25 @@ enum Cmd {
         #[arg(value_name = "PCAP", required = true)]
         pcaps: Vec<PathBuf>,
     },
+    /// Capture from a (vif) interface passively and inspect live; alerts as EVE JSON.
+    Capture {
+        /// Interface to capture from, e.g. vif5.0.
+        #[arg(long, value_name = "IFACE")]
+        iface: String,
+        #[arg(long = "rules", value_name = "FILE", required = true)]
+        rules: Vec<PathBuf>,
+        /// Where to append EVE alert lines ("-" for stdout).
+        #[arg(long, value_name = "PATH|-")]
+        eve: Option<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        matcher: virtsec::detect::matcher::Backend,
+        /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        /// Create this file once capturing (for scripts and tests).
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+    },
     /// Rule files.
     Rules {
         #[command(subcommand)]
@@ -285,6 +304,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{text}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Capture {
+            iface,
+            rules,
+            eve,
+            matcher,
+            duration,
+            ready_file,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let opts = virtsec::inspect::InspectOptions {
+                rules,
+                eve,
+                backend: matcher,
+                limits: virtsec::flow::FlowLimits::default(),
+                progress: false,
+            };
+            let mut ready = || {
+                eprintln!("virtsec capture: capturing on {iface}");
+                if let Some(f) = &ready_file {
+                    let _ = std::fs::write(f, b"ready\n");
+                }
+            };
+            let s = virtsec::inspect::live(
+                &iface,
+                &opts,
+                duration.map(Duration::from_secs_f64),
+                &stop,
+                &mut ready,
+                &mut |w| eprintln!("warning: {w}"),
+            )?;
+            eprintln!("{}", serde_json::to_string(&s)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rules {

@@ -377,6 +377,90 @@ pub fn run(
     })
 }
 
+/// What a live capture did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LiveSummary {
+    pub iface: String,
+    pub seconds: f64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub alerts: u64,
+    pub ring: crate::capture::RingStats,
+    pub decode: DecodeStats,
+    pub flow: FlowStats,
+}
+
+/// Captures from `iface` (passive, TPACKET_V3) and inspects until `stop` is set or
+/// `duration` passes. `ready` is called once the ring is open.
+pub fn live(
+    iface: &str,
+    opts: &InspectOptions,
+    duration: Option<Duration>,
+    stop: &std::sync::atomic::AtomicBool,
+    ready: &mut dyn FnMut(),
+    warn: &mut dyn FnMut(&str),
+) -> Result<LiveSummary, LiveError> {
+    let rs = load_rules(&opts.rules)?;
+    for w in &rs.skipped {
+        warn(&w.to_string());
+    }
+    let detector = Detector::new(rs.rules, opts.backend).map_err(InspectError::from)?;
+    let mut engine = Engine::new(detector, opts.limits);
+    let mut ring = crate::capture::Ring::open(iface, crate::capture::RingConfig::default())?;
+    let mut out: Option<Box<dyn Write>> = match &opts.eve {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+        Some(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(InspectError::Output)?,
+        )),
+    };
+    ready();
+    let t0 = Instant::now();
+    let mut write_err = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && duration.is_none_or(|d| t0.elapsed() < d)
+    {
+        // Frames are inspected in place in the ring, not copied.
+        ring.poll(Duration::from_millis(100), &mut |f| {
+            if let Ok(p) = decode::decode_ethernet(f.data, &mut engine.decode) {
+                engine.packet(&p, f.ts_ns / 1000, &mut |a, r| {
+                    if let Some(w) = out.as_mut() {
+                        if let Err(e) = eve::write_alert(w, a, r).and_then(|_| w.flush()) {
+                            write_err.get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        })?;
+    }
+    if let Some(e) = write_err {
+        return Err(InspectError::Output(e).into());
+    }
+    Ok(LiveSummary {
+        iface: iface.into(),
+        seconds: t0.elapsed().as_secs_f64(),
+        frames: engine.decode.frames,
+        bytes: engine.decode.bytes,
+        alerts: engine.alerts,
+        ring: ring.stats(),
+        decode: engine.decode.clone(),
+        flow: engine.flows.stats.clone(),
+    })
+}
+
+/// Errors of a live capture.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
+}
+
 fn progress(done: u64, total: u64, t0: Instant, alerts: u64) {
     let pct = if total > 0 {
         done as f64 * 100.0 / total as f64
