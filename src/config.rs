@@ -35,6 +35,48 @@ pub struct Config {
     pub xenstore: XenstoreConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+    pub inspect: InspectConfig,
+}
+
+/// `[inspect]`: the live data plane.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InspectConfig {
+    /// Suricata-syntax rule files; none means no traffic inspection.
+    pub rules: Vec<PathBuf>,
+    /// EVE JSON file alerts are appended to.
+    pub eve: PathBuf,
+    /// Literal matcher: "auto" (Hyperscan when libhs.so.5 loads), "ac" or "hs".
+    pub matcher: MatcherChoice,
+}
+
+impl Default for InspectConfig {
+    fn default() -> Self {
+        InspectConfig {
+            rules: Vec::new(),
+            eve: PathBuf::from("/var/log/virtsec/eve.json"),
+            matcher: MatcherChoice::Auto,
+        }
+    }
+}
+
+/// `[inspect] matcher`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MatcherChoice {
+    Auto,
+    Ac,
+    Hs,
+}
+
+impl From<MatcherChoice> for crate::detect::matcher::Backend {
+    fn from(m: MatcherChoice) -> Self {
+        match m {
+            MatcherChoice::Auto => crate::detect::matcher::Backend::Auto,
+            MatcherChoice::Ac => crate::detect::matcher::Backend::Ac,
+            MatcherChoice::Hs => crate::detect::matcher::Backend::Hs,
+        }
+    }
 }
 
 /// `[xenstore]`

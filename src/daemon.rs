@@ -40,6 +40,8 @@ pub enum DaemonError {
     Poll(#[from] std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    DataPlane(#[from] crate::dataplane::DataPlaneError),
 }
 
 /// What a XenStore reply belongs to.
@@ -95,6 +97,9 @@ pub struct Status {
     pub vifs: usize,
     pub warnings: Warnings,
     pub control_refused_peers: u64,
+    /// Per-vif inspection counters (empty without `[inspect] rules`).
+    pub inspection: std::collections::BTreeMap<String, crate::dataplane::VifStatus>,
+    pub alerts: u64,
 }
 
 enum Link {
@@ -122,6 +127,7 @@ struct State {
     untrusted_frontend_writes: u64,
     watch_failures: u64,
     registered_fd: Option<RawFd>,
+    dataplane: Option<crate::dataplane::DataPlane>,
 }
 
 /// The service.
@@ -146,6 +152,15 @@ impl Daemon {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let dataplane = if cfg.inspect.rules.is_empty() {
+            None
+        } else {
+            Some(crate::dataplane::DataPlane::new(
+                &cfg.inspect.rules,
+                Some(cfg.inspect.eve.clone()),
+                cfg.inspect.matcher.into(),
+            )?)
+        };
         let now = Instant::now();
         let xs = XenstoreStatus {
             path: cfg.xenstore.path.display().to_string(),
@@ -174,6 +189,7 @@ impl Daemon {
                 untrusted_frontend_writes: 0,
                 watch_failures: 0,
                 registered_fd: None,
+                dataplane,
             },
         })
     }
@@ -236,6 +252,14 @@ impl State {
             ControlRequest::Domains => {
                 serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
             }
+            ControlRequest::Alerts { after } => {
+                let (total, alerts) = self
+                    .dataplane
+                    .as_ref()
+                    .map(|d| d.alerts_after(after))
+                    .unwrap_or_default();
+                Ok(serde_json::json!({"total": total, "alerts": alerts}))
+            }
         };
         v.map_err(|e| e.to_string())
     }
@@ -262,6 +286,16 @@ impl State {
                 watch_failures: self.watch_failures,
             },
             control_refused_peers: refused_peers,
+            inspection: self
+                .dataplane
+                .as_ref()
+                .map(|d| d.status())
+                .unwrap_or_default(),
+            alerts: self
+                .dataplane
+                .as_ref()
+                .map(|d| d.alerts_after(u64::MAX).0)
+                .unwrap_or(0),
         }
     }
 
@@ -503,6 +537,9 @@ impl State {
         self.xs.last_reconcile_ms = elapsed;
         self.inventory = guests;
         self.report = report;
+        if let Some(dp) = self.dataplane.as_mut() {
+            dp.sync(&self.inventory);
+        }
         self.sync_guest_watches();
         if std::mem::take(&mut self.dirty) {
             self.request_reconcile();

@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dataplane;
 pub mod decode;
 pub mod detect;
 pub mod flow;

@@ -37,6 +37,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Alerts of the running service (live traffic), oldest first.
+    Alerts {
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new alerts as they come.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Run a simulated Xen host and show virtsec following it (no Xen needed).
     Lab {
         #[command(subcommand)]
@@ -178,6 +186,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_domains(&d);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Alerts { json, follow } => {
+            let mut after = 0u64;
+            loop {
+                let r = control::call(&cli.control_socket, &ControlRequest::Alerts { after })?;
+                for a in r["alerts"].as_array().into_iter().flatten() {
+                    if json {
+                        println!("{}", serde_json::to_string(a)?);
+                    } else {
+                        let x = &a["xen"];
+                        println!(
+                            "{} [{}:{}:{}] {} | domain {} ({}) {} | {} {}:{} -> {}:{}",
+                            a["timestamp"].as_str().unwrap_or("?"),
+                            a["alert"]["gid"],
+                            a["alert"]["signature_id"],
+                            a["alert"]["rev"],
+                            a["alert"]["signature"].as_str().unwrap_or(""),
+                            x["domid"],
+                            x["name"].as_str().unwrap_or("?"),
+                            x["vif"].as_str().unwrap_or("?"),
+                            a["proto"].as_str().unwrap_or("?"),
+                            a["src_ip"].as_str().unwrap_or("?"),
+                            a["src_port"],
+                            a["dest_ip"].as_str().unwrap_or("?"),
+                            a["dest_port"]
+                        );
+                    }
+                }
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                after = r["total"].as_u64().unwrap_or(after);
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
         }
         Cmd::Lab {
             sub:

@@ -1,6 +1,6 @@
 //! The operator control socket: one JSON object per line each way.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"domains"}`. Replies: `{"ok":true,"result":...}` or
+//! Requests: `{"cmd":"status"}`, `{"cmd":"domains"}`, `{"cmd":"alerts","after":N}`. Replies: `{"ok":true,"result":...}` or
 //! `{"ok":false,"error":"..."}`. The socket file is created mode 0600 and every peer is checked
 //! with `SO_PEERCRED`: only root and the service's own user are served, so tests can run the
 //! whole stack unprivileged on a private socket while production stays root-only.
@@ -29,6 +29,11 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum ControlRequest {
     Status,
     Domains,
+    /// Alerts with a sequence number above `after` (the reply's `total` is the last one).
+    Alerts {
+        #[serde(default)]
+        after: u64,
+    },
 }
 
 /// Errors on either side of the socket.

@@ -9,6 +9,15 @@ use serde::Serialize;
 use super::Alert;
 use crate::detect::rules::{Action, Rule};
 
+/// The guest an alert belongs to (live traffic): the `xen` object of EVE lines.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct XenIdentity {
+    pub domid: u32,
+    pub uuid: Option<String>,
+    pub name: Option<String>,
+    pub vif: String,
+}
+
 #[derive(Serialize)]
 struct AlertLine<'a> {
     timestamp: String,
@@ -21,6 +30,8 @@ struct AlertLine<'a> {
     proto: String,
     direction: &'static str,
     alert: AlertBody<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xen: Option<&'a XenIdentity>,
 }
 
 #[derive(Serialize)]
@@ -36,6 +47,12 @@ struct AlertBody<'a> {
 
 /// Writes one alert line.
 pub fn write_alert(w: &mut dyn Write, a: &Alert, r: &Rule) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, &alert_value(a, r, None))?;
+    w.write_all(b"\n")
+}
+
+/// One alert as an EVE JSON value, with the guest's identity for live traffic.
+pub fn alert_value(a: &Alert, r: &Rule, xen: Option<&XenIdentity>) -> serde_json::Value {
     let line = AlertLine {
         timestamp: format_ts(a.ts_us),
         flow_id: a.flow_id,
@@ -62,9 +79,9 @@ pub fn write_alert(w: &mut dyn Write, a: &Alert, r: &Rule) -> std::io::Result<()
             category: r.classtype.as_deref().unwrap_or(""),
             severity: r.priority.unwrap_or(3),
         },
+        xen,
     };
-    serde_json::to_writer(&mut *w, &line)?;
-    w.write_all(b"\n")
+    serde_json::to_value(&line).unwrap_or(serde_json::Value::Null)
 }
 
 /// `2023-11-14T22:13:20.001665+0000` from microseconds since the epoch (UTC).

@@ -1,0 +1,158 @@
+//! virtsecd's live data plane on a simulated host: the lab XenStore lists guest 5 with vif5.0
+//! (written as libxl does), a veth named vif5.0 in the service's "driver domain" namespace
+//! has the guest's namespace behind it. The service attaches inspection to vif5.0 by itself,
+//! a content rule fires on a payload the guest splits across two TCP segments, and the alert
+//! names the guest (domid, uuid, name, vif) in `virtsec alerts` and the EVE file. When the
+//! guest is destroyed the vif is detached. Needs root; reports itself skipped otherwise.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use virtsec::lab::toolstack::{GuestSpec, Toolstack};
+use virtsec::xenstore::Client;
+
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    assert!(
+        Command::new("ip")
+            .args(args)
+            .status()
+            .expect("iproute2")
+            .success(),
+        "ip {args:?}"
+    );
+}
+
+#[test]
+fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED alerts_name_the_guest_and_vifs_follow_the_inventory: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let (dd, g5) = (format!("vdp{id}"), format!("vgp{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone()]);
+    ip(&["netns", "add", &g5]);
+    ip(&[
+        "-n", &dd, "link", "add", "vif5.0", "type", "veth", "peer", "name", "eth0", "netns", &g5,
+    ]);
+    ip(&["-n", &dd, "addr", "add", "10.98.5.1/24", "dev", "vif5.0"]);
+    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
+    ip(&["-n", &g5, "addr", "add", "10.98.5.2/24", "dev", "eth0"]);
+    ip(&["-n", &g5, "link", "set", "eth0", "up"]);
+
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let rules = dir.path().join("live.rules");
+    std::fs::write(
+        &rules,
+        "alert tcp any any -> any 8080 (msg:\"guest exfil\"; flow:to_server; content:\"evil-payload\"; classtype:policy-violation; sid:7001; rev:2;)\n",
+    )
+    .unwrap();
+    let eve = dir.path().join("eve.json");
+    let cfg = dir.path().join("virtsecd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[inspect]\nrules = [{:?}]\neve = {:?}\n",
+            dir.path().join("xs.sock").display().to_string(),
+            dir.path().join("control.sock").display().to_string(),
+            rules.display().to_string(),
+            eve.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("virtsecd.log")).unwrap();
+    let _d = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &dd, VIRTSECD, "--config"])
+            .arg(&cfg)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("virtsecd in sync", Duration::from_secs(10), || {
+        status(dir.path())
+            .map(|s| s["xenstore"]["in_sync"] == true)
+            .unwrap_or(false)
+    });
+
+    let web = GuestSpec::simple(5, "web", "xenbr0");
+    ts.create(&web, None).unwrap();
+    wait_for("vif5.0 attached", Duration::from_secs(5), || {
+        status(dir.path())
+            .map(|s| s["inspection"]["vif5.0"]["attached"] == true)
+            .unwrap_or(false)
+    });
+
+    let server = Command::new("ip")
+        .args(["netns", "exec", &dd, "python3", "-c", "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.98.5.1', 8080)); s.listen(1); s.settimeout(8)\nc,_=s.accept()\nwhile c.recv(100): pass"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let client = Command::new("ip")
+        .args(["netns", "exec", &g5, "python3", "-c", "import socket,time\ns=socket.create_connection(('10.98.5.1', 8080), timeout=5); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\ns.send(b'POST /up HTTP/1.0\\r\\n\\r\\nev'); time.sleep(0.2); s.send(b'il-payload'); time.sleep(0.1); s.close()"])
+        .status()
+        .unwrap();
+    assert!(client.success());
+    server.wait_with_output().unwrap();
+
+    let mut alerts = Vec::new();
+    wait_for("the alert", Duration::from_secs(5), || {
+        let out = cli(dir.path(), &["alerts", "--json"]);
+        alerts = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect();
+        !alerts.is_empty()
+    });
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    let a = &alerts[0];
+    assert_eq!(a["alert"]["signature_id"], 7001);
+    assert_eq!(a["alert"]["category"], "policy-violation");
+    assert_eq!(a["src_ip"], "10.98.5.2");
+    assert_eq!(a["xen"]["domid"], 5);
+    assert_eq!(a["xen"]["name"], "web");
+    assert_eq!(a["xen"]["uuid"], web.uuid.as_str());
+    assert_eq!(a["xen"]["vif"], "vif5.0");
+    let file: Vec<serde_json::Value> = std::fs::read_to_string(&eve)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(&file, &alerts, "EVE file and virtsec alerts agree");
+    let s = status(dir.path()).unwrap();
+    assert!(
+        s["inspection"]["vif5.0"]["frames"].as_u64().unwrap() >= 6,
+        "{s:#}"
+    );
+    assert_eq!(s["inspection"]["vif5.0"]["ring_drops"], 0);
+    let human = stdout(&cli(dir.path(), &["alerts"]));
+    assert!(
+        human.contains("domain 5 (web) vif5.0") && human.contains("guest exfil"),
+        "{human}"
+    );
+
+    ts.destroy(5).unwrap();
+    wait_for("vif5.0 detached", Duration::from_secs(5), || {
+        status(dir.path())
+            .map(|s| s["inspection"].get("vif5.0").is_none())
+            .unwrap_or(false)
+    });
+}
