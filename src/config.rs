@@ -36,6 +36,16 @@ pub struct Config {
     pub control: ControlConfig,
     pub log: LogConfig,
     pub inspect: InspectConfig,
+    pub enforce: EnforceConfig,
+}
+
+/// `[enforce]`: rules held in the kernel.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnforceConfig {
+    /// nftables anti-spoofing on the bridge from the toolstack's mac/ip keys, with a
+    /// default-deny for vifs that have no policy yet.
+    pub antispoof: bool,
 }
 
 /// `[inspect]`: the live data plane.

@@ -100,6 +100,11 @@ pub struct Status {
     /// Per-vif inspection counters (empty without `[inspect] rules`).
     pub inspection: std::collections::BTreeMap<String, crate::dataplane::VifStatus>,
     pub alerts: u64,
+    /// Anti-spoofing drops per vif chain and reason (`*`: vifs with no policy yet); `null` when
+    /// anti-spoofing is off.
+    pub antispoof:
+        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>>,
+    pub enforce_errors: Vec<String>,
 }
 
 enum Link {
@@ -128,6 +133,8 @@ struct State {
     watch_failures: u64,
     registered_fd: Option<RawFd>,
     dataplane: Option<crate::dataplane::DataPlane>,
+    antispoof: Option<crate::enforce::AntiSpoof>,
+    enforce_errors: Vec<String>,
 }
 
 /// The service.
@@ -190,6 +197,8 @@ impl Daemon {
                 watch_failures: 0,
                 registered_fd: None,
                 dataplane,
+                antispoof: None,
+                enforce_errors: Vec::new(),
             },
         })
     }
@@ -291,6 +300,11 @@ impl State {
                 .as_ref()
                 .map(|d| d.status())
                 .unwrap_or_default(),
+            antispoof: self
+                .antispoof
+                .as_ref()
+                .map(|_| crate::enforce::AntiSpoof::counters()),
+            enforce_errors: self.enforce_errors.clone(),
             alerts: self
                 .dataplane
                 .as_ref()
@@ -537,6 +551,23 @@ impl State {
         self.xs.last_reconcile_ms = elapsed;
         self.inventory = guests;
         self.report = report;
+        if self.cfg.enforce.antispoof {
+            let errors = match self.antispoof.as_mut() {
+                Some(a) => a.sync(&self.inventory),
+                None => match crate::enforce::AntiSpoof::init(&self.inventory) {
+                    Ok(a) => {
+                        log::info!("anti-spoofing rules installed (nftables table bridge virtsec)");
+                        self.antispoof = Some(a);
+                        Vec::new()
+                    }
+                    Err(e) => vec![e],
+                },
+            };
+            for e in &errors {
+                log::error!("{e}");
+            }
+            self.enforce_errors = errors.iter().map(|e| e.to_string()).collect();
+        }
         if let Some(dp) = self.dataplane.as_mut() {
             dp.sync(&self.inventory);
         }

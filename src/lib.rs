@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod decode;
 pub mod detect;
+pub mod enforce;
 pub mod flow;
 pub mod inspect;
 pub mod inventory;

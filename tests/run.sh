@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v xenstore-read >/dev/null 2>&1 || missing+=(xenstore-utils)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # Hyperscan (runtime library only: virtsec loads it with dlopen); the matcher differential
 # and parity tests must not skip it here.
 [ -e /usr/lib/x86_64-linux-gnu/libhs.so.5 ] || missing+=(libhyperscan5)

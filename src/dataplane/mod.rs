@@ -31,6 +31,15 @@ use crate::inspect::eve::{alert_value, XenIdentity};
 use crate::inspect::Engine;
 use crate::inventory::Guests;
 
+/// Ring per vif: 8 × 256 KiB (2 MiB of kernel memory pinned per vif; a 64 KiB GSO
+/// super-frame still fits a block). `virtsec capture` uses the larger default for bursts.
+const VIF_RING: RingConfig = RingConfig {
+    block_size: 256 << 10,
+    blocks: 8,
+    retire_ms: 10,
+    fanout: None,
+};
+
 /// Alerts kept in memory for `virtsec alerts`.
 const RECENT: usize = 1000;
 
@@ -287,7 +296,7 @@ fn worker(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        match Ring::open(&ifname, RingConfig::default()) {
+        match Ring::open(&ifname, VIF_RING) {
             Ok(r) => break r,
             Err(crate::capture::CaptureError::NoInterface(_)) => {
                 std::thread::sleep(Duration::from_millis(50))
