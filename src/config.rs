@@ -37,6 +37,7 @@ pub struct Config {
     pub log: LogConfig,
     pub inspect: InspectConfig,
     pub enforce: EnforceConfig,
+    pub behaviour: crate::detect::behaviour::BehaviourConfig,
 }
 
 /// `[enforce]`: rules held in the kernel.

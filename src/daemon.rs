@@ -159,13 +159,14 @@ impl Daemon {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let dataplane = if cfg.inspect.rules.is_empty() {
+        let dataplane = if cfg.inspect.rules.is_empty() && !cfg.behaviour.enabled {
             None
         } else {
             Some(crate::dataplane::DataPlane::new(
                 &cfg.inspect.rules,
                 Some(cfg.inspect.eve.clone()),
                 cfg.inspect.matcher.into(),
+                cfg.behaviour.clone(),
             )?)
         };
         let now = Instant::now();

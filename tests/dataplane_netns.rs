@@ -69,7 +69,7 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     std::fs::write(
         &cfg,
         format!(
-            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[inspect]\nrules = [{:?}]\neve = {:?}\n",
+            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[inspect]\nrules = [{:?}]\neve = {:?}\n[behaviour]\nenabled = true\nscan_ports = 20\n",
             dir.path().join("xs.sock").display().to_string(),
             dir.path().join("control.sock").display().to_string(),
             rules.display().to_string(),
@@ -148,6 +148,44 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
         human.contains("domain 5 (web) vif5.0") && human.contains("guest exfil"),
         "{human}"
     );
+
+    // A port scan from the guest is a behaviour alert (gid 9, sid 1) naming the guest.
+    let scan = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &g5,
+            "python3",
+            "-c",
+            "import socket
+for p in range(9000, 9060):
+    s=socket.socket(); s.setblocking(False); s.connect_ex(('10.98.5.1', p)); s.close()",
+        ])
+        .status()
+        .unwrap();
+    assert!(scan.success());
+    let mut scans = Vec::new();
+    wait_for("the port scan alert", Duration::from_secs(5), || {
+        let out = cli(dir.path(), &["alerts", "--json"]);
+        scans = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|a| a["alert"]["gid"] == 9)
+            .collect();
+        !scans.is_empty()
+    });
+    assert_eq!(scans.len(), 1, "one finding per window: {scans:#?}");
+    assert_eq!(scans[0]["alert"]["signature_id"], 1);
+    assert!(
+        scans[0]["alert"]["signature"]
+            .as_str()
+            .unwrap()
+            .contains("port scan (21 ports on 10.98.5.1"),
+        "{:#}",
+        scans[0]
+    );
+    assert_eq!(scans[0]["xen"]["name"], "web");
+    assert_eq!(scans[0]["src_ip"], "10.98.5.2");
 
     ts.destroy(5).unwrap();
     wait_for("vif5.0 detached", Duration::from_secs(5), || {

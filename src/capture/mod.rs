@@ -63,6 +63,9 @@ pub struct Frame<'a> {
     /// Length on the wire (may exceed `data` if truncated by the ring).
     pub wire_len: u32,
     pub ts_ns: u64,
+    /// Sent by this host out of the interface (towards the guest on a vif); otherwise
+    /// received on it (from the guest).
+    pub outgoing: bool,
 }
 
 /// Counters of a ring (`PACKET_STATISTICS` is reset on each read; these accumulate).
@@ -289,10 +292,24 @@ impl Ring {
                 // SAFETY: the frame lies inside the block (checked) and stays valid until
                 // the block is released, after `f` returns.
                 let data = unsafe { std::slice::from_raw_parts(base.add(start), len) };
+                // The kernel stores a sockaddr_ll right after the aligned frame header
+                // (TPACKET3_HDRLEN); its packet type tells the direction.
+                let sll_off = off + ((hdr_len + 15) & !15);
+                let outgoing = if sll_off + std::mem::size_of::<libc::sockaddr_ll>() <= bs {
+                    // SAFETY: inside the block (checked); sockaddr_ll has no invalid bit
+                    // patterns and is read unaligned.
+                    let sll = unsafe {
+                        ptr::read_unaligned(base.add(sll_off) as *const libc::sockaddr_ll)
+                    };
+                    sll.sll_pkttype == libc::PACKET_OUTGOING
+                } else {
+                    false
+                };
                 f(Frame {
                     data,
                     wire_len: h.tp_len,
                     ts_ns: h.tp_sec as u64 * 1_000_000_000 + h.tp_nsec as u64,
+                    outgoing,
                 });
                 count += 1;
             }

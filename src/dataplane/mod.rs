@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::capture::{Ring, RingConfig};
 use crate::decode;
+use crate::detect::behaviour::{Behaviour, BehaviourConfig};
 use crate::detect::matcher::Backend;
 use crate::detect::rules::Rule;
 use crate::detect::Detector;
@@ -81,6 +82,7 @@ pub struct AlertLog {
 /// The workers.
 pub struct DataPlane {
     rules: Arc<Vec<Rule>>,
+    behaviour: BehaviourConfig,
     backend: Backend,
     eve: Option<Arc<Mutex<std::fs::File>>>,
     workers: BTreeMap<String, Worker>,
@@ -106,6 +108,7 @@ impl DataPlane {
         rules: &[PathBuf],
         eve: Option<PathBuf>,
         backend: Backend,
+        behaviour: BehaviourConfig,
     ) -> Result<DataPlane, DataPlaneError> {
         let rs = crate::inspect::load_rules(rules)?;
         for w in &rs.skipped {
@@ -131,6 +134,7 @@ impl DataPlane {
         };
         Ok(DataPlane {
             rules: Arc::new(rs.rules),
+            behaviour,
             backend,
             eve,
             workers: BTreeMap::new(),
@@ -192,6 +196,7 @@ impl DataPlane {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(VifCounters::default());
         let ident = Arc::new(Mutex::new(ident));
+        let behaviour = self.behaviour.clone();
         let (rules, backend, eve, log_) = (
             self.rules.clone(),
             self.backend,
@@ -206,7 +211,11 @@ impl DataPlane {
         );
         let handle = std::thread::Builder::new()
             .name(format!("vif {ifname}"))
-            .spawn(move || worker(name2, rules, backend, eve, log_, stop2, counters2, ident2))
+            .spawn(move || {
+                worker(
+                    name2, rules, backend, behaviour, eve, log_, stop2, counters2, ident2,
+                )
+            })
             .ok();
         Worker {
             stop,
@@ -277,6 +286,7 @@ fn worker(
     ifname: String,
     rules: Arc<Vec<Rule>>,
     backend: Backend,
+    behaviour: BehaviourConfig,
     eve: Option<Arc<Mutex<std::fs::File>>>,
     log_: Arc<Mutex<AlertLog>>,
     stop: Arc<AtomicBool>,
@@ -309,6 +319,43 @@ fn worker(
     };
     counters.attached.store(true, Ordering::Relaxed);
     log::info!("{ifname}: inspection attached (passive)");
+    let mut detectors = Behaviour::new(behaviour);
+    let emit = |a: &crate::inspect::Alert, r: &Rule| {
+        counters.alerts.fetch_add(1, Ordering::Relaxed);
+        let id = ident.lock().map(|i| i.clone()).unwrap_or_default();
+        let v = alert_value(a, r, Some(&id));
+        log::warn!(
+            "alert [{}:{}:{}] {} from domain {} ({}) on {}: {}:{} -> {}:{}",
+            r.gid,
+            r.sid,
+            r.rev,
+            r.msg,
+            id.domid,
+            id.name.as_deref().unwrap_or("?"),
+            id.vif,
+            a.src,
+            a.sport,
+            a.dst,
+            a.dport
+        );
+        if let Some(f) = &eve {
+            if let Ok(mut f) = f.lock() {
+                let mut line = serde_json::to_vec(&v).unwrap_or_default();
+                line.push(b'\n');
+                if let Err(e) = f.write_all(&line) {
+                    log::error!("cannot write the EVE file: {e}");
+                }
+            }
+        }
+        if let Ok(mut l) = log_.lock() {
+            l.total += 1;
+            let seq = l.total;
+            l.recent.push_back((seq, v));
+            if l.recent.len() > RECENT {
+                l.recent.pop_front();
+            }
+        }
+    };
     while !stop.load(Ordering::Relaxed) {
         let res = ring.poll(Duration::from_millis(100), &mut |f| {
             counters.frames.fetch_add(1, Ordering::Relaxed);
@@ -316,42 +363,25 @@ fn worker(
                 .bytes
                 .fetch_add(f.data.len() as u64, Ordering::Relaxed);
             if let Ok(p) = decode::decode_ethernet(f.data, &mut engine.decode) {
-                engine.packet(&p, f.ts_ns / 1000, &mut |a, r| {
-                    counters.alerts.fetch_add(1, Ordering::Relaxed);
-                    let id = ident.lock().map(|i| i.clone()).unwrap_or_default();
-                    let v = alert_value(a, r, Some(&id));
-                    log::warn!(
-                        "alert [{}:{}:{}] {} from domain {} ({}) on {}: {}:{} -> {}:{}",
-                        r.gid,
-                        r.sid,
-                        r.rev,
-                        r.msg,
-                        id.domid,
-                        id.name.as_deref().unwrap_or("?"),
-                        id.vif,
-                        a.src,
-                        a.sport,
-                        a.dst,
-                        a.dport
-                    );
-                    if let Some(f) = &eve {
-                        if let Ok(mut f) = f.lock() {
-                            let mut line = serde_json::to_vec(&v).unwrap_or_default();
-                            line.push(b'\n');
-                            if let Err(e) = f.write_all(&line) {
-                                log::error!("cannot write the EVE file: {e}");
-                            }
-                        }
+                let ts = f.ts_ns / 1000;
+                if !f.outgoing {
+                    for finding in detectors.on_packet(&p, ts) {
+                        let rule = finding.rule(detectors.window_s());
+                        let a = crate::inspect::Alert {
+                            ts_us: ts,
+                            flow_id: 0,
+                            rule: 0,
+                            src: p.src,
+                            sport: p.sport,
+                            dst: p.dst,
+                            dport: p.dport,
+                            proto: p.proto,
+                            to_server: true,
+                        };
+                        emit(&a, &rule);
                     }
-                    if let Ok(mut l) = log_.lock() {
-                        l.total += 1;
-                        let seq = l.total;
-                        l.recent.push_back((seq, v));
-                        if l.recent.len() > RECENT {
-                            l.recent.pop_front();
-                        }
-                    }
-                });
+                }
+                engine.packet(&p, ts, &mut |a, r| emit(a, r));
             }
         });
         if let Err(e) = res {

@@ -13,6 +13,7 @@
 //! byte of the direction's stream; `distance` is measured from the end of the previous
 //! content's match, `within` from there plus `distance`.
 
+pub mod behaviour;
 pub mod matcher;
 pub mod rules;
 
