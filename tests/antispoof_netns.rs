@@ -13,27 +13,6 @@ use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
 
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    assert!(
-        Command::new("ip")
-            .args(args)
-            .status()
-            .expect("iproute2")
-            .success(),
-        "ip {args:?}"
-    );
-}
-
 fn ping(ns: &str, args: &[&str]) -> bool {
     Command::new("ip")
         .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"])

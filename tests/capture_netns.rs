@@ -3,27 +3,13 @@
 //! fires on a payload the guest splits across two segments. Needs root (namespaces,
 //! AF_PACKET); reports itself skipped otherwise.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("ip (iproute2)");
-    assert!(st.success(), "ip {args:?}");
-}
+use common::{guest_behind_vif, ip, Netns};
 
 fn in_ns(ns: &str, prog: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
@@ -43,14 +29,9 @@ fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
     let (dd, g5) = (format!("vsdd{id}"), format!("vsg{id}"));
     ip(&["netns", "add", &dd]);
     let _guard = Netns(vec![dd.clone(), g5.clone()]);
-    ip(&["netns", "add", &g5]);
-    ip(&[
-        "-n", &dd, "link", "add", "vif5.0", "type", "veth", "peer", "name", "eth0", "netns", &g5,
-    ]);
+    guest_behind_vif(&dd, &g5, "vif5.0", "10.99.5.2/24", None);
     ip(&["-n", &dd, "addr", "add", "10.99.5.1/24", "dev", "vif5.0"]);
     ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
-    ip(&["-n", &g5, "addr", "add", "10.99.5.2/24", "dev", "eth0"]);
-    ip(&["-n", &g5, "link", "set", "eth0", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("live.rules");

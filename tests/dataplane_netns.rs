@@ -14,27 +14,6 @@ use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
 
-struct Netns(Vec<String>);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    assert!(
-        Command::new("ip")
-            .args(args)
-            .status()
-            .expect("iproute2")
-            .success(),
-        "ip {args:?}"
-    );
-}
-
 #[test]
 fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     if !nix::unistd::geteuid().is_root() {
@@ -46,14 +25,9 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     let (dd, g5) = (format!("vdp{id}"), format!("vgp{id}"));
     ip(&["netns", "add", &dd]);
     let _ns = Netns(vec![dd.clone(), g5.clone()]);
-    ip(&["netns", "add", &g5]);
-    ip(&[
-        "-n", &dd, "link", "add", "vif5.0", "type", "veth", "peer", "name", "eth0", "netns", &g5,
-    ]);
+    guest_behind_vif(&dd, &g5, "vif5.0", "10.98.5.2/24", None);
     ip(&["-n", &dd, "addr", "add", "10.98.5.1/24", "dev", "vif5.0"]);
     ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
-    ip(&["-n", &g5, "addr", "add", "10.98.5.2/24", "dev", "eth0"]);
-    ip(&["-n", &g5, "link", "set", "eth0", "up"]);
 
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());

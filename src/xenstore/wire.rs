@@ -194,14 +194,7 @@ impl Message {
         if self.payload.len() > PAYLOAD_MAX {
             return Err(WireError::PayloadTooLarge(self.payload.len()));
         }
-        Header {
-            ty: self.ty,
-            req_id: self.req_id,
-            tx_id: self.tx_id,
-            len: self.payload.len() as u32,
-        }
-        .emit(out);
-        out.extend_from_slice(&self.payload);
+        self.emit_unchecked(out);
         Ok(())
     }
 

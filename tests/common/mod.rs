@@ -161,3 +161,39 @@ pub fn xs_util(socket: &Path, name: &str, args: &[&str]) -> Output {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Network namespaces deleted on drop (also when a test fails).
+pub struct Netns(pub Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Runs `ip ARGS`, failing the test if it fails.
+pub fn ip(args: &[&str]) {
+    let ok = Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "ip {args:?} failed (iproute2 installed? root?)");
+}
+
+/// A "driver domain" namespace `dd` and a guest namespace `guest` joined by a veth whose
+/// backend end is named `vif` (in `dd`, left down and unaddressed) and whose guest end is
+/// `eth0` with `addr` and `mac` (if given), up.
+pub fn guest_behind_vif(dd: &str, guest: &str, vif: &str, addr: &str, mac: Option<&str>) {
+    ip(&["netns", "add", guest]);
+    ip(&[
+        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", guest,
+    ]);
+    if let Some(m) = mac {
+        ip(&["-n", guest, "link", "set", "eth0", "address", m]);
+    }
+    ip(&["-n", guest, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", guest, "link", "set", "eth0", "up"]);
+}
