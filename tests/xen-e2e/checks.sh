@@ -21,8 +21,15 @@ status() { virtsec status --json; }
 XS=/run/xenstored/socket
 be() { echo "/local/domain/0/backend/vif/$1/$2"; }
 
+# The service's configuration: the shipped sample plus one rule on the guest's pings to dom0
+# (busybox ping payloads are zeros after an 8-byte timestamp).
+cat > /run/e2e.rules <<'RULES'
+alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; content:"|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00|"; sid:9001; rev:1;)
+RULES
+sed 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+
 start_virtsecd() {
-    virtsecd --config /etc/virtsec/virtsecd.toml --stderr >>/var/log/virtsecd.log 2>&1 &
+    virtsecd --config /run/e2e.toml --stderr >>/var/log/virtsecd.log 2>&1 &
     echo $! > /run/virtsecd.pid
 }
 in_sync() { status | jq -e '.xenstore.connected and .xenstore.in_sync' ; }
@@ -94,6 +101,16 @@ if [ -n "$G1" ] && until_ms 20000 sh -c "[ \$(cat /sys/class/net/vif$G1.0/statis
     ok "guest1 sends traffic on vif$G1.0" "rx_packets $(cat /sys/class/net/vif"$G1".0/statistics/rx_packets)"
 else
     notok "guest1 sends traffic on vif${G1}.0" "no packets from the guest"
+fi
+
+# 4b. A content rule fires on the guest's traffic on vif<D>.0 and the alert names the guest.
+alert_for() { # domid -> the xen object of a sid 9001 alert naming that guest on its vif
+    virtsec alerts --json | jq -c --argjson d "$1" 'select(.alert.signature_id == 9001 and .xen.domid == $d and .xen.name == "guest1" and .xen.vif == "vif\($d).0") | .xen' | head -1
+}
+if [ -n "$G1" ] && until_ms 30000 sh -c "[ -n \"\$(virtsec alerts --json | jq -c --argjson d $G1 'select(.alert.signature_id == 9001 and .xen.domid == \$d and .xen.name == \"guest1\" and .xen.vif == \"vif$G1.0\")')\" ]"; then
+    ok "a content rule fires on guest1's traffic on vif$G1.0 and the alert names the guest" "$(alert_for "$G1")"
+else
+    notok "a content rule fires on guest1's traffic on vif${G1}.0" "alerts: $(virtsec alerts --json | head -3 | tr '\n' ' '); inspection: $(status | jq -c .inspection)"
 fi
 
 # 5. The guest writes nonsense into its own frontend nodes: nothing trusted changes.
