@@ -64,25 +64,7 @@ fn spoofed_sources_are_dropped_and_counted_real_traffic_passes() {
     g.vifs[0].ip = Some("10.97.0.5".into());
     ts.create(&g, None).unwrap();
 
-    let cfg = dir.path().join("v.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[enforce]\nantispoof = true\n",
-            dir.path().join("xs.sock").display().to_string(),
-            dir.path().join("control.sock").display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("virtsecd.log")).unwrap();
-    let _d = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &dd, VIRTSECD, "--config"])
-            .arg(&cfg)
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _d = virtsecd_with(dir.path(), Some(&dd), "[enforce]\nantispoof = true\n");
     wait_for("anti-spoofing installed", Duration::from_secs(10), || {
         status(dir.path())
             .map(|s| s["antispoof"]["g_vif5_0"].is_object())

@@ -39,32 +39,12 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     )
     .unwrap();
     let eve = dir.path().join("eve.json");
-    let cfg = dir.path().join("virtsecd.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[inspect]\nrules = [{:?}]\neve = {:?}\n[behaviour]\nenabled = true\nscan_ports = 20\n",
-            dir.path().join("xs.sock").display().to_string(),
-            dir.path().join("control.sock").display().to_string(),
-            rules.display().to_string(),
-            eve.display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("virtsecd.log")).unwrap();
-    let _d = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &dd, VIRTSECD, "--config"])
-            .arg(&cfg)
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let extra = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\n[behaviour]\nenabled = true\nscan_ports = 20\n",
+        rules.display().to_string(),
+        eve.display().to_string()
     );
-    wait_for("virtsecd in sync", Duration::from_secs(10), || {
-        status(dir.path())
-            .map(|s| s["xenstore"]["in_sync"] == true)
-            .unwrap_or(false)
-    });
+    let _d = virtsecd_with(dir.path(), Some(&dd), &extra);
 
     let web = GuestSpec::simple(5, "web", "xenbr0");
     ts.create(&web, None).unwrap();

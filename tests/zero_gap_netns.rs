@@ -80,25 +80,7 @@ fn new_vifs_pass_nothing_before_their_policy() {
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
     ts.init_host().unwrap();
-    let cfg = dir.path().join("v.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[xenstore]\npath = {:?}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\n[enforce]\nantispoof = true\n",
-            dir.path().join("xs.sock").display().to_string(),
-            dir.path().join("control.sock").display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("virtsecd.log")).unwrap();
-    let _d = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &dd, VIRTSECD, "--config"])
-            .arg(&cfg)
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _d = virtsecd_with(dir.path(), Some(&dd), "[enforce]\nantispoof = true\n");
     wait_for("anti-spoofing table", Duration::from_secs(10), || {
         status(dir.path())
             .map(|s| s["antispoof"]["*"].is_object())

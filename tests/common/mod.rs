@@ -59,18 +59,32 @@ pub fn lab_xenstored(dir: &Path, domids: &[u32]) -> Proc {
 
 /// Starts virtsecd on the lab socket and waits until its first reconcile is done.
 pub fn virtsecd(dir: &Path) -> Proc {
+    virtsecd_with(dir, None, "")
+}
+
+/// Starts virtsecd on the lab socket, inside network namespace `netns` if given, with `extra`
+/// TOML sections appended to the test configuration, and waits until it is in sync.
+pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
     let cfg = dir.join("virtsecd.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n",
+            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n{extra}",
             dir.join("xs.sock").display().to_string(),
             dir.join("control.sock").display().to_string()
         ),
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("virtsecd.log")).unwrap();
-    let child = Command::new(VIRTSECD)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, VIRTSECD]);
+            c
+        }
+        None => Command::new(VIRTSECD),
+    };
+    let child = cmd
         .arg("--config")
         .arg(&cfg)
         .stdin(Stdio::null())
