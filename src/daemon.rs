@@ -270,6 +270,30 @@ impl State {
                     .unwrap_or_default();
                 Ok(serde_json::json!({"total": total, "alerts": alerts}))
             }
+            ControlRequest::VifReady { domid, devid } => {
+                let vif = self.inventory.get(&domid).and_then(|g| g.vifs.get(&devid));
+                let ifname = vif.map(|v| v.ifname.clone());
+                let antispoof = match (&self.antispoof, &ifname) {
+                    (Some(a), Some(n)) => Some(a.has(n)),
+                    (None, _) => None,
+                    (Some(_), None) => Some(false),
+                };
+                let inspection = match (&self.dataplane, &ifname) {
+                    (Some(d), Some(n)) => Some(d.attached(n)),
+                    (None, _) => None,
+                    (Some(_), None) => Some(false),
+                };
+                let ready = ifname.is_some()
+                    && antispoof.unwrap_or(true)
+                    && inspection.unwrap_or(true)
+                    && matches!(self.link, Link::Up(_));
+                Ok(serde_json::json!({
+                    "ready": ready,
+                    "ifname": ifname,
+                    "antispoof": antispoof,
+                    "inspection": inspection,
+                }))
+            }
         };
         v.map_err(|e| e.to_string())
     }

@@ -54,6 +54,36 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
             .unwrap_or(false)
     });
 
+    // The hotplug gate's question: is vif5.0's policy in place? Yes; and for an unknown vif, no.
+    let out = cli(
+        dir.path(),
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/0/backend/vif/5/0",
+            "--timeout",
+            "5",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("vif5.0"));
+    let out = cli(
+        dir.path(),
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/0/backend/vif/9/0",
+            "--timeout",
+            "0.3",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not ready"));
+
     let server = Command::new("ip")
         .args(["netns", "exec", &dd, "python3", "-c", "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.98.5.1', 8080)); s.listen(1); s.settimeout(8)\nc,_=s.accept()\nwhile c.recv(100): pass"])
         .stdout(Stdio::null())

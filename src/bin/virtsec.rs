@@ -45,6 +45,16 @@ enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Wait until virtsecd has a vif's policy in place (for hotplug scripts). Exits 0 when
+    /// ready, 1 after the timeout or if the service does not answer.
+    Attach {
+        /// The vif's backend path (the hotplug script's XENBUS_PATH),
+        /// /local/domain/<backend>/backend/vif/<domid>/<devid>.
+        #[arg(long, value_name = "PATH")]
+        backend: String,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
     /// Run a simulated Xen host and show virtsec following it (no Xen needed).
     Lab {
         #[command(subcommand)]
@@ -186,6 +196,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_domains(&d);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Attach { backend, timeout } => {
+            let parts: Vec<&str> = backend.trim_end_matches('/').rsplit('/').take(3).collect();
+            let (devid, domid) = match parts.as_slice() {
+                [devid, domid, "vif"] => (
+                    devid.parse::<u32>().with_context(|| format!("{backend}: bad devid"))?,
+                    domid.parse::<u32>().with_context(|| format!("{backend}: bad domid"))?,
+                ),
+                _ => bail!("{backend} is not a vif backend path (/local/domain/<b>/backend/vif/<domid>/<devid>)"),
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout);
+            let mut last;
+            loop {
+                match control::call(
+                    &cli.control_socket,
+                    &ControlRequest::VifReady { domid, devid },
+                ) {
+                    Ok(r) if r["ready"] == true => {
+                        println!(
+                            "vif {domid}/{devid} ({}): policy in place",
+                            r["ifname"].as_str().unwrap_or("?")
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Ok(r) => last = r.to_string(),
+                    Err(e) => last = e.to_string(),
+                }
+                if std::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "virtsec attach: vif {domid}/{devid} not ready after {timeout} s: {last}"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Cmd::Alerts { json, follow } => {
             let mut after = 0u64;

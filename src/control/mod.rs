@@ -1,6 +1,7 @@
 //! The operator control socket: one JSON object per line each way.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"domains"}`, `{"cmd":"alerts","after":N}`. Replies: `{"ok":true,"result":...}` or
+//! Requests: `{"cmd":"status"}`, `{"cmd":"domains"}`, `{"cmd":"alerts","after":N}`,
+//! `{"cmd":"vif_ready","domid":D,"devid":N}`. Replies: `{"ok":true,"result":...}` or
 //! `{"ok":false,"error":"..."}`. The socket file is created mode 0600 and every peer is checked
 //! with `SO_PEERCRED`: only root and the service's own user are served, so tests can run the
 //! whole stack unprivileged on a private socket while production stays root-only.
@@ -33,6 +34,12 @@ pub enum ControlRequest {
     Alerts {
         #[serde(default)]
         after: u64,
+    },
+    /// Whether the policy of vif `devid` of domain `domid` is in place (the hotplug gate asks
+    /// before the backend is marked connected).
+    VifReady {
+        domid: u32,
+        devid: u32,
     },
 }
 

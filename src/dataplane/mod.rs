@@ -225,6 +225,13 @@ impl DataPlane {
         }
     }
 
+    /// Whether `ifname` has a worker capturing on it.
+    pub fn attached(&self, ifname: &str) -> bool {
+        self.workers
+            .get(ifname)
+            .is_some_and(|w| w.counters.attached.load(Ordering::Relaxed))
+    }
+
     /// Per-vif counters.
     pub fn status(&self) -> BTreeMap<String, VifStatus> {
         self.workers

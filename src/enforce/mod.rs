@@ -262,6 +262,11 @@ impl AntiSpoof {
         errors
     }
 
+    /// Whether `ifname`'s policy is in the kernel.
+    pub fn has(&self, ifname: &str) -> bool {
+        self.applied.contains_key(ifname)
+    }
+
     /// Drop counters per vif and reason (`spoof-mac`, `spoof-ip4`, ...), plus the default deny
     /// (`no-policy-yet`, under the key `*`).
     pub fn counters() -> BTreeMap<String, BTreeMap<String, u64>> {

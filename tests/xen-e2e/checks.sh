@@ -34,7 +34,7 @@ start_virtsecd() {
 }
 in_sync() { status | jq -e '.xenstore.connected and .xenstore.in_sync' ; }
 
-mkcfg() { # name mac
+mkcfg() { # name mac [hotplug-script]
     cat > "/xen-e2e/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
@@ -43,7 +43,7 @@ ramdisk = "/xen-e2e/guest.cpio.gz"
 extra = "console=hvc0 quiet"
 memory = 96
 vcpus = 1
-vif = [ 'mac=$2,bridge=xenbr0' ]
+vif = [ 'mac=$2,bridge=xenbr0${3:+,script=$3}' ]
 on_crash = "destroy"
 CFG
 }
@@ -58,8 +58,8 @@ listed() { # domid name mac
                                    and .state == "connected" and .hotplug_status == "connected")'
 }
 
-create_and_time() { # name mac -> sets DOMID, LAT_MS
-    mkcfg "$1" "$2"
+create_and_time() { # name mac [script] -> sets DOMID, LAT_MS
+    mkcfg "$1" "$2" "${3:-}"
     xl create "/xen-e2e/$1.cfg" >/tmp/xl-create-$1.log 2>&1 &
     xl_pid=$!
     until_ms 60000 xl domid "$1" || return 1
@@ -158,6 +158,27 @@ if [ -n "$G1" ] && xl network-detach guest1 0 >/tmp/detach.log 2>&1; then
 else
     notok "xl network-detach guest1 0" "$(cat /tmp/detach.log 2>/dev/null)"
 fi
+
+# 7b. Xen's own gate: a guest whose vif uses script=vif-virtsec gets connected once virtsecd
+#     has its policy in place; with virtsecd down the same guest's vif fails closed.
+if create_and_time guest3 00:16:3e:00:00:03 vif-virtsec; then
+    G3=$DOMID
+    ok "script=vif-virtsec: guest3's vif connected after virtsecd put its policy in place" "$(grep -m1 "vif $G3/0" /var/log/xen/xl-guest3.log 2>/dev/null || echo "listed ${LAT_MS} ms after Connected")"
+    xl destroy guest3
+else
+    notok "script=vif-virtsec: guest3 connected" "$(cat /tmp/xl-create-guest3.log | tr '\n' ' ')"
+fi
+kill "$(cat /run/virtsecd.pid)"; sleep 0.5
+echo "VIRTSEC_ATTACH_TIMEOUT=2" > /etc/default/virtsec
+mkcfg guest4 00:16:3e:00:00:04 vif-virtsec
+if xl create /xen-e2e/guest4.cfg >/tmp/xl-create-guest4.log 2>&1; then
+    notok "script=vif-virtsec fails closed while virtsecd is down" "xl create succeeded: $(xl list | tr '\n' ' ')"
+    xl destroy guest4 2>/dev/null
+else
+    ok "script=vif-virtsec fails closed while virtsecd is down" "$(grep -m1 -o 'virtsec: no policy in place[^)]*' /tmp/xl-create-guest4.log /var/log/xen/*.log 2>/dev/null | head -1 | cut -c1-120)"
+fi
+xl destroy guest4 2>/dev/null
+rm -f /etc/default/virtsec
 
 # 8. Restart: the inventory is rebuilt from XenStore and matches xl list and the backend tree.
 kill "$(cat /run/virtsecd.pid)"; sleep 0.5

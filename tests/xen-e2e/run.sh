@@ -121,6 +121,7 @@ ov=$work/overlay
 mkdir -p "$ov"/usr/local/bin "$ov"/etc/virtsec "$ov"/xen-e2e
 cp "$XEN_E2E_BIN/virtsecd" "$XEN_E2E_BIN/virtsec" "$ov/usr/local/bin/"
 cp "$repo/xen-config/virtsecd.toml" "$ov/etc/virtsec/virtsecd.toml"
+mkdir -p "$ov/etc/xen/scripts" && cp "$repo/xen-config/vif-virtsec" "$ov/etc/xen/scripts/vif-virtsec"
 cp "$here/dom0-init.sh" "$ov/init"
 cp "$here/checks.sh" "$img/vmlinuz" "$ov/xen-e2e/"
 cp "$guest_img" "$ov/xen-e2e/guest.cpio.gz"
