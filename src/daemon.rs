@@ -100,10 +100,9 @@ pub struct Status {
     /// Per-vif inspection counters (empty without `[inspect] rules`).
     pub inspection: std::collections::BTreeMap<String, crate::dataplane::VifStatus>,
     pub alerts: u64,
-    /// Anti-spoofing drops per vif chain and reason (`*`: vifs with no policy yet); `null` when
-    /// anti-spoofing is off.
-    pub antispoof:
-        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>>,
+    /// Anti-spoofing drops per vif (with the guest's identity) and reason; `*` counts frames
+    /// of vifs with no policy yet. `null` when anti-spoofing is off.
+    pub antispoof: Option<std::collections::BTreeMap<String, serde_json::Value>>,
     pub enforce_errors: Vec<String>,
 }
 
@@ -325,10 +324,7 @@ impl State {
                 .as_ref()
                 .map(|d| d.status())
                 .unwrap_or_default(),
-            antispoof: self
-                .antispoof
-                .as_ref()
-                .map(|_| crate::enforce::AntiSpoof::counters()),
+            antispoof: self.antispoof.as_ref().map(|a| self.antispoof_report(a)),
             enforce_errors: self.enforce_errors.clone(),
             alerts: self
                 .dataplane
@@ -336,6 +332,34 @@ impl State {
                 .map(|d| d.alerts_after(u64::MAX).0)
                 .unwrap_or(0),
         }
+    }
+
+    /// Kernel drop counters keyed by vif, each with the guest it belongs to.
+    fn antispoof_report(
+        &self,
+        a: &crate::enforce::AntiSpoof,
+    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let mut counters = crate::enforce::AntiSpoof::counters();
+        let mut out = std::collections::BTreeMap::new();
+        for (ifname, domid) in a.vifs() {
+            let drops = counters
+                .remove(&crate::enforce::chain_name(ifname))
+                .unwrap_or_default();
+            let g = self.inventory.get(&domid);
+            out.insert(
+                ifname.to_string(),
+                serde_json::json!({
+                    "domid": domid,
+                    "uuid": g.and_then(|g| g.uuid.clone()),
+                    "name": g.and_then(|g| g.name.clone()),
+                    "drops": drops,
+                }),
+            );
+        }
+        if let Some(star) = counters.remove("*") {
+            out.insert("*".into(), serde_json::json!({ "drops": star }));
+        }
+        out
     }
 
     fn next_wakeup(&self) -> Duration {

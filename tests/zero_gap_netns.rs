@@ -97,7 +97,7 @@ fn new_vifs_pass_nothing_before_their_policy() {
         .unwrap();
     let mut to = sender.stdin.take().unwrap();
     let mut from = BufReader::new(sender.stdout.take().unwrap());
-    let denied_before = status(dir.path()).unwrap()["antispoof"]["*"]["no-policy-yet"]
+    let denied_before = status(dir.path()).unwrap()["antispoof"]["*"]["drops"]["no-policy-yet"]
         .as_u64()
         .unwrap_or(0);
     let t = Instant::now();
@@ -121,7 +121,7 @@ fn new_vifs_pass_nothing_before_their_policy() {
         0,
         "frames from vifs without policy got past virtsec"
     );
-    let denied = status(dir.path()).unwrap()["antispoof"]["*"]["no-policy-yet"]
+    let denied = status(dir.path()).unwrap()["antispoof"]["*"]["drops"]["no-policy-yet"]
         .as_u64()
         .unwrap_or(0)
         - denied_before;

@@ -262,6 +262,11 @@ impl AntiSpoof {
         errors
     }
 
+    /// The vifs with a policy in the kernel, with their domain.
+    pub fn vifs(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.applied.iter().map(|(n, p)| (n.as_str(), p.domid))
+    }
+
     /// Whether `ifname`'s policy is in the kernel.
     pub fn has(&self, ifname: &str) -> bool {
         self.applied.contains_key(ifname)
