@@ -90,7 +90,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let mut t: FlowTable<()> = FlowTable::new(FlowLimits::default());
             for (i, p) in pkts.iter().enumerate() {
-                t.track(p, i as u64, || ());
+                t.track(p, i as u64);
             }
             t.len()
         })

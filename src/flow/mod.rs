@@ -116,7 +116,32 @@ pub struct Seen<'f, T> {
     pub stream: &'f mut StreamStats,
 }
 
-impl<T> FlowTable<T> {
+impl<T: Default> Flow<T> {
+    fn new(id: u64, key: FlowKey, p: &Packet<'_>, ts: u64) -> Flow<T> {
+        // The SYN's sender is the client; a SYN-ACK's receiver; else the first sender.
+        let client = match p.tcp {
+            Some(t) if t.syn && t.ack_flag => (p.dst, p.dport),
+            _ => (p.src, p.sport),
+        };
+        Flow {
+            id,
+            key,
+            client,
+            first_ts: ts,
+            last_ts: ts,
+            packets: [0; 2],
+            bytes: [0; 2],
+            tcp: [TcpStream::default(), TcpStream::default()],
+            syn: false,
+            synack: false,
+            client_isn: None,
+            established: p.proto != Proto::Tcp,
+            user: T::default(),
+        }
+    }
+}
+
+impl<T: Default> FlowTable<T> {
     pub fn new(limits: FlowLimits) -> FlowTable<T> {
         FlowTable {
             map: FxHashMap::default(),
@@ -137,8 +162,34 @@ impl<T> FlowTable<T> {
         self.map.is_empty()
     }
 
+    /// Creates a flow for `key` (making room first if the table is full); returns its slot.
+    fn insert_new(&mut self, key: FlowKey, p: &Packet<'_>, ts: u64) -> usize {
+        self.map.remove(&key);
+        if self.map.len() >= self.limits.max_flows {
+            self.sweep(ts);
+            if self.map.len() >= self.limits.max_flows {
+                self.evict_oldest();
+            }
+        }
+        let flow = Flow::new(self.next_id, key, p, ts);
+        self.next_id += 1;
+        self.stats.created += 1;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(flow);
+                i
+            }
+            None => {
+                self.slots.push(Some(flow));
+                self.slots.len() - 1
+            }
+        };
+        self.map.insert(key, i);
+        i
+    }
+
     /// Finds or creates the packet's flow (`ts` in microseconds) and updates its TCP state.
-    pub fn track(&mut self, p: &Packet<'_>, ts: u64, new_user: impl FnOnce() -> T) -> Seen<'_, T> {
+    pub fn track(&mut self, p: &Packet<'_>, ts: u64) -> Seen<'_, T> {
         let key = FlowKey::of(p);
         if ts / 1_000_000 > self.last_sweep + 10 {
             self.sweep(ts);
@@ -147,64 +198,29 @@ impl<T> FlowTable<T> {
         if let (Some(i), Some(t)) = (existing, p.tcp) {
             let new_conn = t.syn
                 && !t.ack_flag
-                && self.slots[i]
-                    .as_ref()
+                && self
+                    .slots
+                    .get(i)
+                    .and_then(Option::as_ref)
                     .is_some_and(|f| f.client_isn != Some(t.seq));
             if new_conn {
                 self.remove(&key);
                 self.stats.reused += 1;
             }
         }
-        let idx = match self.map.get(&key) {
-            Some(&i) => i,
-            None => {
-                if self.map.len() >= self.limits.max_flows {
-                    self.sweep(ts);
-                    if self.map.len() >= self.limits.max_flows {
-                        self.evict_oldest();
-                    }
-                }
-                // The SYN's sender is the client; a SYN-ACK's receiver; else the first sender.
-                let client = match p.tcp {
-                    Some(t) if t.syn && t.ack_flag => (p.dst, p.dport),
-                    _ => (p.src, p.sport),
-                };
-                let flow = Flow {
-                    id: self.next_id,
-                    key,
-                    client,
-                    first_ts: ts,
-                    last_ts: ts,
-                    packets: [0; 2],
-                    bytes: [0; 2],
-                    tcp: [TcpStream::default(), TcpStream::default()],
-                    syn: false,
-                    synack: false,
-                    client_isn: None,
-                    established: p.proto != Proto::Tcp,
-                    user: new_user(),
-                };
-                self.next_id += 1;
-                self.stats.created += 1;
-                let i = match self.free.pop() {
-                    Some(i) => {
-                        self.slots[i] = Some(flow);
-                        i
-                    }
-                    None => {
-                        self.slots.push(Some(flow));
-                        self.slots.len() - 1
-                    }
-                };
-                self.map.insert(key, i);
-                i
-            }
+        // A key whose slot is empty would be a table bug; treat it as a new flow, not a panic.
+        let live = self
+            .map
+            .get(&key)
+            .copied()
+            .filter(|&i| self.slots.get(i).is_some_and(Option::is_some));
+        let idx = match live {
+            Some(i) => i,
+            None => self.insert_new(key, p, ts),
         };
         self.stats.active = self.map.len() as u64;
         let stream_stats = &mut self.stats.stream;
-        let Some(flow) = self.slots[idx].as_mut() else {
-            unreachable!("map points at a live slot")
-        };
+        let flow = self.slots[idx].get_or_insert_with(|| Flow::new(0, key, p, ts));
         let dir = usize::from((p.src, p.sport) != flow.client);
         flow.last_ts = ts;
         flow.packets[dir] += 1;
@@ -319,18 +335,18 @@ mod tests {
         let c = "10.0.1.1";
         let s = "10.0.2.2";
         let id = t
-            .track(&pkt(c, 40000, s, 80, flags(true, false)), 1, || ())
+            .track(&pkt(c, 40000, s, 80, flags(true, false)), 1)
             .flow
             .id;
-        let seen = t.track(&pkt(s, 80, c, 40000, flags(true, true)), 2, || ());
+        let seen = t.track(&pkt(s, 80, c, 40000, flags(true, true)), 2);
         assert_eq!((seen.flow.id, seen.dir), (id, 1));
         assert!(!seen.flow.established);
-        let seen = t.track(&pkt(c, 40000, s, 80, flags(false, true)), 3, || ());
+        let seen = t.track(&pkt(c, 40000, s, 80, flags(false, true)), 3);
         assert!(seen.flow.established && seen.dir == 0);
         assert_eq!(t.len(), 1);
         // A retransmitted SYN stays in the flow; a SYN with a new ISN is a new connection.
         assert_eq!(
-            t.track(&pkt(c, 40000, s, 80, flags(true, false)), 4, || ())
+            t.track(&pkt(c, 40000, s, 80, flags(true, false)), 4)
                 .flow
                 .id,
             id
@@ -339,7 +355,7 @@ mod tests {
         if let Some(x) = again.as_mut() {
             x.seq = 99;
         }
-        assert_ne!(t.track(&pkt(c, 40000, s, 80, again), 5, || ()).flow.id, id);
+        assert_ne!(t.track(&pkt(c, 40000, s, 80, again), 5).flow.id, id);
         assert_eq!(t.stats.reused, 1);
     }
 
@@ -350,12 +366,12 @@ mod tests {
             timeout_s: 60,
             ..FlowLimits::default()
         });
-        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 1_000_000, || ());
-        t.track(&pkt("10.0.0.2", 1, "10.0.0.9", 80, None), 2_000_000, || ());
-        t.track(&pkt("10.0.0.3", 1, "10.0.0.9", 80, None), 3_000_000, || ());
+        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 1_000_000);
+        t.track(&pkt("10.0.0.2", 1, "10.0.0.9", 80, None), 2_000_000);
+        t.track(&pkt("10.0.0.3", 1, "10.0.0.9", 80, None), 3_000_000);
         assert_eq!((t.len(), t.stats.evicted), (2, 1));
         // The first flow was the one evicted: seeing it again creates a new flow.
-        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 4_000_000, || ());
+        t.track(&pkt("10.0.0.1", 1, "10.0.0.9", 80, None), 4_000_000);
         assert_eq!(t.stats.created, 4);
         assert_eq!(t.sweep(200_000_000), 2);
         assert!(t.is_empty());

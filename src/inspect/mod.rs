@@ -41,6 +41,7 @@ pub enum InspectError {
 }
 
 /// Per-flow detection state.
+#[derive(Default)]
 pub struct FlowDetect {
     dirs: [Option<DirState>; 2],
     alerted: Vec<u32>,
@@ -86,10 +87,7 @@ impl Engine {
     pub fn packet(&mut self, p: &Packet<'_>, ts_us: u64, sink: &mut dyn FnMut(&Alert, &Rule)) {
         let det = &self.detector;
         let stream_limits = self.flows.limits.stream;
-        let seen = self.flows.track(p, ts_us, || FlowDetect {
-            dirs: [None, None],
-            alerted: Vec::new(),
-        });
+        let seen = self.flows.track(p, ts_us);
         let flow = seen.flow;
         let dir = seen.dir;
         let stream_stats = seen.stream;
