@@ -74,15 +74,8 @@ enum Cmd {
     },
     /// Inspect pcap/pcapng files with Suricata-syntax rules; alerts as EVE JSON.
     Inspect {
-        /// Rule file (repeatable).
-        #[arg(long = "rules", value_name = "FILE", required = true)]
-        rules: Vec<PathBuf>,
-        /// Where to write EVE alert lines ("-" for stdout).
-        #[arg(long, value_name = "PATH|-")]
-        eve: Option<PathBuf>,
-        /// Literal matcher: auto (Hyperscan if available), ac (aho-corasick) or hs.
-        #[arg(long, default_value = "auto")]
-        matcher: virtsec::detect::matcher::Backend,
+        #[command(flatten)]
+        detect: DetectArgs,
         /// Bytes of each stream direction inspected.
         #[arg(long, default_value_t = 1 << 20)]
         stream_depth: u64,
@@ -97,13 +90,8 @@ enum Cmd {
         /// Interface to capture from, e.g. vif5.0.
         #[arg(long, value_name = "IFACE")]
         iface: String,
-        #[arg(long = "rules", value_name = "FILE", required = true)]
-        rules: Vec<PathBuf>,
-        /// Where to append EVE alert lines ("-" for stdout).
-        #[arg(long, value_name = "PATH|-")]
-        eve: Option<PathBuf>,
-        #[arg(long, default_value = "auto")]
-        matcher: virtsec::detect::matcher::Backend,
+        #[command(flatten)]
+        detect: DetectArgs,
         /// Stop after this many seconds (default: until SIGINT/SIGTERM).
         #[arg(long, value_name = "SECONDS")]
         duration: Option<f64>,
@@ -146,6 +134,36 @@ enum LabCmd {
         #[arg(long, default_value_t = Limits::default().transactions_per_conn)]
         transactions_per_conn: usize,
     },
+}
+
+/// Options shared by `inspect` and `capture`.
+#[derive(clap::Args, Debug)]
+struct DetectArgs {
+    /// Rule file (repeatable).
+    #[arg(long = "rules", value_name = "FILE", required = true)]
+    rules: Vec<PathBuf>,
+    /// Where alert lines go, EVE JSON ("-" for stdout; `capture` appends).
+    #[arg(long, value_name = "PATH|-")]
+    eve: Option<PathBuf>,
+    /// Literal matcher: auto (Hyperscan if available), ac (aho-corasick) or hs.
+    #[arg(long, default_value = "auto")]
+    matcher: virtsec::detect::matcher::Backend,
+}
+
+impl DetectArgs {
+    fn options(
+        self,
+        limits: virtsec::flow::FlowLimits,
+        progress: bool,
+    ) -> virtsec::inspect::InspectOptions {
+        virtsec::inspect::InspectOptions {
+            rules: self.rules,
+            eve: self.eve,
+            backend: self.matcher,
+            limits,
+            progress,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -352,23 +370,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Inspect {
-            rules,
-            eve,
-            matcher,
+            detect,
             stream_depth,
             json,
             pcaps,
         } => {
             let mut limits = virtsec::flow::FlowLimits::default();
             limits.stream.depth = stream_depth;
-            let to_stdout = eve.as_deref().is_some_and(|p| p.as_os_str() == "-");
-            let opts = virtsec::inspect::InspectOptions {
-                rules,
-                eve,
-                backend: matcher,
-                limits,
-                progress: true,
-            };
+            let to_stdout = detect.eve.as_deref().is_some_and(|p| p.as_os_str() == "-");
+            let opts = detect.options(limits, true);
             let s = virtsec::inspect::run(&opts, &pcaps, &mut |w| eprintln!("warning: {w}"))?;
             let text = if json {
                 serde_json::to_string_pretty(&s)?
@@ -397,9 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Capture {
             iface,
-            rules,
-            eve,
-            matcher,
+            detect,
             duration,
             ready_file,
         } => {
@@ -407,13 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            let opts = virtsec::inspect::InspectOptions {
-                rules,
-                eve,
-                backend: matcher,
-                limits: virtsec::flow::FlowLimits::default(),
-                progress: false,
-            };
+            let opts = detect.options(virtsec::flow::FlowLimits::default(), false);
             let mut ready = || {
                 eprintln!("virtsec capture: capturing on {iface}");
                 if let Some(f) = &ready_file {
