@@ -38,6 +38,8 @@ pub struct Config {
     pub inspect: InspectConfig,
     pub enforce: EnforceConfig,
     pub behaviour: crate::detect::behaviour::BehaviourConfig,
+    /// `[[policy]]`: per-guest choices, first match wins (see [`crate::policy`]).
+    pub policy: Vec<crate::policy::PolicyEntry>,
 }
 
 /// `[enforce]`: rules held in the kernel.
@@ -59,6 +61,13 @@ pub struct InspectConfig {
     pub eve: PathBuf,
     /// Literal matcher: "auto" (Hyperscan when libhs.so.5 loads), "ac" or "hs".
     pub matcher: MatcherChoice,
+    /// Default mode for guests no `[[policy]]` names.
+    pub mode: Mode,
+    /// Passive mode: capture threads per vif, sharing its traffic by flow hash (fanout).
+    #[serde(deserialize_with = "workers_1_to_64")]
+    pub workers_per_vif: usize,
+    /// `[inspect.inline]`
+    pub inline: InlineConfig,
 }
 
 impl Default for InspectConfig {
@@ -67,7 +76,73 @@ impl Default for InspectConfig {
             rules: Vec::new(),
             eve: PathBuf::from("/var/log/virtsec/eve.json"),
             matcher: MatcherChoice::Auto,
+            mode: Mode::Passive,
+            workers_per_vif: 1,
+            inline: InlineConfig::default(),
         }
+    }
+}
+
+/// Where inspection sits on the guest's path.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A copy of the traffic (TPACKET_V3 ring): nothing added to the guest's path; verdicts
+    /// act through kernel rules.
+    Passive,
+    /// The guest's frames wait for the verdict (AF_PACKET bridge with PACKET_VNET_HDR).
+    Inline,
+}
+
+/// What inline mode does with frames it cannot inspect in time, or when the service is gone.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Forward uninspected (availability first).
+    Open,
+    /// Drop (security first).
+    Closed,
+}
+
+/// `[inspect.inline]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InlineConfig {
+    pub fail: FailMode,
+    /// A frame that waited longer than this (kernel receive time to verdict) means overload:
+    /// it and the frames behind it are handled by `fail` until the backlog is gone.
+    #[serde(deserialize_with = "micros_1_to_10s")]
+    pub max_wait_us: u64,
+}
+
+impl Default for InlineConfig {
+    fn default() -> Self {
+        InlineConfig {
+            fail: FailMode::Closed,
+            max_wait_us: 2000,
+        }
+    }
+}
+
+fn micros_1_to_10s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if (1..=10_000_000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 1 to 10000000 microseconds"
+        )))
+    }
+}
+
+fn workers_1_to_64<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if (1..=64).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 1 to 64 workers"
+        )))
     }
 }
 

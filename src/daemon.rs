@@ -132,6 +132,7 @@ struct State {
     watch_failures: u64,
     registered_fd: Option<RawFd>,
     dataplane: Option<crate::dataplane::DataPlane>,
+    policies: crate::policy::Policies,
     antispoof: Option<crate::enforce::AntiSpoof>,
     enforce_errors: Vec<String>,
 }
@@ -162,12 +163,17 @@ impl Daemon {
             None
         } else {
             Some(crate::dataplane::DataPlane::new(
-                &cfg.inspect.rules,
-                Some(cfg.inspect.eve.clone()),
-                cfg.inspect.matcher.into(),
-                cfg.behaviour.clone(),
+                crate::dataplane::DataPlaneOptions {
+                    rules: cfg.inspect.rules.clone(),
+                    eve: Some(cfg.inspect.eve.clone()),
+                    backend: cfg.inspect.matcher.into(),
+                    behaviour: cfg.behaviour.clone(),
+                    workers_per_vif: cfg.inspect.workers_per_vif,
+                    inline: cfg.inspect.inline.clone(),
+                },
             )?)
         };
+        let policies = crate::policy::Policies::from_config(&cfg);
         let now = Instant::now();
         let xs = XenstoreStatus {
             path: cfg.xenstore.path.display().to_string(),
@@ -197,6 +203,7 @@ impl Daemon {
                 watch_failures: 0,
                 registered_fd: None,
                 dataplane,
+                policies,
                 antispoof: None,
                 enforce_errors: Vec::new(),
             },
@@ -618,7 +625,7 @@ impl State {
             self.enforce_errors = errors.iter().map(|e| e.to_string()).collect();
         }
         if let Some(dp) = self.dataplane.as_mut() {
-            dp.sync(&self.inventory);
+            dp.sync(&self.inventory, &self.policies);
         }
         self.sync_guest_watches();
         if std::mem::take(&mut self.dirty) {

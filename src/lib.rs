@@ -25,4 +25,5 @@ pub mod inventory;
 pub mod lab;
 pub mod labxs;
 pub mod logging;
+pub mod policy;
 pub mod xenstore;

@@ -109,6 +109,23 @@ enum Cmd {
         #[command(subcommand)]
         sub: SelftestCmd,
     },
+    /// Inline-mode kernel objects (the vif splices).
+    Inline {
+        #[command(subcommand)]
+        sub: InlineCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InlineCmd {
+    /// Put every spliced vif back on its bridge. Run by the init system after virtsecd stops:
+    /// with --config, acts only if that file says `[inspect.inline] fail = "open"`.
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List the vifs spliced out of their bridge for inline inspection.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -445,6 +462,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Cmd::Inline {
+            sub: InlineCmd::List,
+        } => {
+            for v in virtsec::capture::inline::spliced() {
+                println!("{v}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inline {
+            sub: InlineCmd::Restore { config },
+        } => {
+            if let Some(path) = config {
+                let cfg = virtsec::config::Config::load(&path, true)?;
+                if cfg.inspect.inline.fail != virtsec::config::FailMode::Open {
+                    println!(
+                        "fail = \"closed\" in {}: spliced vifs stay cut off until virtsecd is back",
+                        path.display()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            let mut failed = false;
+            for v in virtsec::capture::inline::spliced() {
+                match virtsec::capture::inline::restore(&v) {
+                    Ok(_) => println!("{v}: back on its bridge"),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("virtsec: {v}: {e}");
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Cmd::Selftest {

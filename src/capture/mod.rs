@@ -13,6 +13,9 @@
 //! Constants and layouts are the kernel's (`include/uapi/linux/if_packet.h`) as the `libc`
 //! crate exposes them.
 
+pub mod inline;
+pub mod vnet;
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

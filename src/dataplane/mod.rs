@@ -1,27 +1,35 @@
-//! The live data plane of `virtsecd`: one passive capture worker per guest vif.
+//! The live data plane of `virtsecd`: inspection workers on every guest vif.
 //!
-//! The daemon calls [`DataPlane::sync`] with the inventory after every reconcile pass: every
-//! vif in it (`vif<D>.<N>` or its `vifname`, and the HVM `-emu` twin) gets a worker thread with
-//! its own TPACKET_V3 ring and inspection engine; a vif that left the inventory has its worker
-//! stopped. XenStore shows a vif before netback creates its netdev, so a worker waits for the
-//! interface to appear. Alerts are EVE lines with the guest's identity (`xen` object: domid,
-//! uuid, name, vif), appended to the EVE file, logged, and kept (the last 1,000) for
-//! `virtsec alerts`. Per-vif counters are lock-free atomics read by `virtsec status`.
+//! The daemon calls [`DataPlane::sync`] with the inventory and the per-guest policy after every
+//! reconcile pass: every vif in it (`vif<D>.<N>` or its `vifname`, and the HVM `-emu` twin)
+//! gets workers in the guest's mode; a vif that left the inventory has its workers stopped.
+//! XenStore shows a vif before netback creates its netdev, so a worker waits for the interface.
 //!
-//! Passive mode adds nothing to the guest's path; verdicts act through kernel rules (the
-//! enforcement layer). Inline mode and the zero-gap gate are not here yet (issue 5).
+//! - **passive** ([`passive`]): `workers_per_vif` threads, each with a TPACKET_V3 ring in one
+//!   fanout group (flows spread by hash, each flow on one thread); nothing is added to the
+//!   guest's path and verdicts act through kernel rules.
+//! - **inline** ([`inline`]): one thread forwards between the vif and its inline port
+//!   (`capture::inline`), with `PACKET_VNET_HDR` so offloads cross untouched; a frame waits
+//!   for its verdict, `drop` rules drop, and overload is handled by the fail mode.
+//!
+//! Alerts are EVE lines with the guest's identity (`xen` object: domid, uuid, name, vif),
+//! appended to the EVE file, logged, and kept (the last 1,000) for `virtsec alerts`. Per-vif
+//! counters are lock-free atomics read by `virtsec status`. The behaviour detectors of a vif
+//! are shared by its workers (a scan spreads over flows, so over fanout threads).
+
+mod inline;
+mod passive;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::capture::{Ring, RingConfig};
+use crate::config::{InlineConfig, Mode};
 use crate::decode;
 use crate::detect::behaviour::{Behaviour, BehaviourConfig};
 use crate::detect::matcher::Backend;
@@ -29,28 +37,30 @@ use crate::detect::rules::Rule;
 use crate::detect::Detector;
 use crate::flow::FlowLimits;
 use crate::inspect::eve::{alert_value, XenIdentity};
-use crate::inspect::Engine;
+use crate::inspect::{Engine, Verdict};
 use crate::inventory::Guests;
-
-/// Ring per vif: 8 × 256 KiB (2 MiB of kernel memory pinned per vif; a 64 KiB GSO
-/// super-frame still fits a block). `virtsec capture` uses the larger default for bursts.
-const VIF_RING: RingConfig = RingConfig {
-    block_size: 256 << 10,
-    blocks: 8,
-    retire_ms: 10,
-    fanout: None,
-};
+use crate::policy::Policies;
 
 /// Alerts kept in memory for `virtsec alerts`.
 const RECENT: usize = 1000;
 
-/// Counters of one vif's worker.
+/// Counters of one vif's workers.
 #[derive(Debug, Default)]
 pub struct VifCounters {
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
     pub alerts: AtomicU64,
+    /// Passive: frames the ring had no room for (kernel count).
     pub ring_drops: AtomicU64,
+    /// Inline: frames dropped by a `drop`/`reject` rule.
+    pub verdict_drops: AtomicU64,
+    /// Inline: frames forwarded uninspected because of overload (fail open).
+    pub overload_bypassed: AtomicU64,
+    /// Inline: frames dropped because of overload (fail closed), too long to read, or refused
+    /// by the kernel on send.
+    pub overload_drops: AtomicU64,
+    pub truncated: AtomicU64,
+    pub send_errors: AtomicU64,
     pub attached: AtomicBool,
 }
 
@@ -58,19 +68,32 @@ pub struct VifCounters {
 #[derive(Clone, Debug, Serialize)]
 pub struct VifStatus {
     pub domid: u32,
+    pub mode: Mode,
     pub attached: bool,
     pub frames: u64,
     pub bytes: u64,
     pub alerts: u64,
     pub ring_drops: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline: Option<InlineStatus>,
 }
 
-struct Worker {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    counters: Arc<VifCounters>,
-    ident: Arc<Mutex<XenIdentity>>,
+/// Inline counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct InlineStatus {
+    pub verdict_drops: u64,
+    pub overload_bypassed: u64,
+    pub overload_drops: u64,
+    pub truncated: u64,
+    pub send_errors: u64,
 }
+
+/// Why a worker is asked to stop.
+const RUN: u8 = 0;
+/// The vif left the inventory or changed mode: undo what was done to it.
+const DETACH: u8 = 1;
+/// The service is stopping: inline vifs follow the fail mode.
+const SHUTDOWN: u8 = 2;
 
 /// Alerts shared between workers and the control socket.
 #[derive(Default)]
@@ -79,14 +102,158 @@ pub struct AlertLog {
     pub recent: VecDeque<(u64, serde_json::Value)>,
 }
 
+/// Where alerts go: shared by every worker.
+struct Outputs {
+    eve: Option<Mutex<std::fs::File>>,
+    log: Mutex<AlertLog>,
+}
+
+/// What the workers of one vif share.
+struct VifShared {
+    ifname: String,
+    counters: VifCounters,
+    ident: Mutex<XenIdentity>,
+    behaviour: Mutex<Behaviour>,
+    out: Arc<Outputs>,
+    stop: AtomicU8,
+}
+
+impl VifShared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) != RUN
+    }
+
+    fn emit(&self, a: &crate::inspect::Alert, r: &Rule) {
+        self.counters.alerts.fetch_add(1, Ordering::Relaxed);
+        let id = self.ident.lock().map(|i| i.clone()).unwrap_or_default();
+        let v = alert_value(a, r, Some(&id));
+        log::warn!(
+            "alert [{}:{}:{}] {} from domain {} ({}) on {}: {}:{} -> {}:{}",
+            r.gid,
+            r.sid,
+            r.rev,
+            r.msg,
+            id.domid,
+            id.name.as_deref().unwrap_or("?"),
+            id.vif,
+            a.src,
+            a.sport,
+            a.dst,
+            a.dport
+        );
+        if let Some(f) = &self.out.eve {
+            if let Ok(mut f) = f.lock() {
+                let mut line = serde_json::to_vec(&v).unwrap_or_default();
+                line.push(b'\n');
+                if let Err(e) = f.write_all(&line) {
+                    log::error!("cannot write the EVE file: {e}");
+                }
+            }
+        }
+        if let Ok(mut l) = self.out.log.lock() {
+            l.total += 1;
+            let seq = l.total;
+            l.recent.push_back((seq, v));
+            if l.recent.len() > RECENT {
+                l.recent.pop_front();
+            }
+        }
+    }
+}
+
+/// One worker thread's inspection state: its own flow table, the vif's shared detectors.
+struct Inspector {
+    engine: Engine,
+    vif: Arc<VifShared>,
+}
+
+impl Inspector {
+    fn new(rules: &[Rule], backend: Backend, vif: Arc<VifShared>) -> Option<Inspector> {
+        match Detector::new(rules.to_vec(), backend) {
+            Ok(d) => Some(Inspector {
+                engine: Engine::new(d, FlowLimits::default()),
+                vif,
+            }),
+            Err(e) => {
+                log::error!("{}: cannot build the matcher: {e}", vif.ifname);
+                None
+            }
+        }
+    }
+
+    /// Inspects one Ethernet frame. `from_guest`: sent by the guest (received on the vif).
+    fn frame(&mut self, data: &[u8], ts_ns: u64, from_guest: bool) -> Verdict {
+        let c = &self.vif.counters;
+        c.frames.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let Ok(p) = decode::decode_ethernet(data, &mut self.engine.decode) else {
+            return Verdict::Pass;
+        };
+        let ts = ts_ns / 1000;
+        if from_guest {
+            let findings = match self.vif.behaviour.lock() {
+                Ok(mut b) => {
+                    let w = b.window_s();
+                    b.on_packet(&p, ts)
+                        .into_iter()
+                        .map(|f| f.rule(w))
+                        .collect::<Vec<_>>()
+                }
+                Err(_) => Vec::new(),
+            };
+            for rule in findings {
+                let a = crate::inspect::Alert {
+                    ts_us: ts,
+                    flow_id: 0,
+                    rule: 0,
+                    src: p.src,
+                    sport: p.sport,
+                    dst: p.dst,
+                    dport: p.dport,
+                    proto: p.proto,
+                    to_server: true,
+                };
+                self.vif.emit(&a, &rule);
+            }
+        }
+        let vif = &self.vif;
+        self.engine.packet(&p, ts, &mut |a, r| vif.emit(a, r))
+    }
+}
+
+struct Worker {
+    mode: Mode,
+    shared: Arc<VifShared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn stop(mut self, why: u8) {
+        self.shared.stop.store(why, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Options of the data plane (from `[inspect]` and `[behaviour]`).
+#[derive(Clone, Debug)]
+pub struct DataPlaneOptions {
+    pub rules: Vec<PathBuf>,
+    pub eve: Option<PathBuf>,
+    pub backend: Backend,
+    pub behaviour: BehaviourConfig,
+    pub workers_per_vif: usize,
+    pub inline: InlineConfig,
+}
+
 /// The workers.
 pub struct DataPlane {
     rules: Arc<Vec<Rule>>,
-    behaviour: BehaviourConfig,
-    backend: Backend,
-    eve: Option<Arc<Mutex<std::fs::File>>>,
+    opts: DataPlaneOptions,
+    out: Arc<Outputs>,
     workers: BTreeMap<String, Worker>,
-    log: Arc<Mutex<AlertLog>>,
+    fanout_seq: u16,
 }
 
 /// Errors setting up the data plane.
@@ -104,18 +271,13 @@ pub enum DataPlaneError {
 
 impl DataPlane {
     /// Loads the rules (skipped ones are logged) and opens the EVE file for appending.
-    pub fn new(
-        rules: &[PathBuf],
-        eve: Option<PathBuf>,
-        backend: Backend,
-        behaviour: BehaviourConfig,
-    ) -> Result<DataPlane, DataPlaneError> {
-        let rs = crate::inspect::load_rules(rules)?;
+    pub fn new(opts: DataPlaneOptions) -> Result<DataPlane, DataPlaneError> {
+        let rs = crate::inspect::load_rules(&opts.rules)?;
         for w in &rs.skipped {
             log::warn!("{w}");
         }
         log::info!("inspection: {}", rs.summary());
-        let eve = match eve {
+        let eve = match &opts.eve {
             Some(p) => {
                 if let Some(d) = p.parent() {
                     let _ = std::fs::create_dir_all(d);
@@ -123,63 +285,62 @@ impl DataPlane {
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(&p)
+                    .open(p)
                     .map_err(|source| DataPlaneError::Eve {
                         path: p.clone(),
                         source,
                     })?;
-                Some(Arc::new(Mutex::new(f)))
+                Some(Mutex::new(f))
             }
             None => None,
         };
         Ok(DataPlane {
             rules: Arc::new(rs.rules),
-            behaviour,
-            backend,
-            eve,
+            opts,
+            out: Arc::new(Outputs {
+                eve,
+                log: Mutex::new(AlertLog::default()),
+            }),
             workers: BTreeMap::new(),
-            log: Arc::new(Mutex::new(AlertLog::default())),
+            fanout_seq: 0,
         })
     }
 
-    /// Attaches a worker to every vif of `guests` and stops the workers of vifs gone.
-    pub fn sync(&mut self, guests: &Guests) {
-        let mut want: BTreeMap<String, XenIdentity> = BTreeMap::new();
+    /// Attaches workers to every vif of `guests` in its guest's mode and stops the workers of
+    /// vifs gone (or whose mode changed).
+    pub fn sync(&mut self, guests: &Guests, policies: &Policies) {
+        let mut want: BTreeMap<String, (XenIdentity, Mode)> = BTreeMap::new();
         for g in guests.values() {
+            let mode = policies.of(g).mode;
             for v in g.vifs.values() {
                 let mut names = vec![v.ifname.clone()];
                 names.extend(v.emu_ifname.clone());
                 for n in names {
-                    want.insert(
-                        n.clone(),
-                        XenIdentity {
-                            domid: g.domid,
-                            uuid: g.uuid.clone(),
-                            name: g.name.clone(),
-                            vif: n,
-                        },
-                    );
+                    let ident = XenIdentity {
+                        domid: g.domid,
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        vif: n.clone(),
+                    };
+                    want.insert(n, (ident, mode));
                 }
             }
         }
         let gone: Vec<String> = self
             .workers
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, w)| want.get(*k).is_none_or(|(_, m)| *m != w.mode))
+            .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
-            if let Some(mut w) = self.workers.remove(&k) {
-                w.stop.store(true, Ordering::Relaxed);
-                if let Some(h) = w.handle.take() {
-                    let _ = h.join();
-                }
+            if let Some(w) = self.workers.remove(&k) {
+                w.stop(DETACH);
                 log::info!("{k}: inspection detached");
             }
         }
-        for (ifname, ident) in want {
+        for (ifname, (ident, mode)) in want {
             if let Some(w) = self.workers.get(&ifname) {
-                if let Ok(mut cur) = w.ident.lock() {
+                if let Ok(mut cur) = w.shared.ident.lock() {
                     if *cur != ident {
                         // A new VM reusing the domid (or a rename): alerts name the new one.
                         *cur = ident;
@@ -187,49 +348,75 @@ impl DataPlane {
                 }
                 continue;
             }
-            let w = self.spawn(ifname.clone(), ident);
+            let w = self.spawn(ifname.clone(), ident, mode);
             self.workers.insert(ifname, w);
         }
     }
 
-    fn spawn(&self, ifname: String, ident: XenIdentity) -> Worker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(VifCounters::default());
-        let ident = Arc::new(Mutex::new(ident));
-        let behaviour = self.behaviour.clone();
-        let (rules, backend, eve, log_) = (
-            self.rules.clone(),
-            self.backend,
-            self.eve.clone(),
-            self.log.clone(),
-        );
-        let (stop2, counters2, ident2, name2) = (
-            stop.clone(),
-            counters.clone(),
-            ident.clone(),
-            ifname.clone(),
-        );
-        let handle = std::thread::Builder::new()
-            .name(format!("vif {ifname}"))
-            .spawn(move || {
-                worker(
-                    name2, rules, backend, behaviour, eve, log_, stop2, counters2, ident2,
-                )
-            })
-            .ok();
+    fn spawn(&mut self, ifname: String, ident: XenIdentity, mode: Mode) -> Worker {
+        let shared = Arc::new(VifShared {
+            ifname: ifname.clone(),
+            counters: VifCounters::default(),
+            ident: Mutex::new(ident),
+            behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
+            out: self.out.clone(),
+            stop: AtomicU8::new(RUN),
+        });
+        let mut handles = Vec::new();
+        match mode {
+            Mode::Passive => {
+                let n = self.opts.workers_per_vif.max(1);
+                // One fanout group per vif (ids are per network namespace).
+                self.fanout_seq = self.fanout_seq.wrapping_add(1);
+                let group = (n > 1).then_some(self.fanout_seq);
+                for i in 0..n {
+                    let (rules, backend, sh) =
+                        (self.rules.clone(), self.opts.backend, shared.clone());
+                    let h = std::thread::Builder::new()
+                        .name(format!("vif {ifname}/{i}"))
+                        .spawn(move || {
+                            if let Some(ins) = Inspector::new(&rules, backend, sh) {
+                                passive::run(ins, group);
+                            }
+                        });
+                    match h {
+                        Ok(h) => handles.push(h),
+                        Err(e) => log::error!("{ifname}: cannot start a worker: {e}"),
+                    }
+                }
+            }
+            Mode::Inline => {
+                let (rules, backend, sh, cfg) = (
+                    self.rules.clone(),
+                    self.opts.backend,
+                    shared.clone(),
+                    self.opts.inline.clone(),
+                );
+                let h = std::thread::Builder::new()
+                    .name(format!("vif {ifname} inline"))
+                    .spawn(move || {
+                        if let Some(ins) = Inspector::new(&rules, backend, sh) {
+                            inline::run(ins, &cfg);
+                        }
+                    });
+                match h {
+                    Ok(h) => handles.push(h),
+                    Err(e) => log::error!("{ifname}: cannot start a worker: {e}"),
+                }
+            }
+        }
         Worker {
-            stop,
-            handle,
-            counters,
-            ident,
+            mode,
+            shared,
+            handles,
         }
     }
 
-    /// Whether `ifname` has a worker capturing on it.
+    /// Whether `ifname` has workers inspecting it.
     pub fn attached(&self, ifname: &str) -> bool {
         self.workers
             .get(ifname)
-            .is_some_and(|w| w.counters.attached.load(Ordering::Relaxed))
+            .is_some_and(|w| w.shared.counters.attached.load(Ordering::Relaxed))
     }
 
     /// Per-vif counters.
@@ -237,17 +424,26 @@ impl DataPlane {
         self.workers
             .iter()
             .map(|(k, w)| {
-                let c = &w.counters;
-                let domid = w.ident.lock().map(|i| i.domid).unwrap_or(0);
+                let c = &w.shared.counters;
+                let domid = w.shared.ident.lock().map(|i| i.domid).unwrap_or(0);
+                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 (
                     k.clone(),
                     VifStatus {
                         domid,
+                        mode: w.mode,
                         attached: c.attached.load(Ordering::Relaxed),
-                        frames: c.frames.load(Ordering::Relaxed),
-                        bytes: c.bytes.load(Ordering::Relaxed),
-                        alerts: c.alerts.load(Ordering::Relaxed),
-                        ring_drops: c.ring_drops.load(Ordering::Relaxed),
+                        frames: ld(&c.frames),
+                        bytes: ld(&c.bytes),
+                        alerts: ld(&c.alerts),
+                        ring_drops: ld(&c.ring_drops),
+                        inline: (w.mode == Mode::Inline).then(|| InlineStatus {
+                            verdict_drops: ld(&c.verdict_drops),
+                            overload_bypassed: ld(&c.overload_bypassed),
+                            overload_drops: ld(&c.overload_drops),
+                            truncated: ld(&c.truncated),
+                            send_errors: ld(&c.send_errors),
+                        }),
                     },
                 )
             })
@@ -256,7 +452,7 @@ impl DataPlane {
 
     /// Alerts with a sequence number above `after`, oldest first, and the total so far.
     pub fn alerts_after(&self, after: u64) -> (u64, Vec<serde_json::Value>) {
-        match self.log.lock() {
+        match self.out.log.lock() {
             Ok(l) => (
                 l.total,
                 l.recent
@@ -269,15 +465,13 @@ impl DataPlane {
         }
     }
 
-    /// Stops every worker.
+    /// Stops every worker; inline vifs follow the fail mode.
     pub fn shutdown(&mut self) {
         for w in self.workers.values() {
-            w.stop.store(true, Ordering::Relaxed);
+            w.shared.stop.store(SHUTDOWN, Ordering::Relaxed);
         }
-        for (_, mut w) in std::mem::take(&mut self.workers) {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
+        for (_, w) in std::mem::take(&mut self.workers) {
+            w.stop(SHUTDOWN);
         }
     }
 }
@@ -286,117 +480,4 @@ impl Drop for DataPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    ifname: String,
-    rules: Arc<Vec<Rule>>,
-    backend: Backend,
-    behaviour: BehaviourConfig,
-    eve: Option<Arc<Mutex<std::fs::File>>>,
-    log_: Arc<Mutex<AlertLog>>,
-    stop: Arc<AtomicBool>,
-    counters: Arc<VifCounters>,
-    ident: Arc<Mutex<XenIdentity>>,
-) {
-    let detector = match Detector::new(rules.as_ref().clone(), backend) {
-        Ok(d) => d,
-        Err(e) => {
-            log::error!("{ifname}: cannot build the matcher: {e}");
-            return;
-        }
-    };
-    let mut engine = Engine::new(detector, FlowLimits::default());
-    // netback creates the netdev after the backend appears in XenStore: wait for it.
-    let mut ring = loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match Ring::open(&ifname, VIF_RING) {
-            Ok(r) => break r,
-            Err(crate::capture::CaptureError::NoInterface(_)) => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => {
-                log::error!("{ifname}: {e}");
-                return;
-            }
-        }
-    };
-    counters.attached.store(true, Ordering::Relaxed);
-    log::info!("{ifname}: inspection attached (passive)");
-    let mut detectors = Behaviour::new(behaviour);
-    let emit = |a: &crate::inspect::Alert, r: &Rule| {
-        counters.alerts.fetch_add(1, Ordering::Relaxed);
-        let id = ident.lock().map(|i| i.clone()).unwrap_or_default();
-        let v = alert_value(a, r, Some(&id));
-        log::warn!(
-            "alert [{}:{}:{}] {} from domain {} ({}) on {}: {}:{} -> {}:{}",
-            r.gid,
-            r.sid,
-            r.rev,
-            r.msg,
-            id.domid,
-            id.name.as_deref().unwrap_or("?"),
-            id.vif,
-            a.src,
-            a.sport,
-            a.dst,
-            a.dport
-        );
-        if let Some(f) = &eve {
-            if let Ok(mut f) = f.lock() {
-                let mut line = serde_json::to_vec(&v).unwrap_or_default();
-                line.push(b'\n');
-                if let Err(e) = f.write_all(&line) {
-                    log::error!("cannot write the EVE file: {e}");
-                }
-            }
-        }
-        if let Ok(mut l) = log_.lock() {
-            l.total += 1;
-            let seq = l.total;
-            l.recent.push_back((seq, v));
-            if l.recent.len() > RECENT {
-                l.recent.pop_front();
-            }
-        }
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let res = ring.poll(Duration::from_millis(100), &mut |f| {
-            counters.frames.fetch_add(1, Ordering::Relaxed);
-            counters
-                .bytes
-                .fetch_add(f.data.len() as u64, Ordering::Relaxed);
-            if let Ok(p) = decode::decode_ethernet(f.data, &mut engine.decode) {
-                let ts = f.ts_ns / 1000;
-                if !f.outgoing {
-                    for finding in detectors.on_packet(&p, ts) {
-                        let rule = finding.rule(detectors.window_s());
-                        let a = crate::inspect::Alert {
-                            ts_us: ts,
-                            flow_id: 0,
-                            rule: 0,
-                            src: p.src,
-                            sport: p.sport,
-                            dst: p.dst,
-                            dport: p.dport,
-                            proto: p.proto,
-                            to_server: true,
-                        };
-                        emit(&a, &rule);
-                    }
-                }
-                engine.packet(&p, ts, &mut |a, r| emit(a, r));
-            }
-        });
-        if let Err(e) = res {
-            log::error!("{ifname}: capture failed: {e}");
-            break;
-        }
-        let st = ring.stats();
-        counters.ring_drops.store(st.drops, Ordering::Relaxed);
-    }
-    counters.attached.store(false, Ordering::Relaxed);
 }

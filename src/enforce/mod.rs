@@ -141,13 +141,9 @@ fn base_script(vifs: &[VifPolicy]) -> String {
         }
         s.push_str("  }\n");
     }
-    s.push_str("  chain prerouting {\n    type filter hook prerouting priority -200; policy accept;\n    iifname vmap @vifs\n    iifname \"vif*\" counter drop comment \"no-policy-yet\"\n  }\n}\n");
+    s.push_str("  chain prerouting {\n    type filter hook prerouting priority -200; policy accept;\n    iifname vmap @vifs\n    iifname \"vif*\" counter drop comment \"no-policy-yet\"\n    iifname \"vsb*\" counter drop comment \"no-policy-yet\"\n  }\n}\n");
     for p in vifs {
-        s.push_str(&format!(
-            "add element {TABLE} vifs {{ \"{}\" : jump {} }}\n",
-            p.ifname,
-            chain_name(&p.ifname)
-        ));
+        s.push_str(&add_elements(p));
     }
     s
 }
@@ -159,17 +155,38 @@ fn add_script(p: &VifPolicy, existed: bool) -> String {
         s.push_str(&format!("add rule {TABLE} {c} {r}\n"));
     }
     if !existed {
-        s.push_str(&format!(
-            "add element {TABLE} vifs {{ \"{}\" : jump {c} }}\n",
-            p.ifname
-        ));
+        s.push_str(&add_elements(p));
     }
     s
 }
 
+/// The names whose frames enter the vif's chain: the vif and its inline port (the bridge
+/// port that replaces it in inline mode; see `capture::inline`). The port's element is there
+/// in passive mode too, so a guest switching modes never has a moment without policy.
+fn ports(ifname: &str) -> Vec<String> {
+    let mut v = vec![ifname.to_string()];
+    v.extend(crate::capture::inline::port_names(ifname).map(|(b, _)| b));
+    v
+}
+
+fn add_elements(p: &VifPolicy) -> String {
+    let c = chain_name(&p.ifname);
+    ports(&p.ifname)
+        .iter()
+        .map(|n| format!("add element {TABLE} vifs {{ \"{n}\" : jump {c} }}\n"))
+        .collect()
+}
+
 fn remove_script(ifname: &str) -> String {
     let c = chain_name(ifname);
-    format!("delete element {TABLE} vifs {{ \"{ifname}\" }}\nflush chain {TABLE} {c}\ndelete chain {TABLE} {c}\n")
+    let mut s = String::new();
+    for n in ports(ifname) {
+        s.push_str(&format!("delete element {TABLE} vifs {{ \"{n}\" }}\n"));
+    }
+    s.push_str(&format!(
+        "flush chain {TABLE} {c}\ndelete chain {TABLE} {c}\n"
+    ));
+    s
 }
 
 fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
@@ -304,9 +321,11 @@ impl AntiSpoof {
             } else {
                 chain.to_string()
             };
-            out.entry(key)
+            // Several rules may share a reason (the default deny of `vif*` and `vsb*`).
+            *out.entry(key)
                 .or_default()
-                .insert(comment.to_string(), packets);
+                .entry(comment.to_string())
+                .or_insert(0) += packets;
         }
         out
     }
@@ -338,5 +357,7 @@ mod tests {
         assert!(s.starts_with("add table bridge virtsec\ndelete table bridge virtsec\n"));
         assert!(s.contains("iifname \"vif*\" counter drop"));
         assert!(s.contains("add element bridge virtsec vifs { \"vif5.0\" : jump g_vif5_0 }"));
+        // The inline port of the vif shares its chain.
+        assert!(s.contains("add element bridge virtsec vifs { \"vsb5.0\" : jump g_vif5_0 }"));
     }
 }

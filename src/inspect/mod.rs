@@ -18,7 +18,7 @@ use pcap_file::DataLink;
 
 use crate::decode::{self, DecodeStats, Packet, Proto};
 use crate::detect::matcher::Backend;
-use crate::detect::rules::{Rule, RuleSet, Vars};
+use crate::detect::rules::{Action, Rule, RuleSet, Vars};
 use crate::detect::{Ctx, Detector, DirState};
 use crate::flow::stream::StreamStats;
 use crate::flow::{FlowLimits, FlowStats, FlowTable};
@@ -45,6 +45,17 @@ pub enum InspectError {
 pub struct FlowDetect {
     dirs: [Option<DirState>; 2],
     alerted: Vec<u32>,
+    /// A `drop`/`reject` rule fired on this flow: inline mode drops the rest of it.
+    dropped: bool,
+}
+
+/// What inline mode does with a packet after inspection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// A `drop` or `reject` rule fired on the packet's flow (now or earlier): like Suricata's
+    /// IPS mode, the packet and the rest of the flow are dropped.
+    Drop,
 }
 
 /// One alert.
@@ -83,8 +94,14 @@ impl Engine {
         }
     }
 
-    /// Inspects one decoded packet; alerts go to `sink`.
-    pub fn packet(&mut self, p: &Packet<'_>, ts_us: u64, sink: &mut dyn FnMut(&Alert, &Rule)) {
+    /// Inspects one decoded packet; alerts go to `sink`. The verdict matters in inline mode
+    /// only (passive mode and offline runs ignore it).
+    pub fn packet(
+        &mut self,
+        p: &Packet<'_>,
+        ts_us: u64,
+        sink: &mut dyn FnMut(&Alert, &Rule),
+    ) -> Verdict {
         let det = &self.detector;
         let stream_limits = self.flows.limits.stream;
         let seen = self.flows.track(p, ts_us);
@@ -102,14 +119,21 @@ impl Engine {
         };
         self.fired.clear();
         let fired = &mut self.fired;
-        let FlowDetect { dirs, alerted } = &mut flow.user;
+        let FlowDetect {
+            dirs,
+            alerted,
+            dropped,
+        } = &mut flow.user;
+        if *dropped {
+            return Verdict::Drop;
+        }
         match p.tcp {
             Some(t) => {
                 if t.syn && flow.tcp[dir].delivered() == 0 {
                     flow.tcp[dir].syn(t.seq);
                 }
                 if p.payload.is_empty() {
-                    return;
+                    return Verdict::Pass;
                 }
                 if flow.tcp[dir].delivered() >= stream_limits.depth {
                     // Past the stream depth: keep inspecting each packet on its own (as
@@ -135,7 +159,7 @@ impl Engine {
             }
             None => {
                 if p.payload.is_empty() {
-                    return;
+                    return Verdict::Pass;
                 }
                 // Datagrams are inspected one by one.
                 let mut st = det.new_dir();
@@ -156,7 +180,16 @@ impl Engine {
                 proto: p.proto,
                 to_server: dir == 0,
             };
-            sink(&a, &det.rules()[ri as usize]);
+            let rule = &det.rules()[ri as usize];
+            if matches!(rule.action, Action::Drop | Action::Reject) {
+                *dropped = true;
+            }
+            sink(&a, rule);
+        }
+        if *dropped {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
         }
     }
 

@@ -17,6 +17,12 @@ impl Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+    /// Asks for a clean stop (SIGTERM) and waits for the exit.
+    pub fn sigterm(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
@@ -210,4 +216,16 @@ pub fn guest_behind_vif(dd: &str, guest: &str, vif: &str, addr: &str, mac: Optio
     }
     ip(&["-n", guest, "addr", "add", addr, "dev", "eth0"]);
     ip(&["-n", guest, "link", "set", "eth0", "up"]);
+}
+
+/// Prints virtsecd's log (`dir/virtsecd.log`) if the test fails while this guard is alive.
+pub struct LogOnPanic(pub PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.0.join("virtsecd.log")).unwrap_or_default();
+            eprintln!("--- virtsecd.log ---\n{log}--- end ---");
+        }
+    }
 }

@@ -1,0 +1,288 @@
+//! An AF_PACKET port that carries offloads through: `PACKET_VNET_HDR`.
+//!
+//! Inline inspection must hand every guest frame on after its verdict. A guest (netfront, or a
+//! veth in the lab) sends TCP with partial checksums (`CHECKSUM_PARTIAL`: the checksum field
+//! holds only the pseudo-header sum) and as GSO super-frames up to 64 KiB. A plain packet
+//! socket receives those as finished-looking frames and re-sends them as plain frames: the
+//! receiver drops the bad checksums and TCP never completes (Suricata's copy-mode IPS, see
+//! docs/inline.md). With `PACKET_VNET_HDR` the kernel prefixes every received frame with a
+//! `virtio_net_hdr` (GSO type and size, checksum start and offset) and accepts the same header
+//! on send, rebuilding the offloaded skb: super-frames and partial checksums cross the
+//! user-space bridge untouched, so guests keep their offloads and their throughput.
+//!
+//! A [`VnetPort`] is one such socket bound to one interface. It reads with `recvmsg` (one
+//! frame per call, the 10-byte header first, then the Ethernet frame) and the kernel's receive
+//! timestamp (`SO_TIMESTAMPNS`), which tells the inline worker how long a frame has waited:
+//! that is its overload signal. It ignores frames sent out of its own interface
+//! (`PACKET_IGNORE_OUTGOING`, so what it forwards is not read back) and bypasses the qdisc on
+//! send (`PACKET_QDISC_BYPASS`, as netback's own transmit does not queue either).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::CaptureError;
+
+/// `include/uapi/linux/if_packet.h` values the `libc` crate does not export.
+const PACKET_VNET_HDR: libc::c_int = 15;
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+/// Size of `struct virtio_net_hdr` (no `num_buffers`): the prefix of every frame.
+pub const VNET_HDR_LEN: usize = 10;
+
+/// `virtio_net_hdr.gso_type` of a frame that is not a super-frame.
+pub const GSO_NONE: u8 = 0;
+
+/// One frame read from a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes in the buffer: the virtio header and the frame (`buf[..len]`).
+    pub len: usize,
+    /// The frame was longer than the buffer (only the first part was read).
+    pub truncated: bool,
+    /// Kernel receive time (CLOCK_REALTIME, ns), 0 if the kernel gave none.
+    pub ts_ns: u64,
+}
+
+/// The parsed `virtio_net_hdr` in front of a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// Parses the header at the start of `buf` (host byte order: the socket uses the
+    /// little-endian virtio layout on x86 and the native one elsewhere, which the kernel
+    /// converts; both are host order for a packet socket).
+    pub fn parse(buf: &[u8]) -> Option<VnetHdr> {
+        let b = buf.get(..VNET_HDR_LEN)?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        })
+    }
+}
+
+/// An AF_PACKET socket with `PACKET_VNET_HDR`, bound to one interface.
+pub struct VnetPort {
+    fd: OwnedFd,
+    iface: String,
+}
+
+fn sys<'a>(what: &'static str, iface: &'a str) -> impl FnOnce(io::Error) -> CaptureError + 'a {
+    move |source| CaptureError::Sys {
+        what,
+        iface: iface.to_owned(),
+        source,
+    }
+}
+
+fn setopt(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: `val` is a live c_int of the size passed; the fd is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            &val as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl VnetPort {
+    /// Opens a port on `iface` (in the caller's network namespace).
+    pub fn open(iface: &str) -> Result<VnetPort, CaptureError> {
+        let c = CString::new(iface).map_err(|_| CaptureError::NoInterface(iface.into()))?;
+        // SAFETY: `c` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            return Err(CaptureError::NoInterface(iface.into()));
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto as i32,
+            )
+        };
+        if raw < 0 {
+            return Err(sys("socket(AF_PACKET)", iface)(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a freshly created, owned descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        setopt(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1).map_err(sys("PACKET_VNET_HDR", iface))?;
+        setopt(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            .map_err(sys("PACKET_IGNORE_OUTGOING (Linux >= 4.20)", iface))?;
+        // Best effort: both only change performance.
+        let _ = setopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, 1);
+        let _ = setopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 4 << 20);
+        setopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+            .map_err(sys("SO_TIMESTAMPNS", iface))?;
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields needed are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(sys("bind", iface)(io::Error::last_os_error()));
+        }
+        Ok(VnetPort {
+            fd,
+            iface: iface.into(),
+        })
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads one frame (virtio header first) into `buf` without blocking; `Ok(None)` when
+    /// none is waiting.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // Room for one SCM_TIMESTAMPNS (a timespec) with its header, 8-byte aligned.
+        let mut cbuf = [0u64; 8];
+        // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        // SAFETY: `msg` describes buffers valid for writes of the advertised sizes.
+        let n = unsafe {
+            libc::recvmsg(
+                self.fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        let mut ts_ns = 0;
+        // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by
+        // msg_controllen; the timespec is read unaligned from inside it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok(Some(Received {
+            len: n.min(buf.len()),
+            truncated: n > buf.len(),
+            ts_ns,
+        }))
+    }
+
+    /// Sends one frame with its virtio header (`buf` as read by [`VnetPort::recv`] on the
+    /// other port).
+    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
+        // SAFETY: `buf` is valid for reads of its length.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` until one of `fds` is readable; returns which are.
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a valid array of `p.len()` pollfds.
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter().map(|x| x.revents != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_tso_header() {
+        // NEEDS_CSUM, TCPV4, hdr_len 66, gso_size 1448, csum_start 34, csum_offset 16.
+        let mut b = vec![1u8, 1];
+        for v in [66u16, 1448, 34, 16] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        let h = VnetHdr::parse(&b).expect("10 bytes");
+        assert_eq!(
+            h,
+            VnetHdr {
+                flags: 1,
+                gso_type: 1,
+                hdr_len: 66,
+                gso_size: 1448,
+                csum_start: 34,
+                csum_offset: 16
+            }
+        );
+        assert_eq!(VnetHdr::parse(&b[..9]), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! An inline worker: the guest's frames wait for the verdict.
+//!
+//! The vif is spliced out of its bridge (`capture::inline`) and this thread forwards between
+//! the vif and the inspector side of its inline port, one frame at a time, each with its
+//! `virtio_net_hdr` so GSO super-frames and partial checksums pass untouched (guest offloads
+//! stay on). A frame a `drop`/`reject` rule fired on, and the rest of its flow, is not
+//! forwarded. Overload is measured, not guessed: a frame whose kernel receive time is more
+//! than `max_wait_us` old means the worker is behind; such frames are forwarded uninspected
+//! (`fail = "open"`) or dropped (`"closed"`), each counted, until the backlog is gone. When
+//! the worker stops because the service stops, the splice stays (closed) or is undone (open);
+//! when the vif left the inventory or its guest changed mode, it is undone.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{Inspector, DETACH};
+use crate::capture::inline::{self as topo, Splice};
+use crate::capture::vnet::{wait_readable, VnetPort, VNET_HDR_LEN};
+use crate::capture::CaptureError;
+use crate::config::{FailMode, InlineConfig};
+use crate::inspect::Verdict;
+
+/// Frames handled from one side before looking at the other (fairness between directions).
+const BATCH: usize = 64;
+
+/// Room for one GSO super-frame (64 KiB plus headers) and the virtio header.
+const BUF: usize = 65536 + 1024;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
+    let vif = ins.vif.clone();
+    let name = vif.ifname.clone();
+    // Wait for netback's netdev and for the hotplug script to put it on its bridge.
+    let (splice, guest, sw) = loop {
+        if vif.stopping() {
+            return;
+        }
+        match open(&name) {
+            Ok(x) => break x,
+            Err(Retry::Later) => std::thread::sleep(Duration::from_millis(50)),
+            Err(Retry::Never(e)) => {
+                log::error!("{name}: inline inspection not possible: {e}");
+                return;
+            }
+        }
+    };
+    vif.counters.attached.store(true, Ordering::Relaxed);
+    log::info!(
+        "{name}: inspection attached (inline via {} on {}, fail {:?})",
+        splice.bport,
+        splice.bridge,
+        cfg.fail
+    );
+    let max_wait = cfg.max_wait_us * 1000;
+    let mut buf = vec![0u8; BUF];
+    let fds = [guest.raw_fd(), sw.raw_fd()];
+    let c = &vif.counters;
+    while !vif.stopping() {
+        let ready = match wait_readable(&fds, 100) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("{name}: poll failed: {e}");
+                break;
+            }
+        };
+        for (side, is_ready) in ready.into_iter().enumerate() {
+            if !is_ready {
+                continue;
+            }
+            let (from, to, from_guest) = if side == 0 {
+                (&guest, &sw, true)
+            } else {
+                (&sw, &guest, false)
+            };
+            for _ in 0..BATCH {
+                let r = match from.recv(&mut buf) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!("{name}: read from {} failed: {e}", from.iface());
+                        break;
+                    }
+                };
+                if r.truncated || r.len < VNET_HDR_LEN {
+                    c.truncated.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let late = r.ts_ns != 0 && now_ns().saturating_sub(r.ts_ns) > max_wait;
+                if late {
+                    match cfg.fail {
+                        FailMode::Open => {
+                            c.overload_bypassed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        FailMode::Closed => {
+                            c.overload_drops.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                } else if ins.frame(&buf[VNET_HDR_LEN..r.len], r.ts_ns, from_guest) == Verdict::Drop
+                {
+                    c.verdict_drops.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if to.send(&buf[..r.len]).is_err() {
+                    c.send_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    c.attached.store(false, Ordering::Relaxed);
+    drop((guest, sw));
+    let why = vif.stop.load(Ordering::Relaxed);
+    if why == DETACH || cfg.fail == FailMode::Open {
+        match topo::restore(&name) {
+            Ok(true) => log::info!("{name}: back on bridge {}", splice.bridge),
+            Ok(false) => {}
+            Err(e) => log::error!("{name}: cannot undo the inline splice: {e}"),
+        }
+    } else {
+        log::info!(
+            "{name}: left spliced out of {} (fail closed)",
+            splice.bridge
+        );
+    }
+}
+
+enum Retry {
+    Later,
+    Never(String),
+}
+
+/// Creates the inline port, opens both sockets, then splices (so no frame is forwarded by the
+/// bridge after the vif left it without a socket to read it).
+fn open(vif: &str) -> Result<(Splice, VnetPort, VnetPort), Retry> {
+    if !topo::exists(vif) {
+        return Err(Retry::Later);
+    }
+    let splice = match topo::prepare(vif) {
+        Ok(s) => s,
+        Err(topo::TopologyError::NotBridged(_)) => return Err(Retry::Later),
+        Err(e) => return Err(Retry::Never(e.to_string())),
+    };
+    let port = |n: &str| match VnetPort::open(n) {
+        Ok(p) => Ok(p),
+        Err(CaptureError::NoInterface(_)) => Err(Retry::Later),
+        Err(e) => Err(Retry::Never(e.to_string())),
+    };
+    let guest = port(vif)?;
+    let sw = port(&splice.iport)?;
+    topo::splice(&splice).map_err(|e| Retry::Never(e.to_string()))?;
+    Ok((splice, guest, sw))
+}

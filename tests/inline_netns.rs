@@ -1,0 +1,256 @@
+//! Inline inspection on a simulated backend domain: guests behind `vif5.0`/`vif6.0` on bridge
+//! `xenbr0`, guest offloads left on (veth default: partial checksums, TSO super-frames).
+//! A `[[policy]]` puts guest "web" (domid 5) inline: virtsecd splices vif5.0 out of the bridge
+//! and forwards through `vsb5.0`. Real TCP with offloads crosses it intact; a `drop` rule stops
+//! a flow whose payload is split over two segments; anti-spoofing still applies to the
+//! guest's frames on their new way into the bridge; overload follows the fail mode; a clean
+//! stop with fail closed cuts the guest off and `virtsec inline restore` puts it back.
+//! Needs root, nftables and tc; reports itself skipped otherwise.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use virtsec::lab::toolstack::{GuestSpec, Toolstack};
+use virtsec::xenstore::Client;
+
+fn ping(ns: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn guest_ns(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
+    ip(&["netns", "add", ns]);
+    ip(&[
+        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ]);
+    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
+    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
+    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", ns, "link", "set", "eth0", "up"]);
+}
+
+/// A TCP server in `ns` on `port` that counts what one connection sends; returns the count
+/// when the connection closes (or after `secs`).
+fn sink(ns: &str, port: u16, secs: u32) -> std::process::Child {
+    let prog = format!(
+        "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(1)\ns.settimeout({secs})\nn=0\ntry:\n  c,_=s.accept()\n  c.settimeout({secs})\n  while True:\n    b=c.recv(1<<16)\n    if not b: break\n    n+=len(b)\nexcept Exception:\n  pass\nprint(n)\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &prog])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+fn sink_count(mut c: std::process::Child) -> u64 {
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let _ = c.wait();
+    out.trim().parse().unwrap_or(0)
+}
+
+/// Sends `chunks` from `ns` to `dst:port`, each its own segment (TCP_NODELAY + a pause).
+fn send(ns: &str, dst: &str, port: u16, chunks: &[Vec<u8>]) -> bool {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "python3",
+            "-c",
+            &format!(
+                "import socket,sys,time\nc=socket.create_connection(('{dst}',{port}),timeout=5)\nc.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nimport struct\nd=sys.stdin.buffer.read()\ni=0\nwhile i<len(d):\n  (l,)=struct.unpack('>I',d[i:i+4]); i+=4\n  c.sendall(d[i:i+l]); i+=l\n  time.sleep(0.05)\nc.close()\n"
+            ),
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut framed = Vec::new();
+    for c in chunks {
+        framed.extend_from_slice(&(c.len() as u32).to_be_bytes());
+        framed.extend_from_slice(c);
+    }
+    child.stdin.take().unwrap().write_all(&framed).unwrap();
+    child.wait().map(|s| s.success()).unwrap_or(false)
+}
+
+fn link_master(dd: &str, ifname: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-n", dd, "-j", "link", "show", "dev", ifname])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v[0]["master"].as_str().map(str::to_string)
+}
+
+fn inline_counter(dir: &std::path::Path, key: &str) -> u64 {
+    status(dir)
+        .and_then(|s| s["inspection"]["vif5.0"]["inline"][key].as_u64())
+        .unwrap_or(0)
+}
+
+fn usable() -> bool {
+    nix::unistd::geteuid().is_root()
+        && Command::new("nft").arg("--version").output().is_ok()
+        && Command::new("tc").arg("-V").output().is_ok()
+}
+
+#[test]
+fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
+    if !usable() {
+        eprintln!("SKIPPED inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds: needs root, nft, tc");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let (dd, g5, g6) = (format!("vil{id}"), format!("vil5{id}"), format!("vil6{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &dd, "addr", "add", "10.96.0.1/24", "dev", "xenbr0"]);
+    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
+    guest_ns(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
+    guest_ns(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
+
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let rules = dir.path().join("inline.rules");
+    std::fs::write(
+        &rules,
+        "drop tcp any any -> any 8080 (msg:\"exfil blocked\"; flow:to_server; content:\"evil-payload\"; sid:7101; rev:1;)\n",
+    )
+    .unwrap();
+    let eve = dir.path().join("eve.json");
+    let base = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\n[enforce]\nantispoof = true\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
+        rules.display().to_string(),
+        eve.display().to_string()
+    );
+    let mut d = virtsecd_with(dir.path(), Some(&dd), &base);
+    let mut web = GuestSpec::simple(5, "web", "xenbr0");
+    web.vifs[0].mac = "00:16:3e:00:05:00".into();
+    web.vifs[0].ip = Some("10.96.0.5".into());
+    let mut db = GuestSpec::simple(6, "db", "xenbr0");
+    db.vifs[0].mac = "00:16:3e:00:06:00".into();
+    db.vifs[0].ip = Some("10.96.0.6".into());
+    ts.create(&web, None).unwrap();
+    ts.create(&db, None).unwrap();
+    wait_for("vif5.0 inline", Duration::from_secs(10), || {
+        status(dir.path())
+            .map(|s| {
+                s["inspection"]["vif5.0"]["attached"] == true
+                    && s["inspection"]["vif5.0"]["mode"] == "inline"
+                    && s["inspection"]["vif6.0"]["mode"] == "passive"
+            })
+            .unwrap_or(false)
+    });
+    // The splice: vif5.0 off the bridge, its inline port on it.
+    assert_eq!(link_master(&dd, "vif5.0"), None);
+    assert_eq!(link_master(&dd, "vsb5.0").as_deref(), Some("xenbr0"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &dd, VIRTSEC, "inline", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "vif5.0");
+
+    // Real traffic through the inline path, guest offloads on.
+    assert!(
+        ping(&g5, &["10.96.0.6"]),
+        "inline guest cannot reach its peer"
+    );
+    assert!(
+        ping(&g5, &["10.96.0.1"]),
+        "inline guest cannot reach the host"
+    );
+    let srv = sink(&g6, 5001, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    let big = vec![vec![b'x'; 8 << 20]];
+    assert!(
+        send(&g5, "10.96.0.6", 5001, &big),
+        "bulk TCP through inline failed"
+    );
+    assert_eq!(sink_count(srv), 8 << 20, "bytes lost through inline");
+    let frames = status(dir.path()).unwrap()["inspection"]["vif5.0"]["frames"]
+        .as_u64()
+        .unwrap();
+    // 8 MiB in fewer frames than MTU-sized segments: super-frames crossed whole.
+    assert!(frames > 0 && frames < (8 << 20) / 1448, "frames {frames}");
+
+    // A drop rule on a payload split over two segments: the rest of the flow is dropped.
+    let srv = sink(&g6, 8080, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = send(
+        &g5,
+        "10.96.0.6",
+        8080,
+        &[
+            b"GET evil-".to_vec(),
+            b"payload now".to_vec(),
+            b"more".to_vec(),
+        ],
+    );
+    let got = sink_count(srv);
+    assert!(
+        got <= 9,
+        "the flow went on after the drop rule fired: {got} bytes"
+    );
+    assert!(inline_counter(dir.path(), "verdict_drops") >= 1);
+    let alerts = cli(dir.path(), &["alerts", "--json"]);
+    let text = stdout(&alerts);
+    assert!(text.contains("\"signature_id\":7101"), "{text}");
+    assert!(text.contains("\"vif\":\"vif5.0\""), "{text}");
+
+    // Anti-spoofing applies on the way in through vsb5.0.
+    ip(&["-n", &g5, "addr", "add", "10.96.0.99/24", "dev", "eth0"]);
+    assert!(
+        !ping(&g5, &["-I", "10.96.0.99", "10.96.0.6"]),
+        "a spoofed source passed inline"
+    );
+    let spoofed = status(dir.path()).unwrap()["antispoof"]["vif5.0"]["drops"]["spoof-ip4"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(spoofed >= 1, "spoofed frames not counted");
+
+    // Clean stop, fail closed: the guest stays cut off; restore (what the unit's
+    // ExecStopPost does for fail open) puts it back.
+    d.sigterm();
+    assert_eq!(link_master(&dd, "vif5.0"), None);
+    assert!(!ping(&g5, &["10.96.0.6"]), "fail closed let a frame pass");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &dd, VIRTSEC, "inline", "restore"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(link_master(&dd, "vif5.0").as_deref(), Some("xenbr0"));
+    assert!(ping(&g5, &["10.96.0.6"]));
+
+    // Overload, fail open: every frame is late by a 1 µs budget, forwarded uninspected, counted.
+    let _d = virtsecd_with(
+        dir.path(),
+        Some(&dd),
+        &format!("{base}[inspect.inline]\nfail = \"open\"\nmax_wait_us = 1\n"),
+    );
+    wait_for("vif5.0 inline again", Duration::from_secs(10), || {
+        status(dir.path())
+            .map(|s| s["inspection"]["vif5.0"]["attached"] == true)
+            .unwrap_or(false)
+    });
+    assert!(ping(&g5, &["10.96.0.6"]), "fail open dropped");
+    assert!(inline_counter(dir.path(), "overload_bypassed") >= 1);
+}
