@@ -66,6 +66,12 @@ pub struct InspectConfig {
     /// Passive mode: capture threads per vif, sharing its traffic by flow hash (fanout).
     #[serde(deserialize_with = "workers_1_to_64")]
     pub workers_per_vif: usize,
+    /// Passive mode: kernel ring memory per worker, MiB (pinned; what absorbs bursts).
+    #[serde(deserialize_with = "mib_1_to_1024")]
+    pub ring_mib: usize,
+    /// Past the 1 MiB stream depth of a connection direction: keep inspecting each packet
+    /// (true) or stop inspecting that direction (false, Suricata's stream bypass).
+    pub inspect_past_depth: bool,
     /// `[inspect.inline]`
     pub inline: InlineConfig,
 }
@@ -78,6 +84,8 @@ impl Default for InspectConfig {
             matcher: MatcherChoice::Auto,
             mode: Mode::Passive,
             workers_per_vif: 1,
+            ring_mib: 16,
+            inspect_past_depth: true,
             inline: InlineConfig::default(),
         }
     }
@@ -131,6 +139,17 @@ fn micros_1_to_10s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     } else {
         Err(serde::de::Error::custom(format!(
             "{v} is out of range: expected 1 to 10000000 microseconds"
+        )))
+    }
+}
+
+fn mib_1_to_1024<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if (1..=1024).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 1 to 1024 MiB"
         )))
     }
 }

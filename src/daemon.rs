@@ -170,6 +170,9 @@ impl Daemon {
                     behaviour: cfg.behaviour.clone(),
                     workers_per_vif: cfg.inspect.workers_per_vif,
                     inline: cfg.inspect.inline.clone(),
+                    ring_mib: cfg.inspect.ring_mib,
+                    inspect_past_depth: cfg.inspect.inspect_past_depth,
+                    dedupe_local: cfg.enforce.antispoof,
                 },
             )?)
         };

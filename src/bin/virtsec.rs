@@ -130,6 +130,15 @@ enum InlineCmd {
 
 #[derive(Subcommand, Debug)]
 enum LabCmd {
+    /// Write a guest into a (lab) XenStore as libxl does for a PV guest with one vif, or
+    /// remove it as libxl does on destroy.
+    Guest {
+        /// The XenStore socket (privileged).
+        #[arg(long, value_name = "PATH")]
+        xenstore_socket: PathBuf,
+        #[command(subcommand)]
+        sub: LabGuestCmd,
+    },
     /// Run the lab XenStore server in the foreground.
     Xenstored {
         /// The privileged (dom0) socket.
@@ -150,6 +159,28 @@ enum LabCmd {
         /// Open transactions per unprivileged connection.
         #[arg(long, default_value_t = Limits::default().transactions_per_conn)]
         transactions_per_conn: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LabGuestCmd {
+    Create {
+        #[arg(long)]
+        domid: u32,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "xenbr0")]
+        bridge: String,
+        /// The vif's MAC (default 00:16:3e:00:DD:00 from the domid).
+        #[arg(long)]
+        mac: Option<String>,
+        /// The backend `ip` key (space-separated addresses).
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    Destroy {
+        #[arg(long)]
+        domid: u32,
     },
 }
 
@@ -350,6 +381,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.domain_sockets.len()
             );
             server.run(&stop)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lab {
+            sub:
+                Some(LabCmd::Guest {
+                    xenstore_socket,
+                    sub,
+                }),
+            ..
+        } => {
+            use virtsec::lab::toolstack::{GuestSpec, Toolstack};
+            let xs = virtsec::xenstore::Client::open(&xenstore_socket).with_context(|| {
+                format!("cannot reach XenStore at {}", xenstore_socket.display())
+            })?;
+            let mut ts = Toolstack::new(xs);
+            ts.init_host()?;
+            match sub {
+                LabGuestCmd::Create {
+                    domid,
+                    name,
+                    bridge,
+                    mac,
+                    ip,
+                } => {
+                    let mut g = GuestSpec::simple(domid, &name, &bridge);
+                    if let Some(m) = mac {
+                        g.vifs[0].mac = m;
+                    }
+                    g.vifs[0].ip = ip;
+                    ts.create(&g, None)?;
+                    println!("domain {domid} ({name}) created, vif{domid}.0 on {bridge}");
+                }
+                LabGuestCmd::Destroy { domid } => {
+                    ts.destroy(domid)?;
+                    println!("domain {domid} destroyed");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Lab {

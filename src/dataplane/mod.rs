@@ -61,6 +61,8 @@ pub struct VifCounters {
     pub overload_drops: AtomicU64,
     pub truncated: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Frames from another local guest, inspected at that guest's vif already.
+    pub local: AtomicU64,
     pub attached: AtomicBool,
 }
 
@@ -111,6 +113,8 @@ struct Outputs {
 /// What the workers of one vif share.
 struct VifShared {
     ifname: String,
+    /// MACs of the local guests whose vifs are inspected (empty unless `dedupe_local`).
+    local_macs: Arc<std::sync::RwLock<std::collections::HashSet<[u8; 6]>>>,
     counters: VifCounters,
     ident: Mutex<XenIdentity>,
     behaviour: Mutex<Behaviour>,
@@ -168,10 +172,17 @@ struct Inspector {
 }
 
 impl Inspector {
-    fn new(rules: &[Rule], backend: Backend, vif: Arc<VifShared>) -> Option<Inspector> {
+    fn new(
+        rules: &[Rule],
+        backend: Backend,
+        past_depth: bool,
+        vif: Arc<VifShared>,
+    ) -> Option<Inspector> {
+        let mut limits = FlowLimits::default();
+        limits.stream.inspect_past_depth = past_depth;
         match Detector::new(rules.to_vec(), backend) {
             Ok(d) => Some(Inspector {
-                engine: Engine::new(d, FlowLimits::default()),
+                engine: Engine::new(d, limits),
                 vif,
             }),
             Err(e) => {
@@ -186,6 +197,10 @@ impl Inspector {
         let c = &self.vif.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if !from_guest && self.already_inspected(data) {
+            c.local.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Pass;
+        }
         let Ok(p) = decode::decode_ethernet(data, &mut self.engine.decode) else {
             return Verdict::Pass;
         };
@@ -219,6 +234,22 @@ impl Inspector {
         let vif = &self.vif;
         self.engine.packet(&p, ts, &mut |a, r| vif.emit(a, r))
     }
+
+    /// A frame towards this guest from another local guest was inspected when it left that
+    /// guest's vif (its source MAC is enforced by anti-spoofing): inspecting it again here
+    /// would double the cost of guest-to-guest traffic for nothing.
+    fn already_inspected(&self, data: &[u8]) -> bool {
+        let Some(src) = data.get(6..12) else {
+            return false;
+        };
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(src);
+        self.vif
+            .local_macs
+            .read()
+            .map(|m| m.contains(&mac))
+            .unwrap_or(false)
+    }
 }
 
 struct Worker {
@@ -245,6 +276,13 @@ pub struct DataPlaneOptions {
     pub behaviour: BehaviourConfig,
     pub workers_per_vif: usize,
     pub inline: InlineConfig,
+    /// Passive ring per worker, MiB.
+    pub ring_mib: usize,
+    /// See `[inspect] inspect_past_depth`.
+    pub inspect_past_depth: bool,
+    /// Inspect guest-to-guest frames once, at the sending guest's vif (needs anti-spoofing:
+    /// only then is a frame's source MAC proof of which local guest sent it).
+    pub dedupe_local: bool,
 }
 
 /// The workers.
@@ -254,6 +292,7 @@ pub struct DataPlane {
     out: Arc<Outputs>,
     workers: BTreeMap<String, Worker>,
     fanout_seq: u16,
+    local_macs: Arc<std::sync::RwLock<std::collections::HashSet<[u8; 6]>>>,
 }
 
 /// Errors setting up the data plane.
@@ -303,6 +342,7 @@ impl DataPlane {
             }),
             workers: BTreeMap::new(),
             fanout_seq: 0,
+            local_macs: Default::default(),
         })
     }
 
@@ -310,6 +350,15 @@ impl DataPlane {
     /// vifs gone (or whose mode changed).
     pub fn sync(&mut self, guests: &Guests, policies: &Policies) {
         let mut want: BTreeMap<String, (XenIdentity, Mode)> = BTreeMap::new();
+        if self.opts.dedupe_local {
+            let macs = guests
+                .values()
+                .flat_map(|g| g.vifs.values().filter_map(|v| v.mac.map(|m| m.0)))
+                .collect();
+            if let Ok(mut m) = self.local_macs.write() {
+                *m = macs;
+            }
+        }
         for g in guests.values() {
             let mode = policies.of(g).mode;
             for v in g.vifs.values() {
@@ -356,6 +405,7 @@ impl DataPlane {
     fn spawn(&mut self, ifname: String, ident: XenIdentity, mode: Mode) -> Worker {
         let shared = Arc::new(VifShared {
             ifname: ifname.clone(),
+            local_macs: self.local_macs.clone(),
             counters: VifCounters::default(),
             ident: Mutex::new(ident),
             behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
@@ -369,14 +419,16 @@ impl DataPlane {
                 // One fanout group per vif (ids are per network namespace).
                 self.fanout_seq = self.fanout_seq.wrapping_add(1);
                 let group = (n > 1).then_some(self.fanout_seq);
+                let ring_mib = self.opts.ring_mib;
+                let past = self.opts.inspect_past_depth;
                 for i in 0..n {
                     let (rules, backend, sh) =
                         (self.rules.clone(), self.opts.backend, shared.clone());
                     let h = std::thread::Builder::new()
                         .name(format!("vif {ifname}/{i}"))
                         .spawn(move || {
-                            if let Some(ins) = Inspector::new(&rules, backend, sh) {
-                                passive::run(ins, group);
+                            if let Some(ins) = Inspector::new(&rules, backend, past, sh) {
+                                passive::run(ins, group, ring_mib);
                             }
                         });
                     match h {
@@ -386,6 +438,7 @@ impl DataPlane {
                 }
             }
             Mode::Inline => {
+                let past = self.opts.inspect_past_depth;
                 let (rules, backend, sh, cfg) = (
                     self.rules.clone(),
                     self.opts.backend,
@@ -395,7 +448,7 @@ impl DataPlane {
                 let h = std::thread::Builder::new()
                     .name(format!("vif {ifname} inline"))
                     .spawn(move || {
-                        if let Some(ins) = Inspector::new(&rules, backend, sh) {
+                        if let Some(ins) = Inspector::new(&rules, backend, past, sh) {
                             inline::run(ins, &cfg);
                         }
                     });

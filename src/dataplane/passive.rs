@@ -7,18 +7,18 @@ use std::time::Duration;
 use super::Inspector;
 use crate::capture::{CaptureError, Ring, RingConfig};
 
-/// Ring per worker: 8 × 256 KiB (2 MiB of kernel memory pinned; a 64 KiB GSO super-frame
-/// still fits a block). `virtsec capture` uses the larger default for bursts.
-const VIF_RING: RingConfig = RingConfig {
-    block_size: 256 << 10,
-    blocks: 8,
-    retire_ms: 10,
-    fanout: None,
-};
+/// Block size of a worker's ring: a 64 KiB GSO super-frame always fits; `ring_mib` sets
+/// how many blocks (kernel memory pinned per worker).
+const BLOCK: usize = 256 << 10;
 
-pub(super) fn run(mut ins: Inspector, fanout: Option<u16>) {
+pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
     let vif = ins.vif.clone();
-    let cfg = RingConfig { fanout, ..VIF_RING };
+    let cfg = RingConfig {
+        block_size: BLOCK,
+        blocks: (ring_mib << 20) / BLOCK,
+        retire_ms: 10,
+        fanout,
+    };
     // netback creates the netdev after the backend appears in XenStore: wait for it.
     let mut ring = loop {
         if vif.stopping() {

@@ -27,6 +27,10 @@ use std::collections::BTreeMap;
 #[derive(Clone, Copy, Debug)]
 pub struct StreamLimits {
     pub depth: u64,
+    /// Past `depth`, inspect each packet's payload on its own (`true`, the default: a long
+    /// connection does not make the engine blind) or stop inspecting the direction (`false`:
+    /// Suricata's stream bypass, a fraction of the CPU on bulk transfers).
+    pub inspect_past_depth: bool,
     pub max_queued: usize,
     /// Bytes of out-of-order data queued across all streams sharing one `StreamStats`.
     pub memcap: usize,
@@ -36,6 +40,7 @@ impl Default for StreamLimits {
     fn default() -> StreamLimits {
         StreamLimits {
             depth: 1 << 20,
+            inspect_past_depth: true,
             max_queued: 1 << 20,
             memcap: 64 << 20,
         }
@@ -295,6 +300,7 @@ mod tests {
             depth: 5,
             max_queued: 4,
             memcap: 100,
+            ..StreamLimits::default()
         };
         let (out, st) = feed(&[(1000, b"abc"), (1003, b"defgh"), (1008, b"ij")], lim);
         assert_eq!(out, b"abcde");
@@ -303,6 +309,7 @@ mod tests {
             depth: 100,
             max_queued: 4,
             memcap: 100,
+            ..StreamLimits::default()
         };
         let (out, st) = feed(&[(1003, b"defgh"), (1000, b"abc")], lim);
         assert_eq!(out, b"abc");
@@ -312,6 +319,7 @@ mod tests {
             depth: 100,
             max_queued: 100,
             memcap: 6,
+            ..StreamLimits::default()
         };
         let mut st = StreamStats::default();
         let (mut a, mut b) = (TcpStream::default(), TcpStream::default());

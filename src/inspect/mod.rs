@@ -136,6 +136,9 @@ impl Engine {
                     return Verdict::Pass;
                 }
                 if flow.tcp[dir].delivered() >= stream_limits.depth {
+                    if !stream_limits.inspect_past_depth {
+                        return Verdict::Pass;
+                    }
                     // Past the stream depth: keep inspecting each packet on its own (as
                     // Suricata's packet payload inspection does) rather than going blind.
                     let mut st = det.new_dir();
@@ -546,7 +549,62 @@ pub fn fuzz_frames(data: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use proptest::prelude::*;
+
+    fn tcp(seq: u32, syn: bool, payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 8080, seq, 65535);
+        let b = if syn { b.syn() } else { b.ack(1) };
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("builds");
+        out
+    }
+
+    /// A `drop` rule on a payload 1 MiB + into a connection: past the stream depth it is still
+    /// found (and the flow dropped) when `inspect_past_depth`, and not looked at otherwise.
+    fn run_past_depth(inspect_past_depth: bool) -> (u64, Vec<Verdict>) {
+        let mut rs = RuleSet::default();
+        rs.parse(
+            "drop tcp any any -> any 8080 (msg:\"late\"; content:\"needle-in-bulk\"; sid:1;)\n",
+            "t.rules",
+            &Vars::default(),
+        );
+        let det = Detector::new(rs.rules, Backend::Ac).expect("matcher");
+        let mut limits = FlowLimits::default();
+        limits.stream.inspect_past_depth = inspect_past_depth;
+        let mut e = Engine::new(det, limits);
+        let mut verdicts = Vec::new();
+        let mut feed = |e: &mut Engine, f: &[u8]| {
+            let mut st = DecodeStats::default();
+            let p = decode::decode_ethernet(f, &mut st).expect("decodes");
+            e.packet(&p, 1, &mut |_, _| {})
+        };
+        feed(&mut e, &tcp(1000, true, b""));
+        let filler = vec![b'x'; 1400];
+        let mut seq = 1001u32;
+        while (seq - 1001) as u64 <= (1 << 20) {
+            assert_eq!(feed(&mut e, &tcp(seq, false, &filler)), Verdict::Pass);
+            seq += filler.len() as u32;
+        }
+        verdicts.push(feed(&mut e, &tcp(seq, false, b"GET needle-in-bulk")));
+        seq += 18;
+        verdicts.push(feed(&mut e, &tcp(seq, false, b"after")));
+        (e.alerts, verdicts)
+    }
+
+    #[test]
+    fn past_depth_is_inspected_per_packet_or_bypassed_as_configured() {
+        assert_eq!(
+            run_past_depth(true),
+            (1, vec![Verdict::Drop, Verdict::Drop])
+        );
+        assert_eq!(
+            run_past_depth(false),
+            (0, vec![Verdict::Pass, Verdict::Pass])
+        );
+    }
 
     proptest! {
         #[test]

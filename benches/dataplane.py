@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Live data-plane benchmark: what inspection costs guests, in one run, configurations alternated.
+
+A simulated backend domain (network namespace `vsbench-d0`, bridge xenbr0) with two guests
+(namespaces behind veths vif1.0 and vif2.0, 169.254.77.1/.2, MTU 1500, guest offloads left on),
+both listed in a lab XenStore as libxl writes them. For each configuration, in alternating
+rounds: iperf3 guest-to-guest with 1 and 4 streams, ping (p50/p99), sockperf TCP ping-pong
+(64 B, p50/p99), the inspector's CPU per Gbit/s and its capture losses.
+
+Configurations:
+  none         no inspection (the baseline every ratio is against)
+  passive      virtsecd, 1,000 content rules, anti-spoofing, every vif passive (TPACKET_V3)
+  inline       virtsecd, same rules, vif1.0 inline (AF_PACKET + PACKET_VNET_HDR bridge), vif2.0
+               passive (Suricata's inline modes in ../shared/docs/inline-peers.md bridge vif1.0)
+  *-bypass     the same with inspect_past_depth = false (stop inspecting a connection
+               direction after its first MiB, like Suricata's stream bypass)
+  suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed)
+
+usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp]
+                                 [--configs none,passive,inline,suricata-ids] [--write docs/performance.md]
+Needs: root, iproute2, nftables, iperf3, sockperf, python3; release binaries (built first).
+"""
+import argparse, json, os, re, signal, statistics, subprocess, sys, time
+from pathlib import Path
+
+repo = Path(__file__).resolve().parent.parent
+bench = Path(os.environ.get("BENCH_DIR", repo.parent / "shared" / "bench"))
+VIRTSEC = repo / "target/release/virtsec"
+VIRTSECD = repo / "target/release/virtsecd"
+DD, G = "vsbench-d0", ["vsbench-g1", "vsbench-g2"]
+ADDR = ["169.254.77.1", "169.254.77.2"]
+MAC = ["02:00:00:00:77:01", "02:00:00:00:77:02"]
+
+
+def sh(*cmd, check=True, **kw):
+    return subprocess.run([str(c) for c in cmd], check=check, text=True, capture_output=True, **kw)
+
+
+def ns(n, *cmd, **kw):
+    return sh("ip", "netns", "exec", n, *cmd, **kw)
+
+
+def teardown():
+    for n in [DD] + G:
+        sh("ip", "netns", "del", n, check=False)
+
+
+def setup():
+    teardown()
+    sh("ip", "netns", "add", DD)
+    sh("ip", "-n", DD, "link", "add", "xenbr0", "type", "bridge")
+    sh("ip", "-n", DD, "link", "set", "xenbr0", "up")
+    sh("ip", "-n", DD, "link", "set", "lo", "up")
+    for i, g in enumerate(G):
+        vif = f"vif{i + 1}.0"
+        sh("ip", "netns", "add", g)
+        sh("ip", "-n", DD, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", g)
+        sh("ip", "-n", DD, "link", "set", vif, "master", "xenbr0", "up")
+        sh("ip", "-n", g, "link", "set", "eth0", "address", MAC[i])
+        sh("ip", "-n", g, "addr", "add", ADDR[i] + "/16", "dev", "eth0")
+        sh("ip", "-n", g, "link", "set", "eth0", "up")
+        sh("ip", "-n", g, "link", "set", "lo", "up")
+
+
+def cpu_s(pid):
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Virtsec:
+    def __init__(self, work, config, rules):
+        mode = config.split("-")[0]
+        past = "false" if config.endswith("-bypass") else "true"
+        self.work, self.mode = work, config
+        cfg = work / f"virtsecd-{config}.toml"
+        cfg.write_text(
+            f'[xenstore]\npath = "{work}/xs.sock"\n[control]\nsocket = "{work}/control.sock"\n'
+            f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
+            f'[inspect]\nrules = ["{rules}"]\neve = "{work}/eve.json"\nmode = "passive"\n'
+            f'inspect_past_depth = {past}\n'
+            f'[enforce]\nantispoof = true\n'
+            # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
+            # vif2.0 stays passive (still inspected).
+            + ('[[policy]]\nname = "g1"\nmode = "inline"\n' if mode == "inline" else ""))
+        self.log = open(work / f"virtsecd-{mode}.log", "a")
+        self.p = subprocess.Popen(["ip", "netns", "exec", DD, str(VIRTSECD), "--config", str(cfg)],
+                                  stderr=self.log, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            st = self.status()
+            vifs = (st or {}).get("inspection", {})
+            if all(vifs.get(f"vif{i}.0", {}).get("attached") for i in (1, 2)):
+                break
+            time.sleep(0.1)
+        else:
+            self.stop()
+            sys.exit(f"virtsecd ({mode}) did not attach; see {work}/virtsecd-{mode}.log")
+
+    def pid(self):
+        return self.p.pid
+
+    def status(self):
+        r = sh(VIRTSEC, "--control-socket", self.work / "control.sock", "status", "--json", check=False)
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return None
+
+    def losses(self):
+        st = self.status() or {}
+        lost = seen = 0
+        for v in st.get("inspection", {}).values():
+            seen += v.get("frames", 0)
+            lost += v.get("ring_drops", 0)
+            il = v.get("inline") or {}
+            lost += il.get("overload_drops", 0) + il.get("truncated", 0) + il.get("send_errors", 0)
+        return lost, seen
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(timeout=20)
+        # Inline vifs stay spliced (fail closed): put them back for the next configuration.
+        ns(DD, VIRTSEC, "inline", "restore", check=False)
+        ns(DD, "nft", "delete", "table", "bridge", "virtsec", check=False)
+        ns(DD, "nft", "delete", "table", "netdev", "virtsec_inline", check=False)
+
+
+class Suricata:
+    def __init__(self, work, rules):
+        self.dir = work / "suricata-live"
+        self.dir.mkdir(exist_ok=True)
+        y = self.dir / "suricata.yaml"
+        if not y.exists():
+            sh(sys.executable, bench / "make_suricata_yaml.py", y)
+        for f in ("suricata.log", "eve.json"):
+            (self.dir / f).unlink(missing_ok=True)
+        self.out = open(self.dir / "stdout.txt", "w")
+        self.p = subprocess.Popen(
+            ["ip", "netns", "exec", DD, "suricata", "-c", str(y), "-S", str(rules), "-l", str(self.dir),
+             "-k", "none", "--af-packet=vif1.0", "--runmode", "workers", "-vv"],
+            stdout=self.out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if "Engine started" in (self.dir / "stdout.txt").read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        else:
+            self.stop()
+            sys.exit("suricata did not start; see " + str(self.dir / "stdout.txt"))
+        time.sleep(1)
+
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(timeout=60)
+
+    def losses(self):
+        t = (self.dir / "stdout.txt").read_text(errors="replace")
+        pk = sum(int(x) for x in re.findall(r"device: vif1\.0: packets: (\d+), drops: \d+", t))
+        dr = sum(int(x) for x in re.findall(r"device: vif1\.0: packets: \d+, drops: (\d+)", t))
+        return dr, pk
+
+
+def iperf(streams, secs):
+    r = ns(G[0], "iperf3", "-c", ADDR[1], "-t", secs, "-P", streams, "-J", check=False)
+    try:
+        return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        return 0.0
+
+
+def ping(count):
+    r = ns(G[0], "ping", "-c", count, "-i", "0.005", ADDR[1], check=False)
+    rtts = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", r.stdout))
+    if not rtts:
+        return 0.0, 0.0
+    return rtts[len(rtts) // 2], rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
+
+
+def sockperf(secs):
+    # A fresh server each time: a connection cut by a previous configuration (inline restore,
+    # a service stop) must not leave the next measurement talking to a stuck server.
+    srv = subprocess.Popen(["ip", "netns", "exec", G[1], "sockperf", "server", "--tcp", "-i", ADDR[1],
+                            "-p", "11111"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        r = ns(G[0], "sockperf", "ping-pong", "--tcp", "-i", ADDR[1], "-p", "11111", "-m", "64", "-t",
+               secs, check=False, timeout=secs + 20)
+        out = r.stdout + r.stderr
+    except subprocess.TimeoutExpired:
+        out = ""
+    finally:
+        srv.terminate()
+        srv.wait()
+    p50 = re.search(r"percentile 50\.000 =\s+([\d.]+)", out)
+    p99 = re.search(r"percentile 99\.000 =\s+([\d.]+)", out)
+    # sockperf reports half the round trip (latency = RTT/2); report the round trip.
+    return (2 * float(p50.group(1)) if p50 else 0.0, 2 * float(p99.group(1)) if p99 else 0.0)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secs", type=int, default=5)
+    ap.add_argument("--work", default="/tmp/virtsec-dp")
+    ap.add_argument("--configs", default="none,passive,passive-bypass,inline,inline-bypass,suricata-ids")
+    ap.add_argument("--rules", default=str(repo / "tests/fixtures/bench-1000.rules"))
+    ap.add_argument("--write")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (namespaces, nftables)")
+    configs = a.configs.split(",")
+    if "suricata-ids" in configs and sh("which", "suricata", check=False).returncode:
+        print("suricata not installed: skipping the suricata-ids column", file=sys.stderr)
+        configs.remove("suricata-ids")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sh("cargo", "build", "--release", "--quiet", cwd=repo)
+    setup()
+    xs = subprocess.Popen([str(VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
+                          stderr=subprocess.DEVNULL)
+    srv = []
+    try:
+        time.sleep(0.5)
+        for i in (1, 2):
+            sh(VIRTSEC, "lab", "guest", "--xenstore-socket", work / "xs.sock", "create", "--domid", i,
+               "--name", f"g{i}", "--mac", MAC[i - 1], "--ip", ADDR[i - 1])
+        srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], "iperf3", "-s"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+        res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": []}
+               for c in configs}
+        for rnd in range(a.rounds):
+            for c in configs:
+                svc = None
+                if c.startswith(("passive", "inline")):
+                    svc = Virtsec(work, c, a.rules)
+                elif c == "suricata-ids":
+                    svc = Suricata(work, a.rules)
+                ping(50)  # warm ARP and the flow tables
+                c0, t0 = (cpu_s(svc.pid()) if svc else 0.0), time.time()
+                g1 = iperf(1, a.secs)
+                g4 = iperf(4, a.secs)
+                c1, t1 = (cpu_s(svc.pid()) if svc else 0.0), time.time()
+                p = ping(1000 if a.secs >= 5 else 200)
+                rr = sockperf(max(2, a.secs // 2))
+                if svc:
+                    if isinstance(svc, Suricata):
+                        svc.stop()
+                        lost, seen = svc.losses()
+                    else:
+                        lost, seen = svc.losses()
+                        svc.stop()
+                else:
+                    lost, seen = 0, 0
+                r = res[c]
+                r["g1"].append(g1); r["g4"].append(g4); r["ping"].append(p); r["rr"].append(rr)
+                r["cpu"].append((c1 - c0) / (t1 - t0) * 100 if svc else 0.0)
+                r["lost"].append(lost); r["seen"].append(seen)
+                print(f"round {rnd + 1} {c:>12}: {g1:6.2f} / {g4:6.2f} Gbit/s, ping p50 {p[0]:.0f} us, "
+                      f"RR p50 {rr[0]:.0f} us, cpu {r['cpu'][-1]:.0f}%, lost {lost}/{seen}", flush=True)
+    finally:
+        for s in srv:
+            s.terminate()
+        xs.terminate()
+        teardown()
+    base = res[configs[0]]
+    b1, b4 = med(base["g1"]), med(base["g4"])
+    bp = med([p[0] for p in base["ping"]])
+    rows = []
+    for c in configs:
+        r = res[c]
+        g1, g4 = med(r["g1"]), med(r["g4"])
+        p50, p99 = med([p[0] for p in r["ping"]]), med([p[1] for p in r["ping"]])
+        rr50, rr99 = med([x[0] for x in r["rr"]]), med([x[1] for x in r["rr"]])
+        cpu = med(r["cpu"])
+        gbps_avg = (g1 + g4) / 2
+        lost, seen = sum(r["lost"]), sum(r["seen"])
+        rows.append(
+            f"| {c} | {g1:.2f} / {g4:.2f} | {g1 / b1:.2f}x / {g4 / b4:.2f}x | {p50:.0f} / {p99:.0f} | "
+            f"{p50 - bp:+.0f} | {rr50:.0f} / {rr99:.0f} | "
+            + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
+            + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
+            + " |")
+    cmd = f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --configs {','.join(configs)}"
+    table = "\n".join([
+        "| configuration | Gbit/s 1 / 4 streams | vs none | ping p50 / p99 µs | ping p50 added µs | "
+        "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
+        "|---|---|---|---|---|---|---|---|", *rows])
+    print(f"\n`{cmd}` ({a.rounds} alternating rounds, medians)\n\n{table}")
+    if a.write:
+        doc = Path(a.write)
+        text = doc.read_text()
+        begin, end = "<!-- dataplane:begin -->", "<!-- dataplane:end -->"
+        block = f"{begin}\n`{cmd}` ({a.rounds} alternating rounds, medians; {os.cpu_count()} CPUs, " \
+                f"kernel {os.uname().release})\n\n{table}\n{end}"
+        if begin in text:
+            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+        else:
+            text += "\n" + block + "\n"
+        doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
