@@ -38,6 +38,7 @@ pub struct Config {
     pub inspect: InspectConfig,
     pub enforce: EnforceConfig,
     pub behaviour: crate::detect::behaviour::BehaviourConfig,
+    pub quarantine: crate::quarantine::QuarantineConfig,
     /// `[[policy]]`: per-guest choices, first match wins (see [`crate::policy`]).
     pub policy: Vec<crate::policy::PolicyEntry>,
 }

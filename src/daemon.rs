@@ -31,6 +31,8 @@ use crate::xenstore::{Completion, Engine, XsError};
 const XS: Token = Token(0);
 const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
+/// Data-plane workers wake the loop when alerts wait for the quarantine policy.
+const WAKE: Token = Token(3);
 const CONTROL_CONN_BASE: usize = 16;
 
 /// Errors that stop the service.
@@ -51,6 +53,8 @@ enum Op {
     SelfDomid,
     Watch(String),
     Unwatch,
+    /// A write or removal of what the service publishes (quarantine state, throttle rate).
+    Publish(String),
 }
 
 /// XenStore side of the status report.
@@ -104,6 +108,20 @@ pub struct Status {
     /// of vifs with no policy yet. `null` when anti-spoofing is off.
     pub antispoof: Option<std::collections::BTreeMap<String, serde_json::Value>>,
     pub enforce_errors: Vec<String>,
+    pub quarantine: QuarantineStatus,
+}
+
+/// Quarantine side of the status report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QuarantineStatus {
+    /// Quarantined VMs (UUIDs).
+    pub vms: Vec<String>,
+    /// How pause/detach act: `xenctrl`, `xl` or `none`.
+    pub domain_control: Option<&'static str>,
+    /// Policy steps held back by the rate limit.
+    pub rate_limited: u64,
+    /// State files that did not load, and errors of the last sync.
+    pub errors: Vec<String>,
 }
 
 enum Link {
@@ -135,6 +153,9 @@ struct State {
     policies: crate::policy::Policies,
     antispoof: Option<crate::enforce::AntiSpoof>,
     enforce_errors: Vec<String>,
+    quarantine: Option<crate::quarantine::Quarantine>,
+    quarantine_errors: Vec<String>,
+    alerts_rx: Option<std::sync::mpsc::Receiver<crate::quarantine::AlertEvent>>,
 }
 
 /// The service.
@@ -159,6 +180,20 @@ impl Daemon {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let (alerts_tx, alerts_rx) = std::sync::mpsc::channel();
+        let sink = crate::dataplane::AlertSink::new(alerts_tx, waker);
+        let (quarantine, quarantine_errors) = match crate::quarantine::Quarantine::open(
+            cfg.quarantine.clone(),
+            Some(cfg.inspect.eve.clone()),
+            crate::enforce::domctl::open(&cfg.quarantine.domain_control),
+        ) {
+            Ok(q) => (Some(q), Vec::new()),
+            Err(e) => {
+                log::error!("quarantine unavailable: {e}");
+                (None, vec![e.to_string()])
+            }
+        };
         let dataplane = if cfg.inspect.rules.is_empty() && !cfg.behaviour.enabled {
             None
         } else {
@@ -174,6 +209,7 @@ impl Daemon {
                     inspect_past_depth: cfg.inspect.inspect_past_depth,
                     dedupe_local: cfg.enforce.antispoof,
                 },
+                Some(sink),
             )?)
         };
         let policies = crate::policy::Policies::from_config(&cfg);
@@ -209,6 +245,9 @@ impl Daemon {
                 policies,
                 antispoof: None,
                 enforce_errors: Vec::new(),
+                quarantine,
+                quarantine_errors,
+                alerts_rx: Some(alerts_rx),
             },
         })
     }
@@ -233,6 +272,7 @@ impl Daemon {
             for ev in events.iter() {
                 match ev.token() {
                     XS => self.state.on_xs_ready(&self.poll),
+                    WAKE => self.state.on_alerts(),
                     CONTROL => self.control.accept(self.poll.registry()),
                     SIGNALS => {
                         for sig in self.signals.pending() {
@@ -251,7 +291,7 @@ impl Daemon {
                         }
                     }
                     t if self.control.owns(t) => {
-                        let state = &self.state;
+                        let state = &mut self.state;
                         let refused = self.control.refused_peers;
                         self.control.on_ready(t, self.poll.registry(), &mut |req| {
                             state.answer(req, refused)
@@ -265,45 +305,88 @@ impl Daemon {
 }
 
 impl State {
-    fn answer(&self, req: ControlRequest, refused: u64) -> Result<serde_json::Value, String> {
-        let v = match req {
-            ControlRequest::Status => serde_json::to_value(self.status(refused)),
-            ControlRequest::Domains => {
-                serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
-            }
-            ControlRequest::Alerts { after } => {
-                let (total, alerts) = self
-                    .dataplane
-                    .as_ref()
-                    .map(|d| d.alerts_after(after))
-                    .unwrap_or_default();
-                Ok(serde_json::json!({"total": total, "alerts": alerts}))
-            }
-            ControlRequest::VifReady { domid, devid } => {
-                let vif = self.inventory.get(&domid).and_then(|g| g.vifs.get(&devid));
-                let ifname = vif.map(|v| v.ifname.clone());
-                let antispoof = match (&self.antispoof, &ifname) {
-                    (Some(a), Some(n)) => Some(a.has(n)),
-                    (None, _) => None,
-                    (Some(_), None) => Some(false),
-                };
-                let inspection = match (&self.dataplane, &ifname) {
-                    (Some(d), Some(n)) => Some(d.attached(n)),
-                    (None, _) => None,
-                    (Some(_), None) => Some(false),
-                };
-                let ready = ifname.is_some()
-                    && antispoof.unwrap_or(true)
-                    && inspection.unwrap_or(true)
-                    && matches!(self.link, Link::Up(_));
-                Ok(serde_json::json!({
-                    "ready": ready,
-                    "ifname": ifname,
-                    "antispoof": antispoof,
-                    "inspection": inspection,
-                }))
-            }
-        };
+    fn answer(&mut self, req: ControlRequest, refused: u64) -> Result<serde_json::Value, String> {
+        let v =
+            match req {
+                ControlRequest::Quarantine {
+                    target,
+                    action,
+                    reason,
+                    who,
+                } => {
+                    let q = self.quarantine.as_mut().ok_or(
+                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
+                    )?;
+                    let action: crate::quarantine::Action = action.parse()?;
+                    let by = format!("operator {who}");
+                    let r = q
+                        .apply(&target, action, &reason, &by, &self.inventory)
+                        .map_err(|e| e.to_string());
+                    self.flush_publish();
+                    serde_json::to_value(r?)
+                }
+                ControlRequest::Release {
+                    target,
+                    reason,
+                    who,
+                } => {
+                    let q = self.quarantine.as_mut().ok_or(
+                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
+                    )?;
+                    let by = format!("operator {who}");
+                    let r = q
+                        .release(&target, &reason, &by, &self.inventory)
+                        .map_err(|e| e.to_string());
+                    self.flush_publish();
+                    serde_json::to_value(r?)
+                }
+                ControlRequest::Quarantined => {
+                    let q = self.quarantine.as_ref().ok_or(
+                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
+                    )?;
+                    Ok(serde_json::json!({
+                        "quarantined": q.records().collect::<Vec<_>>(),
+                        "corrupt": q.corrupt(),
+                        "audit": q.audit_log().collect::<Vec<_>>(),
+                    }))
+                }
+                ControlRequest::Status => serde_json::to_value(self.status(refused)),
+                ControlRequest::Domains => {
+                    serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
+                }
+                ControlRequest::Alerts { after } => {
+                    let (total, alerts) = self
+                        .dataplane
+                        .as_ref()
+                        .map(|d| d.alerts_after(after))
+                        .unwrap_or_default();
+                    Ok(serde_json::json!({"total": total, "alerts": alerts}))
+                }
+                ControlRequest::VifReady { domid, devid } => {
+                    let vif = self.inventory.get(&domid).and_then(|g| g.vifs.get(&devid));
+                    let ifname = vif.map(|v| v.ifname.clone());
+                    let antispoof = match (&self.antispoof, &ifname) {
+                        (Some(a), Some(n)) => Some(a.has(n)),
+                        (None, _) => None,
+                        (Some(_), None) => Some(false),
+                    };
+                    let inspection = match (&self.dataplane, &ifname) {
+                        (Some(d), Some(n)) => Some(d.attached(n)),
+                        (None, _) => None,
+                        (Some(_), None) => Some(false),
+                    };
+                    let ready = ifname.is_some()
+                        && antispoof.unwrap_or(true)
+                        && inspection.unwrap_or(true)
+                        && matches!(self.link, Link::Up(_));
+                    Ok(serde_json::json!({
+                        "ready": ready,
+                        "ifname": ifname,
+                        "antispoof": antispoof,
+                        "inspection": inspection,
+                    }))
+                }
+            };
         v.map_err(|e| e.to_string())
     }
 
@@ -336,6 +419,23 @@ impl State {
                 .unwrap_or_default(),
             antispoof: self.antispoof.as_ref().map(|a| self.antispoof_report(a)),
             enforce_errors: self.enforce_errors.clone(),
+            quarantine: match &self.quarantine {
+                Some(q) => QuarantineStatus {
+                    vms: q.records().map(|r| r.uuid.clone()).collect(),
+                    domain_control: Some(q.domctl_how()),
+                    rate_limited: q.rate_limited,
+                    errors: q
+                        .corrupt()
+                        .iter()
+                        .chain(self.quarantine_errors.iter())
+                        .cloned()
+                        .collect(),
+                },
+                None => QuarantineStatus {
+                    errors: self.quarantine_errors.clone(),
+                    ..Default::default()
+                },
+            },
             alerts: self
                 .dataplane
                 .as_ref()
@@ -488,6 +588,10 @@ impl State {
 
     fn after_domid(&mut self) {
         let Some(d) = self.self_domid else { return };
+        if let Some(q) = self.quarantine.as_mut() {
+            q.xs_base = Some(format!("/local/domain/{d}"));
+            q.republish();
+        }
         let backend = format!("/local/domain/{d}/backend/vif");
         for (path, token) in [
             ("@introduceDomain".to_string(), "domains"),
@@ -554,6 +658,10 @@ impl State {
                 log::warn!("xenstored refused a watch on {path}: {e}; changes there are seen only on the next reconcile");
             }
             Completion::Reply(Op::Unwatch, _) => {}
+            Completion::Reply(Op::Publish(_), Ok(_)) => {}
+            Completion::Reply(Op::Publish(path), Err(e)) => {
+                log::warn!("cannot publish {path} in XenStore: {e}");
+            }
             Completion::Reply(Op::Pass(tag), res) => {
                 let mut outbox = Vec::new();
                 let finished = match &mut self.pass {
@@ -610,6 +718,12 @@ impl State {
         self.xs.last_reconcile_ms = elapsed;
         self.inventory = guests;
         self.report = report;
+        // Quarantine first: a rebooted quarantined VM's new vifs are held before the
+        // anti-spoofing chain that would let them pass exists.
+        if let Some(q) = self.quarantine.as_mut() {
+            self.quarantine_errors = q.sync(&self.inventory);
+        }
+        self.flush_publish();
         if self.cfg.enforce.antispoof {
             let errors = match self.antispoof.as_mut() {
                 Some(a) => a.sync(&self.inventory),
@@ -634,6 +748,50 @@ impl State {
         if std::mem::take(&mut self.dirty) {
             self.request_reconcile();
         }
+    }
+
+    /// Writes what the quarantine manager publishes to XenStore.
+    fn flush_publish(&mut self) {
+        let Some(q) = self.quarantine.as_mut() else {
+            return;
+        };
+        let items = q.take_publish();
+        for (path, value) in items {
+            let req = match value {
+                Some(v) => Request::Write(path.clone(), v.into_bytes()),
+                None => Request::Rm(path.clone()),
+            };
+            self.submit(req, Op::Publish(path));
+        }
+    }
+
+    /// Alerts from the data plane, for the quarantine ladder.
+    fn on_alerts(&mut self) {
+        let Some(rx) = self.alerts_rx.as_ref() else {
+            return;
+        };
+        let events: Vec<crate::quarantine::AlertEvent> = rx.try_iter().collect();
+        let Some(q) = self.quarantine.as_mut() else {
+            return;
+        };
+        for ev in events {
+            let ladder = self
+                .inventory
+                .get(&ev.domid)
+                .and_then(|g| self.policies.of(g).ladder)
+                .unwrap_or_else(|| q.ladder().to_vec());
+            match q.on_alert(&ev, &ladder, &self.inventory) {
+                Some(Ok(r)) => log::info!(
+                    "policy quarantined VM {} (domain {}): now {:?}",
+                    r.uuid,
+                    ev.domid,
+                    r.actions
+                ),
+                Some(Err(e)) => log::error!("policy could not quarantine domain {}: {e}", ev.domid),
+                None => {}
+            }
+        }
+        self.flush_publish();
     }
 
     /// Registers per-guest watches for new guests and drops those of departed ones.

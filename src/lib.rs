@@ -26,4 +26,5 @@ pub mod lab;
 pub mod labxs;
 pub mod logging;
 pub mod policy;
+pub mod quarantine;
 pub mod xenstore;

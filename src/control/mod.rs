@@ -1,7 +1,9 @@
 //! The operator control socket: one JSON object per line each way.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"domains"}`, `{"cmd":"alerts","after":N}`,
-//! `{"cmd":"vif_ready","domid":D,"devid":N}`. Replies: `{"ok":true,"result":...}` or
+//! `{"cmd":"vif_ready","domid":D,"devid":N}`, `{"cmd":"quarantine","target":T,"action":A,
+//! "reason":R,"who":W}`, `{"cmd":"release","target":T,"reason":R,"who":W}`,
+//! `{"cmd":"quarantined"}`. Replies: `{"ok":true,"result":...}` or
 //! `{"ok":false,"error":"..."}`. The socket file is created mode 0600 and every peer is checked
 //! with `SO_PEERCRED`: only root and the service's own user are served, so tests can run the
 //! whole stack unprivileged on a private socket while production stays root-only.
@@ -41,6 +43,22 @@ pub enum ControlRequest {
         domid: u32,
         devid: u32,
     },
+    /// Quarantine a VM (`target`: UUID, name or domid) with one action.
+    Quarantine {
+        target: String,
+        action: String,
+        reason: String,
+        /// Who asks (the CLI sends the invoking user; audit records carry it).
+        who: String,
+    },
+    /// Lift a VM's quarantine.
+    Release {
+        target: String,
+        reason: String,
+        who: String,
+    },
+    /// Quarantined VMs, unreadable state files and recent audit records.
+    Quarantined,
 }
 
 /// Errors on either side of the socket.

@@ -104,10 +104,37 @@ pub struct AlertLog {
     pub recent: VecDeque<(u64, serde_json::Value)>,
 }
 
+/// Hands alerts to the daemon's loop (the quarantine policy) and wakes it.
+pub struct AlertSink {
+    tx: Mutex<std::sync::mpsc::Sender<crate::quarantine::AlertEvent>>,
+    waker: Arc<mio::Waker>,
+}
+
+impl AlertSink {
+    pub fn new(
+        tx: std::sync::mpsc::Sender<crate::quarantine::AlertEvent>,
+        waker: Arc<mio::Waker>,
+    ) -> AlertSink {
+        AlertSink {
+            tx: Mutex::new(tx),
+            waker,
+        }
+    }
+
+    fn send(&self, ev: crate::quarantine::AlertEvent) {
+        if let Ok(tx) = self.tx.lock() {
+            if tx.send(ev).is_ok() {
+                let _ = self.waker.wake();
+            }
+        }
+    }
+}
+
 /// Where alerts go: shared by every worker.
 struct Outputs {
     eve: Option<Mutex<std::fs::File>>,
     log: Mutex<AlertLog>,
+    sink: Option<AlertSink>,
 }
 
 /// What the workers of one vif share.
@@ -153,6 +180,16 @@ impl VifShared {
                     log::error!("cannot write the EVE file: {e}");
                 }
             }
+        }
+        if let Some(sink) = &self.out.sink {
+            sink.send(crate::quarantine::AlertEvent {
+                domid: id.domid,
+                uuid: id.uuid.clone(),
+                gid: r.gid,
+                sid: r.sid,
+                priority: r.priority,
+                msg: r.msg.clone(),
+            });
         }
         if let Ok(mut l) = self.out.log.lock() {
             l.total += 1;
@@ -310,7 +347,10 @@ pub enum DataPlaneError {
 
 impl DataPlane {
     /// Loads the rules (skipped ones are logged) and opens the EVE file for appending.
-    pub fn new(opts: DataPlaneOptions) -> Result<DataPlane, DataPlaneError> {
+    pub fn new(
+        opts: DataPlaneOptions,
+        sink: Option<AlertSink>,
+    ) -> Result<DataPlane, DataPlaneError> {
         let rs = crate::inspect::load_rules(&opts.rules)?;
         for w in &rs.skipped {
             log::warn!("{w}");
@@ -339,6 +379,7 @@ impl DataPlane {
             out: Arc::new(Outputs {
                 eve,
                 log: Mutex::new(AlertLog::default()),
+                sink,
             }),
             workers: BTreeMap::new(),
             fanout_seq: 0,

@@ -23,6 +23,9 @@
 //! expressions; the text syntax is what an administrator reads back with `nft list ruleset`,
 //! and the transactions stay atomic either way. Counters are read with `nft -j`.
 
+pub mod domctl;
+pub mod isolate;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
@@ -189,7 +192,7 @@ fn remove_script(ifname: &str) -> String {
     s
 }
 
-fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
+pub(crate) fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

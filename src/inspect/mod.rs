@@ -576,7 +576,7 @@ mod tests {
         limits.stream.inspect_past_depth = inspect_past_depth;
         let mut e = Engine::new(det, limits);
         let mut verdicts = Vec::new();
-        let mut feed = |e: &mut Engine, f: &[u8]| {
+        let feed = |e: &mut Engine, f: &[u8]| {
             let mut st = DecodeStats::default();
             let p = decode::decode_ethernet(f, &mut st).expect("decodes");
             e.packet(&p, 1, &mut |_, _| {})

@@ -21,6 +21,9 @@ pub struct PolicyEntry {
     pub name: Option<String>,
     /// Inspection mode for the guest's vifs.
     pub mode: Option<Mode>,
+    /// The guest's quarantine ladder (instead of `[quarantine] ladder`); empty: never
+    /// quarantined by policy (operators still can).
+    pub ladder: Option<Vec<crate::quarantine::Action>>,
 }
 
 impl PolicyEntry {
@@ -45,6 +48,7 @@ impl PolicyEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestPolicy {
     pub mode: Mode,
+    pub ladder: Option<Vec<crate::quarantine::Action>>,
 }
 
 /// Resolves guests to their policy.
@@ -66,6 +70,7 @@ impl Policies {
         let e = self.entries.iter().find(|e| e.matches(g));
         GuestPolicy {
             mode: e.and_then(|e| e.mode).unwrap_or(self.default_mode),
+            ladder: e.and_then(|e| e.ladder.clone()),
         }
     }
 }

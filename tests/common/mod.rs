@@ -72,6 +72,15 @@ pub fn virtsecd(dir: &Path) -> Proc {
 /// TOML sections appended to the test configuration, and waits until it is in sync.
 pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
     let cfg = dir.join("virtsecd.toml");
+    // Quarantine state stays in the test's directory.
+    let extra = if extra.contains("[quarantine]") {
+        extra.to_string()
+    } else {
+        format!(
+            "{extra}\n[quarantine]\nstate_dir = {:?}\n",
+            dir.join("state").display().to_string()
+        )
+    };
     std::fs::write(
         &cfg,
         format!(

@@ -1,0 +1,213 @@
+//! Domain control for quarantine: pausing and unpausing a domain, detaching a vif.
+//!
+//! dom0 pauses through libxenctrl (`xc_domain_pause`), loaded with `dlopen` so the binary
+//! runs (and its tests pass) where Xen is absent; without the library the toolstack's `xl` is
+//! used. Xen's pause is reference-counted per caller: the quarantine manager records which
+//! domid it paused and unpauses exactly once. Detaching goes through the toolstack
+//! (`xl network-detach`), which removes the backend as libxl does.
+
+use std::ffi::c_void;
+use std::process::Command;
+
+/// Errors controlling a domain.
+#[derive(Debug, thiserror::Error)]
+pub enum DomCtlError {
+    #[error("no way to {what} domain {domid}: libxenctrl is not loadable and xl is not installed (pause and detach need Xen's toolstack in dom0)")]
+    Unavailable { what: &'static str, domid: u32 },
+    #[error("{how} could not {what} domain {domid}: {detail}")]
+    Failed {
+        how: &'static str,
+        what: &'static str,
+        domid: u32,
+        detail: String,
+    },
+}
+
+/// What quarantine needs from the hypervisor and toolstack.
+pub trait DomainControl: Send {
+    fn pause(&mut self, domid: u32) -> Result<(), DomCtlError>;
+    fn unpause(&mut self, domid: u32) -> Result<(), DomCtlError>;
+    fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError>;
+    /// How it acts (`xenctrl`, `xl`, `none`), for status and audit records.
+    fn how(&self) -> &'static str;
+}
+
+type XcOpen = unsafe extern "C" fn(*mut c_void, *mut c_void, u32) -> *mut c_void;
+type XcDom = unsafe extern "C" fn(*mut c_void, u32) -> i32;
+
+/// libxenctrl through dlopen.
+pub struct XenCtrl {
+    _lib: libloading::Library,
+    xch: *mut c_void,
+    pause: XcDom,
+    unpause: XcDom,
+}
+
+// SAFETY: the xc handle is used from one thread at a time (`&mut self`); libxenctrl handles
+// may move between threads.
+unsafe impl Send for XenCtrl {}
+
+impl XenCtrl {
+    /// Loads libxenctrl and opens a handle (needs /dev/xen/privcmd, i.e. dom0).
+    pub fn open() -> Option<XenCtrl> {
+        for name in ["libxenctrl.so", "libxenctrl.so.4.17", "libxenctrl.so.4.16"] {
+            // SAFETY: loading a system library; its initialisers are Xen's own.
+            let Ok(lib) = (unsafe { libloading::Library::new(name) }) else {
+                continue;
+            };
+            // SAFETY: the symbols have these C signatures in every libxenctrl since 4.x.
+            let syms = unsafe {
+                (
+                    lib.get::<XcOpen>(b"xc_interface_open\0").map(|s| *s),
+                    lib.get::<XcDom>(b"xc_domain_pause\0").map(|s| *s),
+                    lib.get::<XcDom>(b"xc_domain_unpause\0").map(|s| *s),
+                )
+            };
+            let (Ok(open), Ok(pause), Ok(unpause)) = syms else {
+                continue;
+            };
+            // SAFETY: NULL loggers are allowed; the result is checked.
+            let xch = unsafe { open(std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+            if xch.is_null() {
+                return None;
+            }
+            return Some(XenCtrl {
+                _lib: lib,
+                xch,
+                pause,
+                unpause,
+            });
+        }
+        None
+    }
+
+    fn call(&mut self, f: XcDom, what: &'static str, domid: u32) -> Result<(), DomCtlError> {
+        // SAFETY: `xch` is the live handle opened above; domid is plain data.
+        let rc = unsafe { f(self.xch, domid) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(DomCtlError::Failed {
+                how: "libxenctrl",
+                what,
+                domid,
+                detail: std::io::Error::last_os_error().to_string(),
+            })
+        }
+    }
+}
+
+impl DomainControl for XenCtrl {
+    fn pause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        let f = self.pause;
+        self.call(f, "pause", domid)
+    }
+    fn unpause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        let f = self.unpause;
+        self.call(f, "unpause", domid)
+    }
+    fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError> {
+        Xl.detach_vif(domid, devid)
+    }
+    fn how(&self) -> &'static str {
+        "xenctrl"
+    }
+}
+
+/// The `xl` toolstack.
+pub struct Xl;
+
+fn xl(args: &[String], what: &'static str, domid: u32) -> Result<(), DomCtlError> {
+    let out = Command::new("xl")
+        .args(args)
+        .output()
+        .map_err(|_| DomCtlError::Unavailable { what, domid })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DomCtlError::Failed {
+            how: "xl",
+            what,
+            domid,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+impl DomainControl for Xl {
+    fn pause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        xl(&["pause".into(), domid.to_string()], "pause", domid)
+    }
+    fn unpause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        xl(&["unpause".into(), domid.to_string()], "unpause", domid)
+    }
+    fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError> {
+        xl(
+            &[
+                "network-detach".into(),
+                domid.to_string(),
+                devid.to_string(),
+            ],
+            "detach a vif of",
+            domid,
+        )
+    }
+    fn how(&self) -> &'static str {
+        "xl"
+    }
+}
+
+/// No Xen here (the lab): pause and detach are refused with a clear error.
+pub struct NoXen;
+
+impl DomainControl for NoXen {
+    fn pause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        Err(DomCtlError::Unavailable {
+            what: "pause",
+            domid,
+        })
+    }
+    fn unpause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        Err(DomCtlError::Unavailable {
+            what: "unpause",
+            domid,
+        })
+    }
+    fn detach_vif(&mut self, domid: u32, _devid: u32) -> Result<(), DomCtlError> {
+        Err(DomCtlError::Unavailable {
+            what: "detach a vif of",
+            domid,
+        })
+    }
+    fn how(&self) -> &'static str {
+        "none"
+    }
+}
+
+/// `[quarantine] domain_control`: "auto" tries libxenctrl, then xl, then none.
+pub fn open(choice: &str) -> Box<dyn DomainControl> {
+    let has_xl = || {
+        Command::new("xl")
+            .arg("help")
+            .output()
+            .map(|o| o.status.success() || !o.stdout.is_empty())
+            .unwrap_or(false)
+    };
+    match choice {
+        "xl" => Box::new(Xl),
+        "none" => Box::new(NoXen),
+        "xenctrl" => match XenCtrl::open() {
+            Some(x) => Box::new(x),
+            None => Box::new(NoXen),
+        },
+        _ => {
+            if let Some(x) = XenCtrl::open() {
+                Box::new(x)
+            } else if has_xl() {
+                Box::new(Xl)
+            } else {
+                Box::new(NoXen)
+            }
+        }
+    }
+}

@@ -1,0 +1,760 @@
+//! Quarantine: acting on a guest with Xen's primitives, sticky to the VM, lifted only by an
+//! operator.
+//!
+//! A quarantine belongs to a VM **UUID**, not a domid: a VM that reboots (new domid, same
+//! UUID) is held again in the same reconcile pass that sees its new vifs, before the
+//! anti-spoofing chain that would let them pass is installed; a new VM that reuses a domid
+//! inherits nothing. The actions:
+//!
+//! | action | how | undone on release |
+//! |---|---|---|
+//! | `isolate` | nftables (`enforce::isolate`): everything dropped both ways but the remediation allow-list; conntrack entries of the guest's addresses removed | chains and map elements removed |
+//! | `throttle` | the backend `rate` key (`<bytes>,<usecs>`, netback applies it at run time) and an nftables policer (where there is no netback, as in the lab) | the toolstack's `rate` restored |
+//! | `pause` | libxenctrl or `xl pause` (`enforce::domctl`); Xen's pause is reference-counted, so the domid this service paused is recorded and unpaused exactly once | unpaused once |
+//! | `detach` | `xl network-detach` per vif | not re-attached (the operator re-attaches) |
+//!
+//! **Order and durability.** The kernel hold is applied first (it is what stops traffic; the
+//! isolation latency is measured from the attack packet), then the record is written
+//! atomically (`store`), then it is audited (syslog and an EVE `event_type:"quarantine"` line)
+//! and published to XenStore for automation. A crash between the kernel and the file leaves a
+//! kernel hold without a record: at start it is kept and a record is recreated from it. An
+//! unwritable or full disk fails the operator's request with a clear error while the kernel
+//! keeps holding the guest (fail safe). A state file that does not parse is reported and left
+//! alone, and so is its VM's kernel hold.
+//!
+//! **Policy.** With `[quarantine] auto = true`, alerts whose rule priority is at most
+//! `trigger_priority` move the guest one step up its ladder (`[quarantine] ladder`, or the
+//! guest's `[[policy]] ladder`), at most one step per `min_step_interval_ms`, so a noisy guest
+//! cannot flood actions.
+
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::enforce::domctl::DomainControl;
+use crate::enforce::isolate::{Allow, Hold, Isolation};
+use crate::inventory::{Guest, Guests};
+use store::{Store, StoreError};
+
+/// A quarantine action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Throttle,
+    Isolate,
+    Pause,
+    Detach,
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Action, String> {
+        match s {
+            "throttle" => Ok(Action::Throttle),
+            "isolate" => Ok(Action::Isolate),
+            "pause" => Ok(Action::Pause),
+            "detach" => Ok(Action::Detach),
+            o => Err(format!(
+                "unknown action {o:?}: expected throttle, isolate, pause or detach"
+            )),
+        }
+    }
+}
+
+/// One VM's quarantine, as stored and as shown by `virtsec quarantined`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub uuid: String,
+    pub name: Option<String>,
+    /// The domid when the quarantine was last applied (informational: it follows the UUID).
+    pub domid: Option<u32>,
+    pub actions: Vec<Action>,
+    pub reason: String,
+    /// Unix seconds of the first action.
+    pub since: u64,
+    /// Who acted: `operator <user>` or `policy` (with the alert in `reason`).
+    pub by: String,
+    /// The domid this service paused, to unpause exactly once.
+    #[serde(default)]
+    pub paused: Option<u32>,
+}
+
+/// `[quarantine]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Where quarantine records live (`<state_dir>/quarantine/<uuid>.json`).
+    pub state_dir: PathBuf,
+    /// Act on alerts by the ladder (off: only operators quarantine).
+    pub auto: bool,
+    /// Steps taken one per triggering alert.
+    pub ladder: Vec<Action>,
+    /// Alerts whose rule priority is at most this trigger a step (1 is the most severe).
+    pub trigger_priority: u8,
+    /// At most one step per guest per this many milliseconds.
+    pub min_step_interval_ms: u64,
+    /// `throttle`: the guest's rate, kilobytes per second.
+    pub throttle_kbytes_per_s: u32,
+    /// "auto" (libxenctrl, then xl), "xenctrl", "xl" or "none".
+    pub domain_control: String,
+    /// Flows an isolated guest keeps (`[[quarantine.allow]]`: proto, port, host).
+    pub allow: Vec<Allow>,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            state_dir: PathBuf::from("/var/lib/virtsec"),
+            auto: false,
+            ladder: vec![Action::Isolate],
+            trigger_priority: 1,
+            min_step_interval_ms: 1000,
+            throttle_kbytes_per_s: 1024,
+            domain_control: "auto".into(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// Errors of quarantine requests.
+#[derive(Debug, thiserror::Error)]
+pub enum QuarantineError {
+    #[error("no guest or quarantined VM matches {0:?} (give a UUID, a name or a running domid)")]
+    NoSuchTarget(String),
+    #[error("{0:?} matches several guests; give the UUID")]
+    Ambiguous(String),
+    #[error("domain {0} has no readable VM UUID (/local/domain/{0}/vm); quarantine follows UUIDs")]
+    NoUuid(u32),
+    #[error("{0} is not quarantined")]
+    NotQuarantined(String),
+    #[error("the kernel refused the quarantine: {0}")]
+    Kernel(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    DomCtl(#[from] crate::enforce::domctl::DomCtlError),
+}
+
+/// An alert as the policy sees it.
+#[derive(Clone, Debug)]
+pub struct AlertEvent {
+    pub domid: u32,
+    pub uuid: Option<String>,
+    pub gid: u32,
+    pub sid: u32,
+    pub priority: Option<u8>,
+    pub msg: String,
+}
+
+/// A XenStore change for the daemon to make (path, value; `None` removes).
+pub type Publish = (String, Option<String>);
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let us = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+    crate::inspect::eve::format_ts(us)
+}
+
+/// The quarantine manager (owned by the daemon's event loop).
+pub struct Quarantine {
+    cfg: QuarantineConfig,
+    store: Store,
+    records: BTreeMap<String, Record>,
+    /// State files that did not load (their VMs' kernel holds are kept).
+    corrupt: Vec<String>,
+    corrupt_uuids: BTreeSet<String>,
+    iso: Option<Isolation>,
+    domctl: Box<dyn DomainControl>,
+    last_step: HashMap<String, Instant>,
+    eve: Option<std::fs::File>,
+    /// Recent audit records (newest last) for `virtsec quarantined --json`.
+    audit: VecDeque<serde_json::Value>,
+    /// XenStore changes waiting for the daemon.
+    publish: Vec<Publish>,
+    /// The service's own XenStore path (`/local/domain/<self>`), when known.
+    pub xs_base: Option<String>,
+    /// Steps the rate limit held back.
+    pub rate_limited: u64,
+    /// Original backend `rate` values of throttled vifs, to restore on release.
+    saved_rates: BTreeMap<(String, u32), Option<String>>,
+}
+
+impl Quarantine {
+    /// Loads the state and reconciles the kernel's holds with it.
+    pub fn open(
+        cfg: QuarantineConfig,
+        eve: Option<PathBuf>,
+        domctl: Box<dyn DomainControl>,
+    ) -> Result<Quarantine, QuarantineError> {
+        let store = Store::open(&cfg.state_dir)?;
+        let (records, bad) = store.load()?;
+        let mut corrupt_uuids = BTreeSet::new();
+        let corrupt: Vec<String> = bad
+            .iter()
+            .map(|e| {
+                if let StoreError::Corrupt { path, .. } = e {
+                    if let Some(u) = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".json"))
+                    {
+                        corrupt_uuids.insert(u.to_string());
+                    }
+                }
+                log::error!("{e}");
+                e.to_string()
+            })
+            .collect();
+        let eve = eve.and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        // The kernel table is touched only when there is (or was) something to hold: a host
+        // that never quarantined anything keeps its ruleset as it was.
+        let table_exists = std::process::Command::new("nft")
+            .args(["list", "table", "bridge", "virtsec_q"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let mut q = Quarantine {
+            cfg,
+            store,
+            records,
+            corrupt,
+            corrupt_uuids,
+            iso: None,
+            domctl,
+            last_step: HashMap::new(),
+            eve,
+            audit: VecDeque::new(),
+            publish: Vec::new(),
+            xs_base: None,
+            rate_limited: 0,
+            saved_rates: BTreeMap::new(),
+        };
+        // With the policy on, the table is set up now so the first isolation is one
+        // transaction, not three (the latency budget is milliseconds).
+        if table_exists || !q.records.is_empty() || q.cfg.auto {
+            q.isolation()?;
+        }
+        // Kernel holds without a record (a crash between the kernel and the disk): keep them
+        // and recreate the record so an operator sees and releases them.
+        let orphans: Vec<String> = q
+            .iso
+            .as_ref()
+            .map(|i| {
+                i.held()
+                    .filter(|u| store::valid_uuid(u))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for u in orphans {
+            if q.records.contains_key(&u) || q.corrupt_uuids.contains(&u) {
+                continue;
+            }
+            let r = Record {
+                uuid: u.clone(),
+                name: None,
+                domid: None,
+                actions: vec![Action::Isolate],
+                reason: "recovered: the kernel held this VM without a state record".into(),
+                since: now_s(),
+                by: "virtsecd (recovery)".into(),
+                paused: None,
+            };
+            log::warn!("quarantine of {u}: {}", r.reason);
+            if let Err(e) = q.store.save(&r) {
+                log::error!("{e}");
+            }
+            q.records.insert(u, r);
+        }
+        for r in q.records.values() {
+            log::info!(
+                "quarantine of {} ({}) restored from state: {:?} since {}",
+                r.uuid,
+                r.name.as_deref().unwrap_or("?"),
+                r.actions,
+                r.since
+            );
+        }
+        Ok(q)
+    }
+
+    fn isolation(&mut self) -> Result<&mut Isolation, QuarantineError> {
+        if self.iso.is_none() {
+            self.iso = Some(Isolation::open().map_err(|e| QuarantineError::Kernel(e.to_string()))?);
+        }
+        self.iso
+            .as_mut()
+            .ok_or_else(|| QuarantineError::Kernel("unavailable".into()))
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.values()
+    }
+
+    pub fn corrupt(&self) -> &[String] {
+        &self.corrupt
+    }
+
+    pub fn is_quarantined(&self, uuid: &str) -> bool {
+        self.records.contains_key(uuid)
+    }
+
+    pub fn domctl_how(&self) -> &'static str {
+        self.domctl.how()
+    }
+
+    /// XenStore changes to make (drained).
+    pub fn take_publish(&mut self) -> Vec<Publish> {
+        std::mem::take(&mut self.publish)
+    }
+
+    pub fn audit_log(&self) -> impl Iterator<Item = &serde_json::Value> {
+        self.audit.iter()
+    }
+
+    /// The UUID a target names: a UUID, a running domid or a name (of a running guest or a
+    /// quarantined VM).
+    fn resolve(&self, target: &str, guests: &Guests) -> Result<String, QuarantineError> {
+        let t = target.trim();
+        let lower = t.to_ascii_lowercase();
+        if store::valid_uuid(&lower) {
+            return Ok(lower);
+        }
+        if let Ok(d) = t.parse::<u32>() {
+            let g = guests
+                .get(&d)
+                .ok_or_else(|| QuarantineError::NoSuchTarget(t.into()))?;
+            return g.uuid.clone().ok_or(QuarantineError::NoUuid(d));
+        }
+        let mut found: BTreeSet<String> = guests
+            .values()
+            .filter(|g| g.name.as_deref() == Some(t))
+            .filter_map(|g| g.uuid.clone())
+            .collect();
+        found.extend(
+            self.records
+                .values()
+                .filter(|r| r.name.as_deref() == Some(t))
+                .map(|r| r.uuid.clone()),
+        );
+        match found.len() {
+            0 => Err(QuarantineError::NoSuchTarget(t.into())),
+            1 => Ok(found.into_iter().next().unwrap_or_default()),
+            _ => Err(QuarantineError::Ambiguous(t.into())),
+        }
+    }
+
+    fn guest_of<'a>(guests: &'a Guests, uuid: &str) -> Option<&'a Guest> {
+        guests.values().find(|g| {
+            g.uuid
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+        })
+    }
+
+    /// What the kernel should hold, per UUID.
+    fn wanted(&self, guests: &Guests) -> BTreeMap<String, (Hold, BTreeSet<String>)> {
+        let mut want = BTreeMap::new();
+        for r in self.records.values() {
+            let isolate = r.actions.contains(&Action::Isolate);
+            let throttle = r.actions.contains(&Action::Throttle);
+            if !isolate && !throttle {
+                continue;
+            }
+            let mut ports = BTreeSet::new();
+            for g in guests.values().filter(|g| {
+                g.uuid
+                    .as_deref()
+                    .is_some_and(|u| u.eq_ignore_ascii_case(&r.uuid))
+            }) {
+                for v in g.vifs.values() {
+                    let mut names = vec![v.ifname.clone()];
+                    names.extend(v.emu_ifname.clone());
+                    for n in names {
+                        if let Some((b, _)) = crate::capture::inline::port_names(&n) {
+                            ports.insert(b);
+                        }
+                        ports.insert(n);
+                    }
+                }
+            }
+            want.insert(
+                r.uuid.clone(),
+                (
+                    Hold {
+                        isolate,
+                        throttle_kbytes: throttle.then_some(self.cfg.throttle_kbytes_per_s),
+                        allow: self.cfg.allow.clone(),
+                    },
+                    ports,
+                ),
+            );
+        }
+        want
+    }
+
+    /// Brings the kernel, the hypervisor and XenStore in line with the records for the
+    /// current inventory. Called after every reconcile pass, before anti-spoofing.
+    pub fn sync(&mut self, guests: &Guests) -> Vec<String> {
+        let mut errors = Vec::new();
+        let want = self.wanted(guests);
+        if !want.is_empty() || self.iso.is_some() {
+            let keep = self.corrupt_uuids.clone();
+            match self.isolation() {
+                Ok(iso) => errors.extend(iso.sync(&want, &keep).iter().map(|e| e.to_string())),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        // A paused VM that rebooted (new domid) is paused again; throttled vifs get the rate.
+        let uuids: Vec<String> = self.records.keys().cloned().collect();
+        for u in uuids {
+            if let Err(e) = self.follow(&u, guests) {
+                errors.push(e.to_string());
+            }
+        }
+        for e in &errors {
+            log::error!("quarantine: {e}");
+        }
+        errors
+    }
+
+    /// Applies a record's domain-level actions to the VM's current domid.
+    fn follow(&mut self, uuid: &str, guests: &Guests) -> Result<(), QuarantineError> {
+        let Some(g) = Self::guest_of(guests, uuid) else {
+            return Ok(());
+        };
+        let Some(r) = self.records.get(uuid).cloned() else {
+            return Ok(());
+        };
+        let mut changed = false;
+        let mut r2 = r.clone();
+        if r.actions.contains(&Action::Pause) && r.paused != Some(g.domid) {
+            self.domctl.pause(g.domid)?;
+            r2.paused = Some(g.domid);
+            r2.domid = Some(g.domid);
+            changed = true;
+        }
+        if r.actions.contains(&Action::Throttle) {
+            let (bytes, usecs) = (
+                u64::from(self.cfg.throttle_kbytes_per_s) * 1024 / 20,
+                50_000,
+            );
+            let want = format!("{bytes},{usecs}");
+            let Some(base) = self.xs_base.clone() else {
+                return Ok(());
+            };
+            for v in g.vifs.values() {
+                if v.rate.as_deref() != Some(want.as_str()) {
+                    self.saved_rates
+                        .entry((uuid.to_string(), v.devid))
+                        .or_insert_with(|| v.rate.clone());
+                    self.publish.push((
+                        format!("{base}/backend/vif/{}/{}/rate", g.domid, v.devid),
+                        Some(want.clone()),
+                    ));
+                }
+            }
+        }
+        if changed {
+            self.store.save(&r2)?;
+            self.records.insert(uuid.to_string(), r2);
+        }
+        Ok(())
+    }
+
+    /// Quarantines `target` with `action`.
+    pub fn apply(
+        &mut self,
+        target: &str,
+        action: Action,
+        reason: &str,
+        by: &str,
+        guests: &Guests,
+    ) -> Result<Record, QuarantineError> {
+        let uuid = self.resolve(target, guests)?;
+        let g = Self::guest_of(guests, &uuid);
+        let mut r = self.records.get(&uuid).cloned().unwrap_or_else(|| Record {
+            uuid: uuid.clone(),
+            name: g.and_then(|g| g.name.clone()),
+            domid: g.map(|g| g.domid),
+            actions: Vec::new(),
+            reason: String::new(),
+            since: now_s(),
+            by: by.into(),
+            paused: None,
+        });
+        if let Some(g) = g {
+            r.name = g.name.clone().or(r.name);
+            r.domid = Some(g.domid);
+        }
+        if !r.actions.contains(&action) {
+            r.actions.push(action);
+            r.actions.sort();
+        }
+        r.reason = reason.into();
+        r.by = by.into();
+        // The kernel first: that is what stops the traffic.
+        self.records.insert(uuid.clone(), r.clone());
+        let want = self.wanted(guests);
+        let keep = self.corrupt_uuids.clone();
+        let kernel_errors: Vec<String> = match self.isolation() {
+            Ok(iso) => iso
+                .sync(&want, &keep)
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        };
+        if action == Action::Isolate {
+            if let Some(g) = g {
+                flush_conntrack(g);
+            }
+        }
+        let mut domain_error = None;
+        match action {
+            Action::Pause => {
+                if let Some(g) = g {
+                    if r.paused != Some(g.domid) {
+                        match self.domctl.pause(g.domid) {
+                            Ok(()) => r.paused = Some(g.domid),
+                            Err(e) => domain_error = Some(e),
+                        }
+                    }
+                }
+            }
+            Action::Detach => {
+                if let Some(g) = g {
+                    for v in g.vifs.values() {
+                        if let Err(e) = self.domctl.detach_vif(g.domid, v.devid) {
+                            domain_error = Some(e);
+                        }
+                    }
+                }
+            }
+            Action::Throttle | Action::Isolate => {}
+        }
+        if let Some(e) = domain_error {
+            // Nothing was done at the domain level: keep what the record held before.
+            r.actions.retain(|a| *a != action);
+            if r.actions.is_empty() {
+                self.records.remove(&uuid);
+                let want = self.wanted(guests);
+                if let Ok(iso) = self.isolation() {
+                    iso.sync(&want, &keep);
+                }
+            } else {
+                self.records.insert(uuid.clone(), r);
+            }
+            return Err(e.into());
+        }
+        self.records.insert(uuid.clone(), r.clone());
+        if action == Action::Throttle {
+            let _ = self.follow(&uuid, guests);
+        }
+        if let Some(e) = kernel_errors.into_iter().next() {
+            return Err(QuarantineError::Kernel(e));
+        }
+        self.store.save(&r)?;
+        self.audit_event("apply", Some(action), &r, reason, by);
+        self.publish_record(&r);
+        Ok(r)
+    }
+
+    /// Lifts the quarantine of `target`.
+    pub fn release(
+        &mut self,
+        target: &str,
+        reason: &str,
+        by: &str,
+        guests: &Guests,
+    ) -> Result<Record, QuarantineError> {
+        let uuid = self.resolve(target, guests)?;
+        let r = self
+            .records
+            .get(&uuid)
+            .cloned()
+            .ok_or_else(|| QuarantineError::NotQuarantined(target.into()))?;
+        let g = Self::guest_of(guests, &uuid);
+        if let (Some(d), Some(g)) = (r.paused, g) {
+            if g.domid == d {
+                self.domctl.unpause(d)?;
+            }
+        }
+        // Throttled vifs get the toolstack's rate back.
+        if let (Some(g), Some(base)) = (g, self.xs_base.clone()) {
+            for v in g.vifs.values() {
+                if let Some(orig) = self.saved_rates.remove(&(uuid.clone(), v.devid)) {
+                    self.publish.push((
+                        format!("{base}/backend/vif/{}/{}/rate", g.domid, v.devid),
+                        orig,
+                    ));
+                }
+            }
+        }
+        self.records.remove(&uuid);
+        let want = self.wanted(guests);
+        let keep = self.corrupt_uuids.clone();
+        let errors: Vec<String> = match self.isolation() {
+            Ok(iso) => iso
+                .sync(&want, &keep)
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        };
+        if let Some(e) = errors.into_iter().next() {
+            // Still held in the kernel: still quarantined.
+            self.records.insert(uuid, r);
+            return Err(QuarantineError::Kernel(e));
+        }
+        self.store.remove(&uuid)?;
+        self.last_step.remove(&uuid);
+        self.audit_event("release", None, &r, reason, by);
+        if let Some(base) = &self.xs_base {
+            self.publish
+                .push((format!("{base}/virtsec/quarantine/{uuid}"), None));
+        }
+        Ok(r)
+    }
+
+    /// Moves the alert's guest one step up its ladder if the alert is severe enough and the
+    /// rate limit allows. Returns the record when an action was taken.
+    pub fn on_alert(
+        &mut self,
+        ev: &AlertEvent,
+        ladder: &[Action],
+        guests: &Guests,
+    ) -> Option<Result<Record, QuarantineError>> {
+        if !self.cfg.auto || ev.priority.unwrap_or(3) > self.cfg.trigger_priority {
+            return None;
+        }
+        let uuid = ev.uuid.clone()?;
+        let held: Vec<Action> = self
+            .records
+            .get(&uuid)
+            .map(|r| r.actions.clone())
+            .unwrap_or_default();
+        let next = ladder.iter().find(|a| !held.contains(a)).copied()?;
+        let now = Instant::now();
+        if let Some(t) = self.last_step.get(&uuid) {
+            if now.duration_since(*t).as_millis() < u128::from(self.cfg.min_step_interval_ms) {
+                self.rate_limited += 1;
+                return None;
+            }
+        }
+        self.last_step.insert(uuid.clone(), now);
+        let reason = format!(
+            "alert [{}:{}] {} from domain {}",
+            ev.gid, ev.sid, ev.msg, ev.domid
+        );
+        Some(self.apply(&uuid, next, &reason, "policy", guests))
+    }
+
+    pub fn ladder(&self) -> &[Action] {
+        &self.cfg.ladder
+    }
+
+    fn publish_record(&mut self, r: &Record) {
+        if let Some(base) = &self.xs_base {
+            let v = serde_json::json!({
+                "actions": r.actions,
+                "reason": r.reason,
+                "since": r.since,
+                "by": r.by,
+                "domid": r.domid,
+                "name": r.name,
+            });
+            self.publish.push((
+                format!("{base}/virtsec/quarantine/{}", r.uuid),
+                Some(v.to_string()),
+            ));
+        }
+    }
+
+    /// Every current record, again (after a XenStore reconnect).
+    pub fn republish(&mut self) {
+        let rs: Vec<Record> = self.records.values().cloned().collect();
+        for r in &rs {
+            self.publish_record(r);
+        }
+    }
+
+    fn audit_event(&mut self, op: &str, action: Option<Action>, r: &Record, why: &str, by: &str) {
+        let v = serde_json::json!({
+            "timestamp": rfc3339(SystemTime::now()),
+            "event_type": "quarantine",
+            "quarantine": {
+                "op": op,
+                "action": action,
+                "actions": r.actions,
+                "reason": why,
+                "by": by,
+            },
+            "xen": {"domid": r.domid, "uuid": r.uuid, "name": r.name},
+        });
+        log::warn!(
+            "quarantine {op}{} of VM {} ({}, domain {}) by {by}: {why}",
+            action
+                .map(|a| format!(" {a:?}").to_lowercase())
+                .unwrap_or_default(),
+            r.uuid,
+            r.name.as_deref().unwrap_or("?"),
+            r.domid.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+        );
+        if let Some(f) = &mut self.eve {
+            let mut line = v.to_string().into_bytes();
+            line.push(b'\n');
+            if let Err(e) = f.write_all(&line) {
+                log::error!("cannot write the quarantine audit record to the EVE file: {e}");
+            }
+        }
+        self.audit.push_back(v);
+        if self.audit.len() > 1000 {
+            self.audit.pop_front();
+        }
+    }
+}
+
+/// Cuts the guest's existing connections: conntrack entries to and from its addresses
+/// (matters where the backend domain routes or NATs its guests; a pure bridge has none).
+fn flush_conntrack(g: &Guest) {
+    for v in g.vifs.values() {
+        for ip in &v.ips {
+            for dir in ["--orig-src", "--orig-dst"] {
+                let _ = std::process::Command::new("conntrack")
+                    .args(["-D", dir, &ip.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_parse() {
+        assert_eq!("isolate".parse::<Action>(), Ok(Action::Isolate));
+        assert!("nuke".parse::<Action>().is_err());
+    }
+}
