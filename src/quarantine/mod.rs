@@ -82,6 +82,10 @@ pub struct Record {
     /// The domid this service paused, to unpause exactly once.
     #[serde(default)]
     pub paused: Option<u32>,
+    /// The toolstack's backend `rate` of each throttled vif (by devid) before the throttle,
+    /// restored on release (`None`: there was none).
+    #[serde(default)]
+    pub rates: BTreeMap<u32, Option<String>>,
 }
 
 /// `[quarantine]`
@@ -186,8 +190,6 @@ pub struct Quarantine {
     pub xs_base: Option<String>,
     /// Steps the rate limit held back.
     pub rate_limited: u64,
-    /// Original backend `rate` values of throttled vifs, to restore on release.
-    saved_rates: BTreeMap<(String, u32), Option<String>>,
 }
 
 impl Quarantine {
@@ -244,7 +246,6 @@ impl Quarantine {
             publish: Vec::new(),
             xs_base: None,
             rate_limited: 0,
-            saved_rates: BTreeMap::new(),
         };
         // With the policy on, the table is set up now so the first isolation is one
         // transaction, not three (the latency budget is milliseconds).
@@ -276,6 +277,7 @@ impl Quarantine {
                 since: now_s(),
                 by: "virtsecd (recovery)".into(),
                 paused: None,
+                rates: BTreeMap::new(),
             };
             log::warn!("quarantine of {u}: {}", r.reason);
             if let Err(e) = q.store.save(&r) {
@@ -395,12 +397,22 @@ impl Quarantine {
                     }
                 }
             }
+            // netback applies the backend `rate` key itself; the nftables policer stands in
+            // where the vif is not a netback device (a veth in the lab).
+            let netback = ports
+                .iter()
+                .any(|p| std::path::Path::new(&format!("/sys/class/net/{p}/device")).exists());
+            let policer = (throttle && !netback).then_some(self.cfg.throttle_kbytes_per_s);
+            if !isolate && policer.is_none() {
+                // Held by netback's rate key alone: nothing for the kernel table.
+                continue;
+            }
             want.insert(
                 r.uuid.clone(),
                 (
                     Hold {
                         isolate,
-                        throttle_kbytes: throttle.then_some(self.cfg.throttle_kbytes_per_s),
+                        throttle_kbytes: policer,
                         allow: self.cfg.allow.clone(),
                     },
                     ports,
@@ -410,18 +422,27 @@ impl Quarantine {
         want
     }
 
+    /// Makes the kernel table hold what the records say (set up on first need).
+    fn sync_kernel(&mut self, guests: &Guests) -> Vec<String> {
+        let want = self.wanted(guests);
+        if want.is_empty() && self.iso.is_none() {
+            return Vec::new();
+        }
+        let keep = self.corrupt_uuids.clone();
+        match self.isolation() {
+            Ok(iso) => iso
+                .sync(&want, &keep)
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
     /// Brings the kernel, the hypervisor and XenStore in line with the records for the
     /// current inventory. Called after every reconcile pass, before anti-spoofing.
     pub fn sync(&mut self, guests: &Guests) -> Vec<String> {
-        let mut errors = Vec::new();
-        let want = self.wanted(guests);
-        if !want.is_empty() || self.iso.is_some() {
-            let keep = self.corrupt_uuids.clone();
-            match self.isolation() {
-                Ok(iso) => errors.extend(iso.sync(&want, &keep).iter().map(|e| e.to_string())),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
+        let mut errors = self.sync_kernel(guests);
         // A paused VM that rebooted (new domid) is paused again; throttled vifs get the rate.
         let uuids: Vec<String> = self.records.keys().cloned().collect();
         for u in uuids {
@@ -452,23 +473,26 @@ impl Quarantine {
             changed = true;
         }
         if r.actions.contains(&Action::Throttle) {
+            // netback's credit scheduler: `bytes` per `usecs` window, read at run time.
             let (bytes, usecs) = (
                 u64::from(self.cfg.throttle_kbytes_per_s) * 1024 / 20,
                 50_000,
             );
             let want = format!("{bytes},{usecs}");
-            let Some(base) = self.xs_base.clone() else {
-                return Ok(());
-            };
-            for v in g.vifs.values() {
-                if v.rate.as_deref() != Some(want.as_str()) {
-                    self.saved_rates
-                        .entry((uuid.to_string(), v.devid))
-                        .or_insert_with(|| v.rate.clone());
-                    self.publish.push((
-                        format!("{base}/backend/vif/{}/{}/rate", g.domid, v.devid),
-                        Some(want.clone()),
-                    ));
+            if let Some(base) = self.xs_base.clone() {
+                for v in g.vifs.values() {
+                    if v.rate.as_deref() != Some(want.as_str()) {
+                        if let std::collections::btree_map::Entry::Vacant(e) =
+                            r2.rates.entry(v.devid)
+                        {
+                            e.insert(v.rate.clone());
+                            changed = true;
+                        }
+                        self.publish.push((
+                            format!("{base}/backend/vif/{}/{}/rate", g.domid, v.devid),
+                            Some(want.clone()),
+                        ));
+                    }
                 }
             }
         }
@@ -499,6 +523,7 @@ impl Quarantine {
             since: now_s(),
             by: by.into(),
             paused: None,
+            rates: BTreeMap::new(),
         });
         if let Some(g) = g {
             r.name = g.name.clone().or(r.name);
@@ -512,16 +537,7 @@ impl Quarantine {
         r.by = by.into();
         // The kernel first: that is what stops the traffic.
         self.records.insert(uuid.clone(), r.clone());
-        let want = self.wanted(guests);
-        let keep = self.corrupt_uuids.clone();
-        let kernel_errors: Vec<String> = match self.isolation() {
-            Ok(iso) => iso
-                .sync(&want, &keep)
-                .iter()
-                .map(|e| e.to_string())
-                .collect(),
-            Err(e) => vec![e.to_string()],
-        };
+        let kernel_errors = self.sync_kernel(guests);
         if action == Action::Isolate {
             if let Some(g) = g {
                 flush_conntrack(g);
@@ -555,10 +571,7 @@ impl Quarantine {
             r.actions.retain(|a| *a != action);
             if r.actions.is_empty() {
                 self.records.remove(&uuid);
-                let want = self.wanted(guests);
-                if let Ok(iso) = self.isolation() {
-                    iso.sync(&want, &keep);
-                }
+                let _ = self.sync_kernel(guests);
             } else {
                 self.records.insert(uuid.clone(), r);
             }
@@ -567,6 +580,7 @@ impl Quarantine {
         self.records.insert(uuid.clone(), r.clone());
         if action == Action::Throttle {
             let _ = self.follow(&uuid, guests);
+            r = self.records.get(&uuid).cloned().unwrap_or(r);
         }
         if let Some(e) = kernel_errors.into_iter().next() {
             return Err(QuarantineError::Kernel(e));
@@ -599,26 +613,17 @@ impl Quarantine {
         }
         // Throttled vifs get the toolstack's rate back.
         if let (Some(g), Some(base)) = (g, self.xs_base.clone()) {
-            for v in g.vifs.values() {
-                if let Some(orig) = self.saved_rates.remove(&(uuid.clone(), v.devid)) {
+            for (devid, orig) in &r.rates {
+                if g.vifs.contains_key(devid) {
                     self.publish.push((
-                        format!("{base}/backend/vif/{}/{}/rate", g.domid, v.devid),
-                        orig,
+                        format!("{base}/backend/vif/{}/{devid}/rate", g.domid),
+                        orig.clone(),
                     ));
                 }
             }
         }
         self.records.remove(&uuid);
-        let want = self.wanted(guests);
-        let keep = self.corrupt_uuids.clone();
-        let errors: Vec<String> = match self.isolation() {
-            Ok(iso) => iso
-                .sync(&want, &keep)
-                .iter()
-                .map(|e| e.to_string())
-                .collect(),
-            Err(e) => vec![e.to_string()],
-        };
+        let errors = self.sync_kernel(guests);
         if let Some(e) = errors.into_iter().next() {
             // Still held in the kernel: still quarantined.
             self.records.insert(uuid, r);

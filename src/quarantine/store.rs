@@ -172,6 +172,7 @@ mod tests {
             since: 1,
             by: "operator".into(),
             paused: None,
+            rates: Default::default(),
         }
     }
 

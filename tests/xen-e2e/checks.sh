@@ -26,7 +26,8 @@ be() { echo "/local/domain/0/backend/vif/$1/$2"; }
 cat > /run/e2e.rules <<'RULES'
 alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; content:"|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00|"; sid:9001; rev:1;)
 RULES
-sed 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
+    -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
 
 start_virtsecd() {
     virtsecd --config /run/e2e.toml --stderr >>/var/log/virtsecd.log 2>&1 &
@@ -196,6 +197,69 @@ if until_ms 15000 in_sync; then
     fi
 else
     notok "virtsecd restarted: inventory rebuilt" "not in sync: $(tail -5 /var/log/virtsecd.log | tr '\n' ' ')"
+fi
+
+# 8b. Quarantine with Xen's primitives on guest2 (it pings dom0 twice a second).
+in_echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' /proc/net/snmp; }
+vif_rx() { cat "/sys/class/net/vif$1.0/statistics/rx_packets"; }
+vif_rx_bytes() { cat "/sys/class/net/vif$1.0/statistics/rx_bytes"; }
+xl_state() { xl list "$1" 2>/dev/null | awk 'NR == 2 {print $5}'; }
+if [ -n "$G2" ] && virtsec quarantine guest2 --action pause --reason "e2e: pause" >/tmp/q.log 2>&1; then
+    st=$(xl_state guest2); r0=$(vif_rx "$G2"); sleep 3; r1=$(vif_rx "$G2")
+    if echo "$st" | grep -q p && [ "$r0" = "$r1" ]; then
+        ok "quarantine --action pause: guest2 paused (xl list state $st) and sending nothing" "vif$G2.0 rx_packets $r0 -> $r1 in 3 s"
+    else
+        notok "quarantine --action pause" "state '$st', rx_packets $r0 -> $r1"
+    fi
+    virtsec release guest2 --reason "e2e: pause done" >>/tmp/q.log 2>&1
+    if until_ms 10000 sh -c "! xl list guest2 | awk 'NR == 2 {print \$5}' | grep -q p" \
+       && until_ms 10000 sh -c "[ \$(cat /sys/class/net/vif$G2.0/statistics/rx_packets) -gt $r1 ]"; then
+        ok "release unpauses guest2 (once) and it sends again" "state $(xl_state guest2), rx_packets $(vif_rx "$G2")"
+    else
+        notok "release unpauses guest2" "state $(xl_state guest2); $(cat /tmp/q.log | tr '\n' ' ')"
+    fi
+else
+    notok "quarantine --action pause" "$(cat /tmp/q.log 2>/dev/null | tr '\n' ' ')"
+fi
+if [ -n "$G2" ] && virtsec quarantine guest2 --action isolate --reason "e2e: isolate" >/tmp/q.log 2>&1; then
+    e0=$(in_echos); r0=$(vif_rx "$G2"); sleep 3; e1=$(in_echos); r1=$(vif_rx "$G2")
+    if [ "$e0" = "$e1" ] && [ "$r1" -gt "$r0" ]; then
+        ok "quarantine --action isolate: guest2's pings arrive on vif$G2.0 and are dropped there" "vif rx_packets $r0 -> $r1, dom0 InEchos $e0 -> $e1"
+    else
+        notok "quarantine --action isolate drops guest2's traffic" "InEchos $e0 -> $e1, rx $r0 -> $r1; $(nft list table bridge virtsec_q 2>&1 | tr '\n' ' ')"
+    fi
+    virtsec release guest2 --reason "e2e: isolate done" >>/tmp/q.log 2>&1
+    if until_ms 10000 sh -c "[ \$(awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if (\$i == \"InEchos\") c = i; h = 1 } else print \$c }' /proc/net/snmp) -gt $e1 ]"; then
+        ok "release lets guest2 reach dom0 again" "InEchos $(in_echos)"
+    else
+        notok "release lets guest2 reach dom0 again" "$(cat /tmp/q.log | tr '\n' ' ')"
+    fi
+else
+    notok "quarantine --action isolate" "$(cat /tmp/q.log 2>/dev/null | tr '\n' ' ')"
+fi
+# Throttle: dom0 pings guest2 with 1400-byte packets every 2 ms for 4 s; the guest's replies
+# (its transmit, which netback's credit scheduler meters) are counted on vif<D>.0.
+load_bytes() { b0=$(vif_rx_bytes "$G2"); ping -q -i 0.002 -s 1400 -w 4 "169.254.1.$((10 + G2))" >/dev/null 2>&1; echo $(( $(vif_rx_bytes "$G2") - b0 )); }
+if [ -n "$G2" ]; then
+    free=$(load_bytes)
+    if virtsec quarantine guest2 --action throttle --reason "e2e: throttle" >/tmp/q.log 2>&1 \
+       && until_ms 5000 sh -c "xenstore-read $(be "$G2" 0)/rate"; then
+        rate=$(xenstore-read "$(be "$G2" 0)/rate")
+        slow=$(load_bytes)
+        if [ "$slow" -lt $((free / 2)) ]; then
+            ok "quarantine --action throttle: backend rate $rate slows guest2" "guest2 sent $free bytes in 4 s free, $slow throttled"
+        else
+            notok "quarantine --action throttle slows guest2" "rate '$rate': $free bytes free vs $slow throttled"
+        fi
+        virtsec release guest2 --reason "e2e: throttle done" >>/tmp/q.log 2>&1
+        if until_ms 5000 sh -c "! xenstore-read $(be "$G2" 0)/rate"; then
+            ok "release restores guest2's rate (none set by the toolstack)" "$(load_bytes) bytes in 4 s"
+        else
+            notok "release restores guest2's rate" "rate still $(xenstore-read "$(be "$G2" 0)/rate")"
+        fi
+    else
+        notok "quarantine --action throttle" "$(cat /tmp/q.log | tr '\n' ' ')"
+    fi
 fi
 
 # 9. xl destroy: the guest is gone within 1 s.

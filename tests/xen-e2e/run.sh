@@ -37,7 +37,7 @@ candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 [ -n "$(candidate xen-hypervisor-4.17-amd64)" ] || apt-get update -qq
 kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [ -n "$kpkg" ] || die "cannot resolve the kernel package behind linux-image-amd64"
-key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v3"
+key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v5"
 key=${key//[:+~]/_}
 img="$cache/$key"
 mkdir -p "$img"
@@ -64,7 +64,7 @@ if [ ! -f "$img/rootfs.done" ]; then
     rm -rf "$img/rootfs"
     mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
     debootstrap --variant=minbase \
-        --include=xen-utils-4.17,xenstore-utils,iproute2,bridge-utils,kmod,iputils-ping,procps,jq \
+        --include=xen-utils-4.17,xenstore-utils,iproute2,bridge-utils,kmod,iputils-ping,procps,jq,nftables \
         bookworm "$img/rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
     r=$img/rootfs
     # Kernel modules dom0 and the guest need (not the whole tree: size is boot time).
@@ -72,7 +72,10 @@ if [ ! -f "$img/rootfs.done" ]; then
     mkdir -p "$m/kernel"
     (cd "$img/modules/$kver" && cp modules.order modules.builtin* "$m/" &&
         for d in kernel/drivers/xen kernel/drivers/net/xen-netback kernel/drivers/net/xen-netfront.ko \
-                 kernel/net/bridge kernel/net/802 kernel/net/llc; do
+                 kernel/net/bridge kernel/net/802 kernel/net/llc \
+                 kernel/net/netfilter/nfnetlink.ko* kernel/net/netfilter/nf_tables.ko* \
+                 kernel/net/netfilter/nft_limit.ko* kernel/lib/libcrc32c.ko* \
+                 kernel/crypto/crc32c_generic.ko* kernel/arch/x86/crypto/crc32c-intel.ko*; do
             [ -e "$d" ] && cp -a --parents "$d" "$m/"
         done)
     chroot "$r" depmod "$kver"
