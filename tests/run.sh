@@ -35,8 +35,13 @@ echo "== cargo clippy -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== build"
 cargo build --locked --bins
-echo "== virtsec lab (default scenario)"
-./target/debug/virtsec lab --run-dir "$(mktemp -d)/lab"
+if [ "$(id -u)" -eq 0 ]; then
+    echo "== virtsec lab (default scenario: namespaces, bridge, traffic, the whole service)"
+    ./target/debug/virtsec lab --run-dir "$(mktemp -d)/lab"
+else
+    echo "== virtsec lab --scenario xenstore (the default scenario needs root)"
+    ./target/debug/virtsec lab --scenario xenstore --run-dir "$(mktemp -d)/lab"
+fi
 echo "== cargo test"
 cargo test --locked
 

@@ -59,13 +59,20 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         sub: Option<LabCmd>,
-        /// Number of simulated guests.
+        /// Number of simulated guests (at least 3 in the default scenario).
         #[arg(long, default_value_t = 3)]
         guests: u32,
+        /// "default" (namespaces, bridge, traffic, the whole service; root) or "xenstore"
+        /// (the XenStore side only; no root needed).
+        #[arg(long, default_value = "default")]
+        scenario: String,
+        /// Leave the simulated host running after the scenario (Ctrl-C or `lab down` ends it).
+        #[arg(long)]
+        keep: bool,
         /// Emit the timeline as JSON lines.
         #[arg(long)]
         json: bool,
-        /// Directory for the lab's sockets (default /run/virtsec-lab as root).
+        /// Directory for the lab's sockets and state (default /run/virtsec-lab as root).
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
         /// virtsecd binary (default: next to this one).
@@ -153,6 +160,11 @@ enum InlineCmd {
 
 #[derive(Subcommand, Debug)]
 enum LabCmd {
+    /// Stop a lab kept with --keep (or killed) and remove everything it created.
+    Down {
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+    },
     /// Write a guest into a (lab) XenStore as libxl does for a PV guest with one vif, or
     /// remove it as libxl does on destroy.
     Guest {
@@ -253,6 +265,35 @@ enum SelftestCmd {
         #[arg(long, value_name = "PATH", default_value = virtsec::xenstore::transport::DEFAULT_SOCKET)]
         xenstore_socket: PathBuf,
     },
+}
+
+/// The default lab needs `ip` (iproute2) and `nft` (nftables); on Debian they are installed
+/// when missing.
+fn lab_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(bin, _)| std::process::Command::new(bin).arg("-V").output().is_err())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("virtsec lab: installing {}", missing.join(" "));
+    let ok = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!(
+            "the lab needs {}: install them (apt-get install {})",
+            missing.join(" and "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
 }
 
 /// Who runs the CLI, for audit records: the sudo user if any, and the uid.
@@ -521,8 +562,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Lab {
+            sub: Some(LabCmd::Down { run_dir }),
+            ..
+        } => {
+            let dir = run_dir.unwrap_or_else(lab::default_run_dir);
+            let done = lab::scenario::down(&dir);
+            if done.is_empty() {
+                println!("no lab to remove");
+            }
+            for d in done {
+                println!("{d}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lab {
             sub: None,
             guests,
+            scenario,
+            keep,
             json,
             run_dir,
             virtsecd,
@@ -540,9 +597,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
                 virtsecd,
                 step_timeout: Duration::from_secs(2),
+                keep,
             };
             let started = std::time::Instant::now();
-            let records = lab::run(&opts)?;
+            let records = match scenario.as_str() {
+                "default" => {
+                    if !nix::unistd::geteuid().is_root() {
+                        bail!("the default lab builds network namespaces, a bridge and nftables rules: run it as root (sudo), or use --scenario xenstore for the XenStore-only timeline");
+                    }
+                    lab_packages()?;
+                    lab::scenario::run(&opts)?
+                }
+                "xenstore" => lab::run_xenstore(&opts)?,
+                other => bail!("unknown scenario {other:?}: expected default or xenstore"),
+            };
             let failed = records.iter().filter(|r| !r.ok).count();
             if !json {
                 println!("lab ran {:.1} s", started.elapsed().as_secs_f64());

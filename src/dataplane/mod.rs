@@ -234,14 +234,17 @@ impl Inspector {
         let c = &self.vif.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if !from_guest && self.already_inspected(data) {
-            c.local.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Pass;
-        }
         let Ok(p) = decode::decode_ethernet(data, &mut self.engine.decode) else {
             return Verdict::Pass;
         };
         let ts = ts_ns / 1000;
+        if !from_guest && self.already_inspected(data) {
+            // Flow state still follows it (the handshake makes `established`); the payload
+            // was inspected at the sender's vif.
+            c.local.fetch_add(1, Ordering::Relaxed);
+            self.engine.track(&p, ts);
+            return Verdict::Pass;
+        }
         if from_guest {
             let findings = match self.vif.behaviour.lock() {
                 Ok(mut b) => {

@@ -196,6 +196,12 @@ impl Engine {
         }
     }
 
+    /// Follows a packet's flow state (handshake, timeouts) without inspecting its payload:
+    /// for frames inspected elsewhere (a local guest's frame at the sender's vif).
+    pub fn track(&mut self, p: &Packet<'_>, ts_us: u64) {
+        let _ = self.flows.track(p, ts_us);
+    }
+
     pub fn flow_stats(&self) -> &FlowStats {
         &self.flows.stats
     }

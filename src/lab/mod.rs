@@ -8,9 +8,12 @@
 //! checked against what `virtsecd` reports through its control socket; the run fails if any
 //! expected effect does not happen in time.
 //!
-//! Today's host is XenStore only; the network side (namespaces, `vifD.N` veths, bridge) joins
-//! the lab with the data plane.
+//! Two scenarios: `default` ([`scenario`], root) adds the network (namespaces, a bridge,
+//! `vif<D>.0` veths, real traffic) and the whole service (inspection, anti-spoofing,
+//! quarantine); `xenstore` (this file, no root needed) follows the XenStore side alone.
 
+pub mod net;
+pub mod scenario;
 pub mod toolstack;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +38,8 @@ pub struct LabOptions {
     pub virtsecd: PathBuf,
     /// How long each step may take to be reflected.
     pub step_timeout: Duration,
+    /// Leave the host running after the scenario (until Ctrl-C or `virtsec lab down`).
+    pub keep: bool,
 }
 
 /// One step of the timeline.
@@ -67,6 +72,10 @@ pub enum LabError {
     Interrupted,
     #[error("virtsecd did not become ready within {0:?}; see {1}")]
     NotReady(Duration, PathBuf),
+    #[error("a lab is already running (pid {0}, {1}); stop it with `sudo virtsec lab down`")]
+    Running(i32, PathBuf),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 /// Default run directory: `/run/virtsec-lab` as root, else under the user's runtime dir.
@@ -193,9 +202,9 @@ fn vif_state(g: &serde_json::Value, devid: u32) -> Option<(&str, &str)> {
     Some((v["state"].as_str()?, v["hotplug_status"].as_str()?))
 }
 
-/// Runs the default scenario. Returns the step records; the caller exits non-zero if any
-/// failed.
-pub fn run(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
+/// Runs the XenStore-only scenario. Returns the step records; the caller exits non-zero if
+/// any failed.
+pub fn run_xenstore(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
