@@ -155,6 +155,12 @@ struct State {
     enforce_errors: Vec<String>,
     quarantine: Option<crate::quarantine::Quarantine>,
     quarantine_errors: Vec<String>,
+    /// Anti-spoofing drop counters last reported, per (vif, reason); `None` before the first
+    /// look (what the kernel counted before this run is not re-reported).
+    violations: Option<std::collections::BTreeMap<(String, String), u64>>,
+    /// Kernel counters per (chain, reason) when anti-spoofing was set up by this run.
+    violation_base: Option<std::collections::BTreeMap<(String, String), u64>>,
+    last_violation_check: Instant,
     alerts_rx: Option<std::sync::mpsc::Receiver<crate::quarantine::AlertEvent>>,
 }
 
@@ -247,6 +253,9 @@ impl Daemon {
                 enforce_errors: Vec::new(),
                 quarantine,
                 quarantine_errors,
+                violations: None,
+                violation_base: None,
+                last_violation_check: now,
                 alerts_rx: Some(alerts_rx),
             },
         })
@@ -481,8 +490,73 @@ impl State {
         }
     }
 
+    /// Reports anti-spoofing drops as events (syslog and EVE `event_type:"antispoof"`, with
+    /// the guest's identity), at most one per vif and reason every 2 s.
+    fn report_violations(&mut self) {
+        let Some(a) = &self.antispoof else { return };
+        if self.last_violation_check.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.last_violation_check = Instant::now();
+        let report = self.antispoof_report(a);
+        let base = self.violation_base.take().unwrap_or_default();
+        let seen = self.violations.get_or_insert_with(Default::default);
+        let mut events = Vec::new();
+        for (ifname, v) in &report {
+            let chain = if ifname == "*" {
+                "*".to_string()
+            } else {
+                crate::enforce::chain_name(ifname)
+            };
+            for (reason, n) in v["drops"].as_object().into_iter().flatten() {
+                let n = n.as_u64().unwrap_or(0);
+                let prev = seen
+                    .insert((ifname.clone(), reason.clone()), n)
+                    .or_else(|| base.get(&(chain.clone(), reason.clone())).copied())
+                    .unwrap_or(0);
+                if n > prev {
+                    events.push((ifname.clone(), reason.clone(), n - prev, n, v.clone()));
+                }
+            }
+        }
+        for (ifname, reason, delta, total, v) in events {
+            let who = if ifname == "*" {
+                "a vif with no policy yet".to_string()
+            } else {
+                format!(
+                    "domain {} ({}) on {ifname}",
+                    v["domid"],
+                    v["name"].as_str().unwrap_or("?")
+                )
+            };
+            log::warn!(
+                "anti-spoofing: {who}: {delta} frame(s) dropped ({reason}), {total} in total"
+            );
+            let line = serde_json::json!({
+                "timestamp": crate::inspect::eve::format_ts(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0)
+                ),
+                "event_type": "antispoof",
+                "antispoof": {"reason": reason, "dropped": delta, "total": total},
+                "xen": {"domid": v["domid"], "uuid": v["uuid"], "name": v["name"], "vif": ifname},
+            });
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.cfg.inspect.eve)
+            {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+
     /// Reconnects when due and detects a xenstored that stopped answering.
     fn maintain(&mut self, poll: &Poll) {
+        self.report_violations();
         let now = Instant::now();
         match &self.link {
             Link::Down { retry_at, backoff } if now >= *retry_at => {
@@ -730,6 +804,14 @@ impl State {
                 None => match crate::enforce::AntiSpoof::init(&self.inventory) {
                     Ok(a) => {
                         log::info!("anti-spoofing rules installed (nftables table bridge virtsec)");
+                        // What the kernel counted before this run is the baseline.
+                        let mut base = std::collections::BTreeMap::new();
+                        for (chain, reasons) in crate::enforce::AntiSpoof::counters() {
+                            for (reason, n) in reasons {
+                                base.insert((chain.clone(), reason), n);
+                            }
+                        }
+                        self.violation_base = Some(base);
                         self.antispoof = Some(a);
                         Vec::new()
                     }

@@ -121,14 +121,44 @@ pub fn vif_rules(p: &VifPolicy) -> Vec<String> {
     }
     if !v6.is_empty() {
         let set = v6.join(", ");
+        // Neighbour advertisements may only claim the guest's own addresses: link-local, the
+        // toolstack's, or its SLAAC (EUI-64) address in any prefix. The target sits at bit 64
+        // of the ICMPv6 header; nft has no named field for it, so it is matched raw.
+        let mut na =
+            vec!["ether type ip6 icmpv6 type nd-neighbor-advert @th,64,10 != 0x3fa".to_string()];
+        for a in p.ips.iter().filter_map(|a| match a {
+            IpAddr::V6(v) => Some(u128::from(*v)),
+            IpAddr::V4(_) => None,
+        }) {
+            na.push(format!("@th,64,128 != 0x{a:032x}"));
+        }
+        if let Some(mac) = p.mac {
+            na.push(format!("@th,128,64 != 0x{:016x}", eui64(mac)));
+        }
+        na.push("counter drop comment \"spoof-na\"".into());
+        r.push(na.join(" "));
         // Duplicate address detection comes from ::; link-local addresses are the guest's own.
         r.push("ether type ip6 ip6 saddr :: icmpv6 type nd-neighbor-solicit accept".into());
+        if let Some(mac) = p.mac {
+            // SLAAC: the guest's EUI-64 interface identifier in whatever prefix it learned.
+            r.push(format!(
+                "ether type ip6 ip6 saddr & ::ffff:ffff:ffff:ffff == {} accept",
+                std::net::Ipv6Addr::from(u128::from(eui64(mac)))
+            ));
+        }
         r.push(format!(
             "ether type ip6 ip6 saddr != {{ fe80::/10, {set} }} counter drop comment \"spoof-ip6\""
         ));
     }
     r.push("accept".into());
     r
+}
+
+/// The modified EUI-64 interface identifier of a MAC (RFC 4291 appendix A): what SLAAC
+/// without privacy extensions appends to a prefix.
+pub fn eui64(mac: MacAddr) -> u64 {
+    let m = mac.0;
+    u64::from_be_bytes([m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
 }
 
 fn base_script(vifs: &[VifPolicy]) -> String {
@@ -350,6 +380,13 @@ mod tests {
         assert!(r.contains("ether saddr != 00:16:3e:00:05:00 counter drop comment \"spoof-mac\""));
         assert!(r.contains("ip saddr != { 192.0.2.5 }"));
         assert!(r.contains("ip6 saddr != { fe80::/10, 2001:db8::5 }"));
+        // SLAAC and neighbour advertisements.
+        assert_eq!(
+            eui64(MacAddr::parse("00:16:3e:00:05:00").unwrap()),
+            0x0216_3eff_fe00_0500
+        );
+        assert!(r.contains("ip6 saddr & ::ffff:ffff:ffff:ffff == ::216:3eff:fe00:500 accept"));
+        assert!(r.contains("@th,64,128 != 0x20010db8000000000000000000000005 @th,128,64 != 0x02163efffe000500 counter drop comment \"spoof-na\""));
         assert!(r.contains("nd-router-advert"));
         assert!(r.ends_with("accept"));
         assert_eq!(chain_name("vif5.0-emu"), "g_vif5_0_emu");

@@ -319,14 +319,21 @@ pub fn send_spoofed_udp(
     dst: Ipv4Addr,
     port: u16,
 ) -> Result<usize, String> {
+    let b = etherparse::PacketBuilder::ethernet2(src_mac, [0xff; 6])
+        .ipv4(forged_src.octets(), dst.octets(), 64)
+        .udp(40000, port);
+    let payload = b"virtsec lab: forged source";
+    let mut frame = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut frame, payload).map_err(|e| e.to_string())?;
+    send_frame(ns, "eth0", frame)
+}
+
+/// From `ns`, one raw Ethernet frame out of `iface` (AF_PACKET): any bytes a guest's kernel
+/// could put on the wire.
+pub fn send_frame(ns: &str, iface: &str, frame: Vec<u8>) -> Result<usize, String> {
+    let iface = iface.to_string();
     in_netns(ns, move || -> Result<usize, String> {
-        let b = etherparse::PacketBuilder::ethernet2(src_mac, [0xff; 6])
-            .ipv4(forged_src.octets(), dst.octets(), 64)
-            .udp(40000, port);
-        let payload = b"virtsec lab: forged source";
-        let mut frame = Vec::with_capacity(b.size(payload.len()));
-        b.write(&mut frame, payload).map_err(|e| e.to_string())?;
-        let ifindex = nix::net::if_::if_nametoindex("eth0").map_err(|e| e.to_string())?;
+        let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|e| e.to_string())?;
         // SAFETY: plain socket(2); the result is checked.
         let fd = unsafe {
             libc::socket(

@@ -72,7 +72,15 @@ pub fn virtsecd(dir: &Path) -> Proc {
 /// TOML sections appended to the test configuration, and waits until it is in sync.
 pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
     let cfg = dir.join("virtsecd.toml");
-    // Quarantine state stays in the test's directory.
+    // EVE output and quarantine state stay in the test's directory.
+    let extra = if extra.contains("[inspect]") {
+        extra.to_string()
+    } else {
+        format!(
+            "{extra}\n[inspect]\neve = {:?}\n",
+            dir.join("eve.json").display().to_string()
+        )
+    };
     let extra = if extra.contains("[quarantine]") {
         extra.to_string()
     } else {
