@@ -110,6 +110,9 @@ pub struct Guest {
     /// From `/local/domain/<id>/vm` (`/vm/<uuid>`); `None` when unreadable (driver domain).
     pub uuid: Option<String>,
     pub name: Option<String>,
+    /// The toolstack's policy label (`/vm/<uuid>/virtsec/label`), if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// `IS_DOMAIN_INTRODUCED`; `None` when it could not be asked.
     pub introduced: Option<bool>,
     pub vifs: BTreeMap<u32, Vif>,

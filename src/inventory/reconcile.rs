@@ -41,6 +41,9 @@ pub enum DomKey {
     Vm,
     Name,
     Introduced,
+    /// `/vm/<uuid>/virtsec/label`: a policy label the toolstack (dom0) may set; the guest
+    /// cannot write under `/vm`.
+    Label,
 }
 
 /// What a reply is for.
@@ -77,6 +80,7 @@ struct VifAcc {
 struct GuestAcc {
     vm: Option<String>,
     name: Option<String>,
+    label: Option<String>,
     introduced: Option<bool>,
     vifs: BTreeMap<u32, VifAcc>,
 }
@@ -197,7 +201,17 @@ impl Pass {
             (Tag::Dom(d, key), res) => {
                 let g = self.guests.entry(d).or_default();
                 match (key, res) {
-                    (DomKey::Vm, Ok(p)) => g.vm = Some(text(&p)),
+                    (DomKey::Vm, Ok(p)) => {
+                        let vm = text(&p);
+                        if vm.strip_prefix("/vm/").is_some_and(valid_uuid) {
+                            let label = format!("{vm}/virtsec/label");
+                            g.vm = Some(vm);
+                            self.push(outbox, Request::Read(label), Tag::Dom(d, DomKey::Label));
+                        } else {
+                            g.vm = Some(vm);
+                        }
+                    }
+                    (DomKey::Label, Ok(p)) => g.label = Some(text(&p)),
                     (DomKey::Name, Ok(p)) => g.name = Some(text(&p)),
                     (DomKey::Introduced, Ok(p)) => g.introduced = Some(strip_nul(&p) != b"F"),
                     (_, Err(e)) if e == "ENOENT" => {}
@@ -279,6 +293,16 @@ impl Pass {
                 }
                 ok
             });
+            let label = g.label.filter(|l| {
+                let ok = !l.is_empty()
+                    && l.len() <= 64
+                    && l.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c));
+                if !ok {
+                    report.invalid_values += 1;
+                }
+                ok
+            });
             let mut vifs = BTreeMap::new();
             for (devid, acc) in g.vifs {
                 if let Some(v) = build_vif(domid, devid, acc, &mut report) {
@@ -291,6 +315,7 @@ impl Pass {
                     domid,
                     uuid,
                     name,
+                    label,
                     introduced: g.introduced,
                     vifs,
                 },
@@ -449,6 +474,27 @@ mod tests {
         assert_eq!(g.len(), 1, "dom0 is not a guest");
         let web = &g[&5];
         assert_eq!(web.name.as_deref(), Some("web1"));
+        assert_eq!(web.label, None);
+        // The toolstack's label under /vm; a label-looking node the guest wrote in its own
+        // tree is not read.
+        s.insert(
+            "/vm/00000000-0000-4000-8000-000000000005/virtsec/label".into(),
+            "dmz".into(),
+        );
+        s.insert(
+            "/local/domain/5/data/virtsec/label".into(),
+            "trusted".into(),
+        );
+        let (g2, _) = run(&s, 0);
+        assert_eq!(g2[&5].label.as_deref(), Some("dmz"));
+        s.insert(
+            "/vm/00000000-0000-4000-8000-000000000005/virtsec/label".into(),
+            "bad label/../x".into(),
+        );
+        let (g3, r3) = run(&s, 0);
+        assert_eq!(g3[&5].label, None);
+        assert!(r3.invalid_values >= 1);
+        s.remove("/vm/00000000-0000-4000-8000-000000000005/virtsec/label");
         assert_eq!(
             web.uuid.as_deref(),
             Some("00000000-0000-4000-8000-000000000005")

@@ -3,8 +3,10 @@
 //! `[[policy]]` entries in the configuration are tried in order; the first whose selectors all
 //! match a guest applies, and the `[inspect]` defaults apply to guests none matches. A guest is
 //! selected by what the toolstack (dom0) wrote about it, never by what the guest wrote: the VM
-//! UUID (`/local/domain/<D>/vm` → `/vm/<uuid>`) or its name (`/local/domain/<D>/name`, set by
-//! the toolstack and read-only to the guest) against a pattern with `*` and `?`.
+//! UUID (`/local/domain/<D>/vm` → `/vm/<uuid>`), its name (`/local/domain/<D>/name`, set by
+//! the toolstack and read-only to the guest) against a pattern with `*` and `?`, or a label
+//! the toolstack or orchestration wrote at `/vm/<uuid>/virtsec/label` (under `/vm`, which
+//! guests cannot write).
 
 use serde::Deserialize;
 
@@ -19,6 +21,8 @@ pub struct PolicyEntry {
     pub uuid: Option<String>,
     /// A pattern on the guest's name (`*` any run, `?` one character).
     pub name: Option<String>,
+    /// The toolstack's label for the VM (`/vm/<uuid>/virtsec/label` in XenStore).
+    pub label: Option<String>,
     /// Inspection mode for the guest's vifs.
     pub mode: Option<Mode>,
     /// The guest's quarantine ladder (instead of `[quarantine] ladder`); empty: never
@@ -40,7 +44,12 @@ impl PolicyEntry {
             (Some(pat), Some(have)) => glob(pat.as_bytes(), have.as_bytes()),
             (Some(_), None) => false,
         };
-        uuid_ok && name_ok
+        let label_ok = match (&self.label, &g.label) {
+            (None, _) => true,
+            (Some(want), Some(have)) => want == have,
+            (Some(_), None) => false,
+        };
+        uuid_ok && name_ok && label_ok
     }
 }
 
@@ -125,6 +134,7 @@ mod tests {
             domid: 5,
             uuid: None,
             name: Some("web-1".into()),
+            label: None,
             introduced: Some(true),
             vifs: Default::default(),
         };
@@ -134,5 +144,15 @@ mod tests {
         g.uuid = None;
         g.name = None;
         assert_eq!(p.of(&g).mode, Mode::Passive);
+        // A toolstack label selects too.
+        let cfg = Config::parse(
+            "[[policy]]\nlabel = \"dmz\"\nmode = \"inline\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("parses");
+        let p = Policies::from_config(&cfg);
+        assert_eq!(p.of(&g).mode, Mode::Passive);
+        g.label = Some("dmz".into());
+        assert_eq!(p.of(&g).mode, Mode::Inline);
     }
 }
