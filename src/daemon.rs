@@ -55,6 +55,9 @@ enum Op {
     Unwatch,
     /// A write or removal of what the service publishes (quarantine state, throttle rate).
     Publish(String),
+    /// A XenStore quarantine request's value / permissions (by request id).
+    ReqValue(String),
+    ReqPerms(String),
 }
 
 /// XenStore side of the status report.
@@ -158,6 +161,17 @@ struct State {
     /// Anti-spoofing drop counters last reported, per (vif, reason); `None` before the first
     /// look (what the kernel counted before this run is not re-reported).
     violations: Option<std::collections::BTreeMap<(String, String), u64>>,
+    /// Readiness was reported to the init system.
+    ready_sent: bool,
+    /// XenStore quarantine requests being read: (value, permissions) per id.
+    #[allow(clippy::type_complexity)]
+    requests: std::collections::HashMap<
+        String,
+        (
+            Option<Result<Vec<u8>, String>>,
+            Option<Result<Vec<u8>, String>>,
+        ),
+    >,
     /// Kernel counters per (chain, reason) when anti-spoofing was set up by this run.
     violation_base: Option<std::collections::BTreeMap<(String, String), u64>>,
     last_violation_check: Instant,
@@ -254,6 +268,8 @@ impl Daemon {
                 quarantine,
                 quarantine_errors,
                 violations: None,
+                ready_sent: false,
+                requests: Default::default(),
                 violation_base: None,
                 last_violation_check: now,
                 alerts_rx: Some(alerts_rx),
@@ -667,12 +683,31 @@ impl State {
             q.republish();
         }
         let backend = format!("/local/domain/{d}/backend/vif");
+        // Automation's request directory: ours, writable (not readable) by every domain;
+        // only requests whose node dom0 created are executed (quarantine::requests).
+        let req_dir = format!("/local/domain/{d}/virtsec/request");
+        if self.quarantine.is_some() {
+            self.submit(
+                Request::Mkdir(req_dir.clone()),
+                Op::Publish(req_dir.clone()),
+            );
+            self.submit(
+                Request::SetPerms(req_dir.clone(), vec![format!("w{d}")]),
+                Op::Publish(req_dir.clone()),
+            );
+        }
         for (path, token) in [
             ("@introduceDomain".to_string(), "domains"),
             ("@releaseDomain".to_string(), "domains"),
             (backend, "backend"),
         ] {
             self.submit(Request::Watch(path.clone(), token.into()), Op::Watch(path));
+        }
+        if self.quarantine.is_some() {
+            self.submit(
+                Request::Watch(req_dir.clone(), "request".into()),
+                Op::Watch(req_dir),
+            );
         }
         self.request_reconcile();
     }
@@ -732,6 +767,14 @@ impl State {
                 log::warn!("xenstored refused a watch on {path}: {e}; changes there are seen only on the next reconcile");
             }
             Completion::Reply(Op::Unwatch, _) => {}
+            Completion::Reply(Op::ReqValue(id), res) => {
+                self.requests.entry(id.clone()).or_default().0 = Some(res);
+                self.on_request(&id);
+            }
+            Completion::Reply(Op::ReqPerms(id), res) => {
+                self.requests.entry(id.clone()).or_default().1 = Some(res);
+                self.on_request(&id);
+            }
             Completion::Reply(Op::Publish(_), Ok(_)) => {}
             Completion::Reply(Op::Publish(path), Err(e)) => {
                 log::warn!("cannot publish {path} in XenStore: {e}");
@@ -762,6 +805,18 @@ impl State {
             return;
         }
         match token {
+            "request" => {
+                let Some(d) = self.self_domid else { return };
+                let dir = format!("/local/domain/{d}/virtsec/request/");
+                if let Some(id) = path.strip_prefix(&dir) {
+                    if crate::quarantine::requests::valid_id(id) && !self.requests.contains_key(id)
+                    {
+                        self.requests.insert(id.to_string(), (None, None));
+                        self.submit(Request::Read(path.to_string()), Op::ReqValue(id.into()));
+                        self.submit(Request::GetPerms(path.to_string()), Op::ReqPerms(id.into()));
+                    }
+                }
+            }
             "domains" | "backend" => self.request_reconcile(),
             t if t.starts_with("name/") => self.request_reconcile(),
             _ => {}
@@ -829,7 +884,74 @@ impl State {
         self.sync_guest_watches();
         if std::mem::take(&mut self.dirty) {
             self.request_reconcile();
+        } else if !self.ready_sent {
+            self.ready_sent = true;
+            let vifs: usize = self.inventory.values().map(|g| g.vifs.len()).sum();
+            crate::notify::ready(&format!(
+                "{} guests, {vifs} vifs under policy",
+                self.inventory.len()
+            ));
         }
+    }
+
+    /// A XenStore request whose value and permissions are both in: decide, execute, answer.
+    fn on_request(&mut self, id: &str) {
+        let Some((Some(value), Some(perms))) = self.requests.get(id).cloned() else {
+            return;
+        };
+        self.requests.remove(id);
+        let Some(d) = self.self_domid else { return };
+        let base = format!("/local/domain/{d}/virtsec");
+        let node = format!("{base}/request/{id}");
+        let value = match value {
+            Ok(v) => v,
+            // Removed before it was read (e.g. answered already): nothing to do.
+            Err(_) => return,
+        };
+        let Some(q) = self.quarantine.as_mut() else {
+            return;
+        };
+        let decision = match perms {
+            Ok(p) => crate::quarantine::requests::decide(&value, &p),
+            Err(e) => Err(crate::quarantine::requests::Refusal::NoPerms(e)),
+        };
+        use crate::quarantine::requests::XsRequest;
+        let answer = match decision {
+            Ok(XsRequest::Quarantine {
+                target,
+                action,
+                reason,
+            }) => match action.parse() {
+                Ok(a) => q
+                    .apply(
+                        &target,
+                        a,
+                        &reason,
+                        "xenstore request (dom0)",
+                        &self.inventory,
+                    )
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            },
+            Ok(XsRequest::Release { target, reason }) => q
+                .release(&target, &reason, "xenstore request (dom0)", &self.inventory)
+                .map_err(|e| e.to_string()),
+            Err(refusal) => {
+                q.audit_refused(&format!("XenStore {node}"), &refusal.to_string());
+                Err(refusal.to_string())
+            }
+        };
+        let body = match answer {
+            Ok(r) => serde_json::json!({"ok": true, "record": r}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        };
+        let resp = format!("{base}/response/{id}");
+        self.submit(
+            Request::Write(resp.clone(), body.to_string().into_bytes()),
+            Op::Publish(resp),
+        );
+        self.submit(Request::Rm(node.clone()), Op::Publish(node));
+        self.flush_publish();
     }
 
     /// Writes what the quarantine manager publishes to XenStore.

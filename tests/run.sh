@@ -45,6 +45,13 @@ fi
 echo "== cargo test"
 cargo test --locked
 
+if [ "$(id -u)" -eq 0 ]; then
+    echo "== packages (.deb into a debootstrapped Debian 12 chroot, lintian, .rpm)"
+    tests/packaging/run.sh
+else
+    echo "== packages SKIPPED: building and installing them in a chroot needs root" >&2
+fi
+
 if [ "${XEN_E2E:-run}" = skip ]; then
     echo "== xen-e2e SKIPPED because XEN_E2E=skip: nothing was checked against a real Xen host" >&2
 elif [ "$(id -u)" -ne 0 ]; then

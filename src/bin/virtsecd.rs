@@ -27,6 +27,52 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Run in the background (SysV init): the parent exits 0 once the service is ready, 1 if
+    /// it is not within --ready-timeout seconds.
+    #[arg(long)]
+    daemonize: bool,
+    /// Write the service's pid here.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    ready_timeout: u64,
+}
+
+/// Forks; the parent waits for the child's readiness byte and exits with its verdict.
+fn daemonize(timeout_s: u64) -> anyhow::Result<()> {
+    use nix::unistd::{fork, pipe, setsid, ForkResult};
+    let (r, w) = pipe().context("pipe")?;
+    // SAFETY: called before any thread is started (nothing else runs in this process yet).
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Parent { .. } => {
+            drop(w);
+            let mut pfd = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&r),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = (timeout_s * 1000).min(i32::MAX as u64) as i32;
+            let ready = nix::poll::poll(
+                &mut pfd,
+                nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+            )
+            .map(|n| n > 0)
+            .unwrap_or(false)
+                && {
+                    let mut b = [0u8; 1];
+                    matches!(
+                        nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&r), &mut b),
+                        Ok(1)
+                    )
+                };
+            std::process::exit(if ready { 0 } else { 1 });
+        }
+        ForkResult::Child => {
+            drop(r);
+            let _ = setsid();
+            virtsec::notify::set_ready_pipe(w);
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,6 +103,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.check_config {
         println!("{}: configuration OK", path.display());
         return Ok(());
+    }
+    if args.daemonize {
+        daemonize(args.ready_timeout)?;
+    }
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write the pid file {}", p.display()))?;
     }
     let target = if args.stderr {
         LogTarget::Stderr

@@ -27,6 +27,7 @@
 //! guest's `[[policy]] ladder`), at most one step per `min_step_interval_ms`, so a noisy guest
 //! cannot flood actions.
 
+pub mod requests;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -698,6 +699,25 @@ impl Quarantine {
         let rs: Vec<Record> = self.records.values().cloned().collect();
         for r in &rs {
             self.publish_record(r);
+        }
+    }
+
+    /// Audits a request that was not executed (e.g. a XenStore request not written by dom0).
+    pub fn audit_refused(&mut self, source: &str, why: &str) {
+        let v = serde_json::json!({
+            "timestamp": rfc3339(SystemTime::now()),
+            "event_type": "quarantine",
+            "quarantine": {"op": "refused", "source": source, "reason": why},
+        });
+        log::warn!("quarantine request from {source} refused: {why}");
+        if let Some(f) = &mut self.eve {
+            let mut line = v.to_string().into_bytes();
+            line.push(b'\n');
+            let _ = f.write_all(&line);
+        }
+        self.audit.push_back(v);
+        if self.audit.len() > 1000 {
+            self.audit.pop_front();
         }
     }
 
