@@ -304,8 +304,16 @@ impl Daemon {
                             match sig {
                                 SIGHUP => {
                                     log::info!(
-                                        "SIGHUP: configuration changes take effect on restart in this version; XenStore state is re-read now"
+                                        "SIGHUP: re-reading XenStore, reloading rules, reopening the EVE file (other settings take effect on restart)"
                                     );
+                                    if let Some(dp) = self.state.dataplane.as_mut() {
+                                        if let Err(e) = dp.reload_rules() {
+                                            log::error!(
+                                                "rule reload failed, the old rules stay: {e}"
+                                            );
+                                        }
+                                        dp.reopen_eve();
+                                    }
                                     self.state.request_reconcile();
                                 }
                                 _ => {
@@ -364,6 +372,14 @@ impl State {
                         .map_err(|e| e.to_string());
                     self.flush_publish();
                     serde_json::to_value(r?)
+                }
+                ControlRequest::ReloadRules => {
+                    let dp = self
+                        .dataplane
+                        .as_mut()
+                        .ok_or("no data plane: [inspect] rules is empty and behaviour is off")?;
+                    let summary = dp.reload_rules()?;
+                    Ok(serde_json::json!({ "summary": summary }))
                 }
                 ControlRequest::Quarantined => {
                     let q = self.quarantine.as_ref().ok_or(

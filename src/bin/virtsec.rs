@@ -256,6 +256,9 @@ enum RulesCmd {
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Make the running virtsecd reload its rule files (compiled off the packet path and
+    /// swapped atomically; a failed load keeps the old rules and says why).
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -684,6 +687,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &mut |w| eprintln!("warning: {w}"),
             )?;
             eprintln!("{}", serde_json::to_string(&s)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rules {
+            sub: RulesCmd::Reload,
+        } => {
+            let r = control::call(&cli.control_socket, &ControlRequest::ReloadRules)?;
+            println!("rules reloaded: {}", r["summary"].as_str().unwrap_or("?"));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rules {

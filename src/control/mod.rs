@@ -59,6 +59,8 @@ pub enum ControlRequest {
     },
     /// Quarantined VMs, unreadable state files and recent audit records.
     Quarantined,
+    /// Reload the rule files (a failed load keeps the old rules).
+    ReloadRules,
 }
 
 /// Errors on either side of the socket.

@@ -62,6 +62,7 @@ pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
     let fds = [guest.raw_fd(), sw.raw_fd()];
     let c = &vif.counters;
     while !vif.stopping() {
+        ins.maybe_reload();
         let ready = match wait_readable(&fds, 100) {
             Ok(r) => r,
             Err(e) => {

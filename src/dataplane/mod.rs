@@ -147,9 +147,16 @@ struct VifShared {
     behaviour: Mutex<Behaviour>,
     out: Arc<Outputs>,
     stop: AtomicU8,
+    /// Engines built with reloaded rules, one per worker, taken between frames.
+    next: Mutex<Vec<Option<Engine>>>,
 }
 
 impl VifShared {
+    /// A reloaded engine for worker `i`, if one is waiting.
+    fn take_next(&self, i: usize) -> Option<Engine> {
+        self.next.lock().ok()?.get_mut(i)?.take()
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed) != RUN
     }
@@ -206,6 +213,8 @@ impl VifShared {
 struct Inspector {
     engine: Engine,
     vif: Arc<VifShared>,
+    /// This worker's index among the vif's workers.
+    index: usize,
 }
 
 impl Inspector {
@@ -221,11 +230,20 @@ impl Inspector {
             Ok(d) => Some(Inspector {
                 engine: Engine::new(d, limits),
                 vif,
+                index: 0,
             }),
             Err(e) => {
                 log::error!("{}: cannot build the matcher: {e}", vif.ifname);
                 None
             }
+        }
+    }
+
+    /// Switches to an engine with reloaded rules if one is waiting (between frames: the swap
+    /// is atomic for the traffic; flows restart their stream state).
+    fn maybe_reload(&mut self) {
+        if let Some(e) = self.vif.take_next(self.index) {
+            self.engine = e;
         }
     }
 
@@ -447,7 +465,12 @@ impl DataPlane {
     }
 
     fn spawn(&mut self, ifname: String, ident: XenIdentity, mode: Mode) -> Worker {
+        let nworkers = match mode {
+            Mode::Passive => self.opts.workers_per_vif.max(1),
+            Mode::Inline => 1,
+        };
         let shared = Arc::new(VifShared {
+            next: Mutex::new((0..nworkers).map(|_| None).collect()),
             ifname: ifname.clone(),
             local_macs: self.local_macs.clone(),
             counters: VifCounters::default(),
@@ -471,7 +494,8 @@ impl DataPlane {
                     let h = std::thread::Builder::new()
                         .name(format!("vif {ifname}/{i}"))
                         .spawn(move || {
-                            if let Some(ins) = Inspector::new(&rules, backend, past, sh) {
+                            if let Some(mut ins) = Inspector::new(&rules, backend, past, sh) {
+                                ins.index = i;
                                 passive::run(ins, group, ring_mib);
                             }
                         });
@@ -506,6 +530,64 @@ impl DataPlane {
             mode,
             shared,
             handles,
+        }
+    }
+
+    /// Reloads the rule files: parsed and compiled here, off the packet path; on success
+    /// every worker switches to its new engine between two frames; on failure nothing
+    /// changes and the error says why. Returns the new rule set's summary.
+    pub fn reload_rules(&mut self) -> Result<String, String> {
+        let rs = crate::inspect::load_rules(&self.opts.rules).map_err(|e| e.to_string())?;
+        for w in &rs.skipped {
+            log::warn!("{w}");
+        }
+        let summary = rs.summary();
+        let mut limits = FlowLimits::default();
+        limits.stream.inspect_past_depth = self.opts.inspect_past_depth;
+        let build = || -> Result<Engine, String> {
+            Detector::new(rs.rules.clone(), self.opts.backend)
+                .map(|d| Engine::new(d, limits))
+                .map_err(|e| format!("the new rules do not compile: {e}"))
+        };
+        // One engine per worker, all built before any is handed over.
+        let mut staged = Vec::new();
+        for w in self.workers.values() {
+            let n = w.shared.next.lock().map(|v| v.len()).unwrap_or(0);
+            let mut engines = Vec::with_capacity(n);
+            for _ in 0..n {
+                engines.push(Some(build()?));
+            }
+            staged.push((w.shared.clone(), engines));
+        }
+        if self.workers.is_empty() {
+            build()?;
+        }
+        for (sh, engines) in staged {
+            if let Ok(mut slot) = sh.next.lock() {
+                *slot = engines;
+            }
+        }
+        self.rules = Arc::new(rs.rules);
+        log::info!("rules reloaded: {summary}");
+        Ok(summary)
+    }
+
+    /// Reopens the EVE file (after logrotate moved it).
+    pub fn reopen_eve(&self) {
+        let (Some(path), Some(eve)) = (&self.opts.eve, &self.out.eve) else {
+            return;
+        };
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => {
+                if let Ok(mut cur) = eve.lock() {
+                    *cur = f;
+                }
+            }
+            Err(e) => log::error!("cannot reopen the EVE file {}: {e}", path.display()),
         }
     }
 

@@ -39,6 +39,7 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
     log::info!("{}: inspection attached (passive)", vif.ifname);
     let mut last_drops = 0;
     while !vif.stopping() {
+        ins.maybe_reload();
         let res = ring.poll(Duration::from_millis(100), &mut |f| {
             ins.frame(f.data, f.ts_ns, !f.outgoing);
         });
