@@ -39,8 +39,17 @@ pub struct Config {
     pub enforce: EnforceConfig,
     pub behaviour: crate::detect::behaviour::BehaviourConfig,
     pub quarantine: crate::quarantine::QuarantineConfig,
+    pub metrics: MetricsConfig,
     /// `[[policy]]`: per-guest choices, first match wins (see [`crate::policy`]).
     pub policy: Vec<crate::policy::PolicyEntry>,
+}
+
+/// `[metrics]`: Prometheus text metrics.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `GET /metrics` on (keep it local); unset: off.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[enforce]`: rules held in the kernel.
@@ -273,6 +282,16 @@ impl From<LogLevel> for log::LevelFilter {
 pub struct LogConfig {
     pub target: LogTarget,
     pub level: LogLevel,
+    /// Syslog message format: "rfc5424" (events carry structured data) or "rfc3164".
+    pub syslog_format: SyslogFormat,
+}
+
+/// `[log] syslog_format`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogFormat {
+    Rfc5424,
+    Rfc3164,
 }
 
 impl Default for LogConfig {
@@ -280,6 +299,7 @@ impl Default for LogConfig {
         LogConfig {
             target: LogTarget::Syslog,
             level: LogLevel::Info,
+            syslog_format: SyslogFormat::Rfc5424,
         }
     }
 }

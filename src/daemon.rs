@@ -33,6 +33,8 @@ const CONTROL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 /// Data-plane workers wake the loop when alerts wait for the quarantine policy.
 const WAKE: Token = Token(3);
+/// Prometheus scrapes.
+const METRICS: Token = Token(4);
 const CONTROL_CONN_BASE: usize = 16;
 
 /// Errors that stop the service.
@@ -183,6 +185,7 @@ pub struct Daemon {
     poll: Poll,
     control: ControlServer,
     signals: Signals,
+    metrics: Option<mio::net::TcpListener>,
     state: State,
 }
 
@@ -200,6 +203,21 @@ impl Daemon {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut metrics = match cfg.metrics.listen {
+            Some(addr) => {
+                let mut l = mio::net::TcpListener::bind(addr).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on {addr} for [metrics]: {e}"),
+                    )
+                })?;
+                poll.registry()
+                    .register(&mut l, METRICS, Interest::READABLE)?;
+                log::info!("Prometheus metrics on http://{addr}/metrics");
+                Some(l)
+            }
+            None => None,
+        };
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
         let (alerts_tx, alerts_rx) = std::sync::mpsc::channel();
         let sink = crate::dataplane::AlertSink::new(alerts_tx, waker);
@@ -242,6 +260,7 @@ impl Daemon {
             poll,
             control,
             signals,
+            metrics: metrics.take(),
             state: State {
                 self_domid: cfg.xenstore.domid,
                 link: Link::Down {
@@ -298,6 +317,17 @@ impl Daemon {
                 match ev.token() {
                     XS => self.state.on_xs_ready(&self.poll),
                     WAKE => self.state.on_alerts(),
+                    METRICS => {
+                        while let Some(Ok((conn, _))) = self.metrics.as_ref().map(|l| l.accept()) {
+                            use std::os::fd::{FromRawFd, IntoRawFd};
+                            // SAFETY: the descriptor comes from mio's accepted stream, whose
+                            // ownership moves here.
+                            let std_conn =
+                                unsafe { std::net::TcpStream::from_raw_fd(conn.into_raw_fd()) };
+                            let state = &self.state;
+                            crate::metrics::serve(std_conn, || state.metrics());
+                        }
+                    }
                     CONTROL => self.control.accept(self.poll.registry()),
                     SIGNALS => {
                         for sig in self.signals.pending() {
@@ -522,6 +552,84 @@ impl State {
         }
     }
 
+    /// The Prometheus exposition.
+    fn metrics(&self) -> String {
+        let mut e = crate::metrics::Exposition::new();
+        e.family("virtsec_up", "gauge", "1 while virtsecd runs.");
+        e.sample("virtsec_up", &[], 1.0);
+        e.family(
+            "virtsec_xenstore_connected",
+            "gauge",
+            "1 while the XenStore link is up.",
+        );
+        e.sample(
+            "virtsec_xenstore_connected",
+            &[],
+            f64::from(u8::from(matches!(self.link, Link::Up(_)))),
+        );
+        e.family("virtsec_guests", "gauge", "Guests in the inventory.");
+        e.sample("virtsec_guests", &[], self.inventory.len() as f64);
+        e.family("virtsec_vifs", "gauge", "Vifs in the inventory.");
+        let vifs: usize = self.inventory.values().map(|g| g.vifs.len()).sum();
+        e.sample("virtsec_vifs", &[], vifs as f64);
+        e.family(
+            "virtsec_reconciles_total",
+            "counter",
+            "XenStore reconcile passes.",
+        );
+        e.sample("virtsec_reconciles_total", &[], self.xs.reconciles as f64);
+        if let Some(dp) = &self.dataplane {
+            dp.metrics(&mut e);
+        }
+        if let Some(a) = &self.antispoof {
+            e.family(
+                "virtsec_antispoof_drops_total",
+                "counter",
+                "Frames dropped by anti-spoofing, per vif and reason.",
+            );
+            for (ifname, v) in self.antispoof_report(a) {
+                for (reason, n) in v["drops"].as_object().into_iter().flatten() {
+                    e.sample(
+                        "virtsec_antispoof_drops_total",
+                        &[("vif", &ifname), ("reason", reason)],
+                        n.as_f64().unwrap_or(0.0),
+                    );
+                }
+            }
+        }
+        if let Some(q) = &self.quarantine {
+            e.family(
+                "virtsec_quarantined_vms",
+                "gauge",
+                "VMs under quarantine, per action.",
+            );
+            let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+            for r in q.records() {
+                for a in &r.actions {
+                    *by.entry(format!("{a:?}").to_lowercase()).or_insert(0) += 1;
+                }
+            }
+            for a in ["throttle", "isolate", "pause", "detach"] {
+                e.sample(
+                    "virtsec_quarantined_vms",
+                    &[("action", a)],
+                    by.get(a).copied().unwrap_or(0) as f64,
+                );
+            }
+            e.family(
+                "virtsec_quarantine_rate_limited_total",
+                "counter",
+                "Policy steps held back by the rate limit.",
+            );
+            e.sample(
+                "virtsec_quarantine_rate_limited_total",
+                &[],
+                q.rate_limited as f64,
+            );
+        }
+        e.finish()
+    }
+
     /// Reports anti-spoofing drops as events (syslog and EVE `event_type:"antispoof"`, with
     /// the guest's identity), at most one per vif and reason every 2 s.
     fn report_violations(&mut self) {
@@ -562,6 +670,12 @@ impl State {
                 )
             };
             log::warn!(
+                target: "virtsec::event::antispoof",
+                vif = ifname.as_str(),
+                reason = reason.as_str(),
+                dropped = delta,
+                total = total,
+                domid = v["domid"].to_string().as_str();
                 "anti-spoofing: {who}: {delta} frame(s) dropped ({reason}), {total} in total"
             );
             let line = serde_json::json!({
@@ -699,8 +813,9 @@ impl State {
             q.republish();
         }
         let backend = format!("/local/domain/{d}/backend/vif");
-        // Automation's request directory: ours, writable (not readable) by every domain;
-        // only requests whose node dom0 created are executed (quarantine::requests).
+        // Automation's request directory: ours, and no other domain's (dom0 writes anyway, being
+        // privileged). Requests are also executed only if GET_PERMS names dom0 as the node's
+        // owner (quarantine::requests), for setups where the directory is shared.
         let req_dir = format!("/local/domain/{d}/virtsec/request");
         if self.quarantine.is_some() {
             self.submit(
@@ -708,7 +823,7 @@ impl State {
                 Op::Publish(req_dir.clone()),
             );
             self.submit(
-                Request::SetPerms(req_dir.clone(), vec![format!("w{d}")]),
+                Request::SetPerms(req_dir.clone(), vec![format!("n{d}")]),
                 Op::Publish(req_dir.clone()),
             );
         }

@@ -25,6 +25,7 @@ pub mod inventory;
 pub mod lab;
 pub mod labxs;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod quarantine;

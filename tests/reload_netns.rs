@@ -1,6 +1,7 @@
 //! Rule hot reload: `virtsec rules reload` (and SIGHUP) swap the rules of a running virtsecd
 //! without a restart: after the reload the new rule fires and the old one does not; a reload
-//! that cannot load the files keeps the old rules and says why. Needs root; skipped otherwise.
+//! that cannot load the files keeps the old rules and says why. The Prometheus endpoint
+//! reports the vif's frames, flows and alerts by rule. Needs root; skipped otherwise.
 
 mod common;
 
@@ -19,6 +20,20 @@ fn alerts(dir: &std::path::Path, sid: u64) -> usize {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|a| a["alert"]["signature_id"] == sid)
         .count()
+}
+
+/// `GET path` on the metrics address inside namespace `ns`.
+fn scrape(ns: &str, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.0\r\n\r\n");
+    virtsec::lab::net::in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics listener");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .unwrap()
 }
 
 fn hit(dd: &str, g: &str, payload: &str) {
@@ -43,6 +58,7 @@ fn rules_reload_swaps_rules_and_a_failed_reload_keeps_the_old_ones() {
     let (dd, g5) = (format!("vrl{id}"), format!("vrl5{id}"));
     ip(&["netns", "add", &dd]);
     let _ns = Netns(vec![dd.clone(), g5.clone()]);
+    ip(&["-n", &dd, "link", "set", "lo", "up"]);
     guest_behind_vif(&dd, &g5, "vif5.0", "10.93.5.2/24", None);
     ip(&["-n", &dd, "addr", "add", "10.93.5.1/24", "dev", "vif5.0"]);
     ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
@@ -55,7 +71,7 @@ fn rules_reload_swaps_rules_and_a_failed_reload_keeps_the_old_ones() {
     };
     std::fs::write(&rules, rule(7301, "first-secret")).unwrap();
     let extra = format!(
-        "[inspect]\nrules = [{:?}]\neve = {:?}\n",
+        "[metrics]\nlisten = \"127.0.0.1:9477\"\n[inspect]\nrules = [{:?}]\neve = {:?}\n",
         rules.display().to_string(),
         dir.path().join("eve.json").display().to_string()
     );
@@ -69,6 +85,25 @@ fn rules_reload_swaps_rules_and_a_failed_reload_keeps_the_old_ones() {
     wait_for("sid 7301", Duration::from_secs(3), || {
         alerts(dir.path(), 7301) == 1
     });
+    // Prometheus sees the same.
+    let m = scrape(&dd, "/metrics");
+    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+    assert!(
+        m.contains("virtsec_alerts_total{gid=\"1\",sid=\"7301\"} 1\n"),
+        "{m}"
+    );
+    assert!(m.contains("virtsec_guests 1\n"), "{m}");
+    let frames = m
+        .lines()
+        .find(|l| l.starts_with("virtsec_vif_frames_total{vif=\"vif5.0\",domid=\"5\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(frames > 0.0, "{m}");
+    assert!(
+        m.contains("virtsec_vif_flows{vif=\"vif5.0\",domid=\"5\"}"),
+        "{m}"
+    );
+    assert!(scrape(&dd, "/nope").starts_with("HTTP/1.0 404"));
 
     // Reload with another rule: the new one fires, the old one no longer does.
     std::fs::write(&rules, rule(7302, "second-secret")).unwrap();

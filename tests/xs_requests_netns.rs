@@ -1,7 +1,8 @@
 //! Automation through XenStore: a quarantine request written by dom0 under the service's
 //! request directory is executed and answered; the same request written by a guest (through
-//! its own domain socket, so xenstored records the guest as the node's owner) is refused and
-//! audited, and changes nothing. Runs virtsecd in a network namespace (real nftables). Needs
+//! its own domain socket) is refused by xenstored (the directory is the service's), and one
+//! whose node dom0 did not create is refused by the service and audited; neither changes
+//! anything. Runs virtsecd in a network namespace (real nftables). Needs
 //! root; skipped otherwise.
 
 mod common;
@@ -89,37 +90,56 @@ fn dom0_requests_are_executed_and_guest_requests_refused() {
         .unwrap();
     assert!(stdout(&nft).contains("qi_5e1ab000_0000_4000_8000_000000000005"));
 
-    // The guest writes the same kind of request (it may: the directory is write-only for
-    // everyone) to free itself: refused, audited, nothing changes.
-    guest
+    // The guest writes the same kind of request to free itself: xenstored refuses the write
+    // (the directory is the service's), nothing changes.
+    let err = guest
         .write(
             "/local/domain/0/virtsec/request/free-me",
             r#"{"op":"release","target":"web","reason":"trust me"}"#,
         )
-        .unwrap();
-    wait_for(
-        "the guest's request answered",
-        Duration::from_secs(5),
-        || response(&mut dom0, "free-me").is_some(),
-    );
-    let r = response(&mut dom0, "free-me").unwrap();
-    assert_eq!(r["ok"], false);
-    assert!(
-        r["error"].as_str().unwrap().contains("owned by domain 5"),
-        "{r}"
-    );
+        .unwrap_err();
+    assert!(err.to_string().contains("EACCES"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(response(&mut dom0, "free-me").is_none());
     assert_eq!(
         quarantined(dir.path()),
         vec!["IR-42 from orchestration"],
         "the guest's request changed the state"
     );
+    // A request node that dom0 did not create (a driver domain's, say) is refused by the
+    // service itself: here dom0 hands the node to domain 5 in the same transaction.
+    dom0.transaction(|c, t| {
+        c.write_tx(
+            t,
+            "/local/domain/0/virtsec/request/handed",
+            r#"{"op":"release","target":"web","reason":"not dom0's"}"#,
+        )?;
+        c.set_perms_tx(
+            t,
+            "/local/domain/0/virtsec/request/handed",
+            &["n5".parse().unwrap()],
+        )
+    })
+    .unwrap();
+    wait_for(
+        "the handed request answered",
+        Duration::from_secs(5),
+        || response(&mut dom0, "handed").is_some(),
+    );
+    let r = response(&mut dom0, "handed").unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"].as_str().unwrap().contains("owned by domain 5"),
+        "{r}"
+    );
+    assert_eq!(quarantined(dir.path()), vec!["IR-42 from orchestration"]);
     let eve = std::fs::read_to_string(dir.path().join("eve.json")).unwrap_or_default();
     assert!(
         eve.lines()
-            .any(|l| l.contains("\"op\":\"refused\"") && l.contains("free-me")),
+            .any(|l| l.contains("\"op\":\"refused\"") && l.contains("handed")),
         "{eve}"
     );
-    // A guest cannot read others' requests or the answers.
+    // A guest cannot read the answers.
     assert!(guest.read("/local/domain/0/virtsec/response/ir42").is_err());
 
     // dom0 releases through XenStore too.

@@ -116,7 +116,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         cfg.log.target
     };
-    virtsec::logging::init("virtsecd", target, cfg.log.level.into());
+    virtsec::logging::init_with(
+        "virtsecd",
+        target,
+        cfg.log.level.into(),
+        cfg.log.syslog_format == config::SyslogFormat::Rfc5424,
+    );
     let control = cfg.control.socket.clone();
     let daemon = virtsec::daemon::Daemon::new(cfg)
         .with_context(|| format!("cannot start (control socket {})", control.display()))?;

@@ -63,6 +63,10 @@ pub struct VifCounters {
     pub send_errors: AtomicU64,
     /// Frames from another local guest, inspected at that guest's vif already.
     pub local: AtomicU64,
+    /// Flows tracked by the vif's workers (gauge).
+    pub flows: AtomicU64,
+    /// Nanoseconds spent decoding and inspecting frames.
+    pub inspect_ns: AtomicU64,
     pub attached: AtomicBool,
 }
 
@@ -102,6 +106,8 @@ const SHUTDOWN: u8 = 2;
 pub struct AlertLog {
     pub total: u64,
     pub recent: VecDeque<(u64, serde_json::Value)>,
+    /// Alerts per (gid, sid) since start.
+    pub by_sid: BTreeMap<(u32, u32), u64>,
 }
 
 /// Hands alerts to the daemon's loop (the quarantine policy) and wakes it.
@@ -166,6 +172,16 @@ impl VifShared {
         let id = self.ident.lock().map(|i| i.clone()).unwrap_or_default();
         let v = alert_value(a, r, Some(&id));
         log::warn!(
+            target: "virtsec::event::alert",
+            gid = r.gid,
+            sid = r.sid,
+            rev = r.rev,
+            domid = id.domid,
+            uuid = id.uuid.as_deref().unwrap_or("-"),
+            name = id.name.as_deref().unwrap_or("-"),
+            vif = id.vif.as_str(),
+            src = a.src.to_string().as_str(),
+            dst = a.dst.to_string().as_str();
             "alert [{}:{}:{}] {} from domain {} ({}) on {}: {}:{} -> {}:{}",
             r.gid,
             r.sid,
@@ -199,6 +215,7 @@ impl VifShared {
             });
         }
         if let Ok(mut l) = self.out.log.lock() {
+            *l.by_sid.entry((r.gid, r.sid)).or_insert(0) += 1;
             l.total += 1;
             let seq = l.total;
             l.recent.push_back((seq, v));
@@ -245,10 +262,26 @@ impl Inspector {
         if let Some(e) = self.vif.take_next(self.index) {
             self.engine = e;
         }
+        if self.index == 0 {
+            self.vif
+                .counters
+                .flows
+                .store(self.engine.flows.len() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Inspects one Ethernet frame. `from_guest`: sent by the guest (received on the vif).
     fn frame(&mut self, data: &[u8], ts_ns: u64, from_guest: bool) -> Verdict {
+        let t = std::time::Instant::now();
+        let v = self.frame_inner(data, ts_ns, from_guest);
+        self.vif
+            .counters
+            .inspect_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        v
+    }
+
+    fn frame_inner(&mut self, data: &[u8], ts_ns: u64, from_guest: bool) -> Verdict {
         let c = &self.vif.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -596,6 +629,64 @@ impl DataPlane {
         self.workers
             .get(ifname)
             .is_some_and(|w| w.shared.counters.attached.load(Ordering::Relaxed))
+    }
+
+    /// Writes the data plane's Prometheus families.
+    pub fn metrics(&self, e: &mut crate::metrics::Exposition) {
+        type Get = fn(&VifCounters) -> u64;
+        let fams: [(&str, &str, &str, Get); 6] = [
+            ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames.load(Ordering::Relaxed)),
+            ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
+            ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
+                [&c.ring_drops, &c.overload_drops, &c.truncated, &c.send_errors]
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .sum()
+            }),
+            ("virtsec_vif_verdict_drops_total", "counter", "Frames dropped inline by drop/reject rules.", |c| c.verdict_drops.load(Ordering::Relaxed)),
+            ("virtsec_vif_flows", "gauge", "Flows tracked for a vif (flow table use).", |c| c.flows.load(Ordering::Relaxed)),
+            ("virtsec_vif_alerts_total", "counter", "Alerts raised on a vif.", |c| c.alerts.load(Ordering::Relaxed)),
+        ];
+        for (name, kind, help, get) in fams {
+            e.family(name, kind, help);
+            for (ifname, w) in &self.workers {
+                let dom = w
+                    .shared
+                    .ident
+                    .lock()
+                    .map(|i| i.domid)
+                    .unwrap_or(0)
+                    .to_string();
+                e.sample(
+                    name,
+                    &[("vif", ifname), ("domid", &dom)],
+                    get(&w.shared.counters) as f64,
+                );
+            }
+        }
+        e.family(
+            "virtsec_matcher_seconds_total",
+            "counter",
+            "Time spent decoding and inspecting frames, per vif.",
+        );
+        for (ifname, w) in &self.workers {
+            let ns = w.shared.counters.inspect_ns.load(Ordering::Relaxed);
+            e.sample(
+                "virtsec_matcher_seconds_total",
+                &[("vif", ifname)],
+                ns as f64 / 1e9,
+            );
+        }
+        e.family("virtsec_alerts_total", "counter", "Alerts by rule.");
+        if let Ok(l) = self.out.log.lock() {
+            for ((gid, sid), n) in &l.by_sid {
+                e.sample(
+                    "virtsec_alerts_total",
+                    &[("gid", &gid.to_string()), ("sid", &sid.to_string())],
+                    *n as f64,
+                );
+            }
+        }
     }
 
     /// Per-vif counters.

@@ -709,7 +709,13 @@ impl Quarantine {
             "event_type": "quarantine",
             "quarantine": {"op": "refused", "source": source, "reason": why},
         });
-        log::warn!("quarantine request from {source} refused: {why}");
+        log::warn!(
+            target: "virtsec::event::quarantine",
+            op = "refused",
+            source = source,
+            reason = why;
+            "quarantine request from {source} refused: {why}"
+        );
         if let Some(f) = &mut self.eve {
             let mut line = v.to_string().into_bytes();
             line.push(b'\n');
@@ -735,6 +741,13 @@ impl Quarantine {
             "xen": {"domid": r.domid, "uuid": r.uuid, "name": r.name},
         });
         log::warn!(
+            target: "virtsec::event::quarantine",
+            op = op,
+            action = action.map(|a| format!("{a:?}").to_lowercase()).unwrap_or_default().as_str(),
+            uuid = r.uuid.as_str(),
+            domid = r.domid.map(|d| d.to_string()).unwrap_or_default().as_str(),
+            by = by,
+            reason = why;
             "quarantine {op}{} of VM {} ({}, domain {}) by {by}: {why}",
             action
                 .map(|a| format!(" {a:?}").to_lowercase())

@@ -1,12 +1,16 @@
 //! Quarantine requests through XenStore, for automation in dom0.
 //!
 //! The service keeps a request directory under its own domain path,
-//! `/local/domain/<self>/virtsec/request`, owned by itself and writable (not readable) by
-//! everyone: anyone may ask, only dom0 is obeyed. A request is one node,
+//! `/local/domain/<self>/virtsec/request`, owned by itself with no access for other domains:
+//! dom0 (privileged) writes there, a guest's write is refused by xenstored itself. A request
+//! is one node,
 //! `request/<id>` = `{"op":"quarantine","target":"web01","action":"isolate","reason":"..."}`
-//! or `{"op":"release","target":...,"reason":...}`. xenstored records who created each node
-//! as its owner (the first entry of its permissions, read with GET_PERMS), which no domain can
-//! forge: a request is executed only if that owner is domain 0. The answer goes to
+//! or `{"op":"release","target":...,"reason":...}`. As a second line, a request is executed
+//! only if the node's owner (the first entry of its permissions, read with GET_PERMS) is
+//! domain 0. The directory's permissions are the line that holds on every xenstored: on Xen
+//! 4.17's oxenstored, a node an unprivileged domain creates under a directory dom0 owns keeps
+//! dom0 as its owner (tests/xen-e2e found it with a world-writable directory), so ownership
+//! alone cannot tell who wrote it there. The answer goes to
 //! `virtsec/response/<id>` (`{"ok":true,"record":...}` or `{"ok":false,"error":...}`) and the
 //! request node is removed; refusals are audited like actions.
 

@@ -21,14 +21,6 @@ status() { virtsec status --json; }
 XS=/run/xenstored/socket
 be() { echo "/local/domain/0/backend/vif/$1/$2"; }
 
-# The service's configuration: the shipped sample plus one rule on the guest's pings to dom0
-# (busybox ping payloads are zeros after an 8-byte timestamp).
-cat > /run/e2e.rules <<'RULES'
-alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; content:"|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00|"; sid:9001; rev:1;)
-RULES
-sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
-    -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
-
 start_virtsecd() {
     virtsecd --config /run/e2e.toml --stderr >>/var/log/virtsecd.log 2>&1 &
     echo $! > /run/virtsecd.pid
@@ -71,6 +63,28 @@ create_and_time() { # name mac [script] -> sets DOMID, LAT_MS
     LAT_MS=$(( $(now_ms) - t0 ))
     wait "$xl_pid"
 }
+
+# 0. virtsec is installed as an administrator does it, and its init script starts it.
+if dpkg -i /xen-e2e/virtsec.deb >/tmp/dpkg.log 2>&1; then
+    ok "dpkg -i virtsec.deb in dom0" "$(dpkg-query -W virtsec | tr '\t' ' ')"
+else
+    notok "dpkg -i virtsec.deb in dom0" "$(tail -5 /tmp/dpkg.log | tr '\n' ' ')"
+fi
+if /etc/init.d/virtsecd start >/tmp/init.log 2>&1 && /etc/init.d/virtsecd status >>/tmp/init.log 2>&1 \
+   && status | jq -e '.xenstore.in_sync' >/dev/null; then
+    ok "the init script starts virtsecd (ready when it returns)" "$(tail -1 /tmp/init.log)"
+else
+    notok "the init script starts virtsecd" "$(cat /tmp/init.log | tr '\n' ' ')"
+fi
+/etc/init.d/virtsecd stop >/dev/null 2>&1
+
+# The service's configuration: the shipped sample plus one rule on the guest's pings to dom0
+# (busybox ping payloads are zeros after an 8-byte timestamp).
+cat > /run/e2e.rules <<'RULES'
+alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; content:"|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00|"; sid:9001; rev:1;)
+RULES
+sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
+    -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
 
 # 1. The service starts in dom0 and connects to the real xenstored.
 start_virtsecd
@@ -260,6 +274,50 @@ if [ -n "$G2" ]; then
     else
         notok "quarantine --action throttle" "$(cat /tmp/q.log | tr '\n' ' ')"
     fi
+fi
+
+# 8c. The XAPI plugin answers when called the way XAPI calls it (one XML-RPC method call in
+#     argv, the response on stdout).
+xapi() { # fn [key=value...] -> the plugin's raw XML-RPC response
+    fn=$1; shift
+    call=$(python3 -c 'import sys, xmlrpc.client as x; a = dict(kv.split("=", 1) for kv in sys.argv[2:]); print(x.dumps(("OpaqueRef:e2e", a), sys.argv[1]))' "$fn" "$@")
+    /etc/xapi.d/plugins/virtsec "$call"
+}
+xapi_value() { python3 -c 'import sys, xmlrpc.client as x; print(x.loads(sys.stdin.read())[0][0])'; }
+if [ -n "$G2" ]; then
+    s=$(xapi status | xapi_value 2>&1)
+    q=$(xapi quarantine target=guest2 action=isolate reason=e2e-xapi | xapi_value 2>&1)
+    l=$(xapi quarantined | xapi_value 2>&1)
+    r=$(xapi release target=guest2 reason=e2e-xapi-done | xapi_value 2>&1)
+    f=$(xapi reboot 2>&1)
+    if echo "$s" | jq -e '.xenstore.in_sync' >/dev/null 2>&1 && echo "$q" | jq -e '.ok' >/dev/null 2>&1 \
+       && echo "$l" | grep -q 'xapi: e2e-xapi' && echo "$r" | jq -e '.ok' >/dev/null 2>&1 \
+       && echo "$f" | grep -q 'faultString' && [ -z "$(virtsec quarantined --json | jq -r '.quarantined[]?.uuid')" ]; then
+        ok "XAPI plugin: status, domains, quarantine, quarantined, release answer as XAPI expects; unknown fn is a fault" "$(echo "$q" | jq -c .)"
+    else
+        notok "XAPI plugin answers its functions" "status=$(echo "$s" | head -c 80) q=$q l=$(echo "$l" | head -c 120) r=$r f=$(echo "$f" | head -c 120)"
+    fi
+fi
+
+# 8d. A quarantine request written in XenStore by dom0 is executed; the same kind of request
+#     written by the guest is refused (xenstored records the guest as the node's owner).
+if [ -n "$G2" ]; then
+    xenstore-write /local/domain/0/virtsec/request/e2e '{"op":"quarantine","target":"guest2","action":"isolate","reason":"e2e: xenstore request"}'
+    if until_ms 5000 sh -c "xenstore-read /local/domain/0/virtsec/response/e2e | jq -e '.ok'"; then
+        ok "dom0's XenStore quarantine request executed" "$(xenstore-read /local/domain/0/virtsec/response/e2e | jq -c '.record.actions')"
+    else
+        notok "dom0's XenStore quarantine request executed" "$(xenstore-read /local/domain/0/virtsec/response/e2e 2>&1)"
+    fi
+    xenstore-write "/local/domain/$G2/data/please-request" 1
+    if until_ms 20000 sh -c "xenstore-read /local/domain/$G2/data/request-result" \
+       && [ "$(xenstore-read "/local/domain/$G2/data/request-result")" = denied ] \
+       && ! xenstore-read "/local/domain/0/virtsec/response/guest-$G2" >/dev/null 2>&1 \
+       && virtsec quarantined --json | jq -e '.quarantined | length == 1' >/dev/null; then
+        ok "the guest's XenStore release request is refused (xenstored denies its write); guest2 stays quarantined" "request dir perms $(xenstore-ls -p /local/domain/0/virtsec 2>/dev/null | awk '/^request/ {print $NF}')"
+    else
+        notok "the guest's XenStore request refused" "result $(xenstore-read "/local/domain/$G2/data/request-result" 2>&1); response $(xenstore-read "/local/domain/0/virtsec/response/guest-$G2" 2>&1); quarantined $(virtsec quarantined --json | jq -c '.quarantined | length')"
+    fi
+    virtsec release guest2 --reason "e2e: requests done" >/dev/null 2>&1
 fi
 
 # 9. xl destroy: the guest is gone within 1 s.

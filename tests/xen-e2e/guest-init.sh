@@ -12,6 +12,7 @@ for i in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ip link set eth0 up
 ip addr add "169.254.1.$((10 + d))/24" dev eth0
 forged=0
+asked=0
 while true; do
     ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1
     if [ "$forged" = 0 ] && xenstore-read data/please-forge >/dev/null 2>&1; then
@@ -24,6 +25,17 @@ while true; do
         xenstore-write name evil 2>/dev/null && echo "GUEST WROTE NAME"
         xenstore-write data/forged 1
         forged=1
+    fi
+    # On request (dom0 writes data/please-request): ask virtsec, through the service's
+    # XenStore request directory, to release this guest. It must be refused.
+    if [ "$asked" = 0 ] && xenstore-read data/please-request >/dev/null 2>&1; then
+        if xenstore-write "/local/domain/0/virtsec/request/guest-$d" \
+            "{\"op\":\"release\",\"target\":\"$(xenstore-read name)\",\"reason\":\"let me out\"}" 2>/dev/null; then
+            xenstore-write data/request-result written
+        else
+            xenstore-write data/request-result denied
+        fi
+        asked=1
     fi
     sleep 0.5
 done

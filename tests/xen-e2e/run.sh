@@ -37,7 +37,7 @@ candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 [ -n "$(candidate xen-hypervisor-4.17-amd64)" ] || apt-get update -qq
 kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [ -n "$kpkg" ] || die "cannot resolve the kernel package behind linux-image-amd64"
-key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v5"
+key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v6"
 key=${key//[:+~]/_}
 img="$cache/$key"
 mkdir -p "$img"
@@ -64,7 +64,7 @@ if [ ! -f "$img/rootfs.done" ]; then
     rm -rf "$img/rootfs"
     mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
     debootstrap --variant=minbase \
-        --include=xen-utils-4.17,xenstore-utils,iproute2,bridge-utils,kmod,iputils-ping,procps,jq,nftables \
+        --include=xen-utils-4.17,xenstore-utils,iproute2,bridge-utils,kmod,iputils-ping,procps,jq,nftables,python3 \
         bookworm "$img/rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
     r=$img/rootfs
     # Kernel modules dom0 and the guest need (not the whole tree: size is boot time).
@@ -111,20 +111,17 @@ if [ ! -s "$guest_img" ]; then
 fi
 say "images ready in $(( $(date +%s) - t_start )) s"
 
-# --- this tree's binaries -------------------------------------------------------------------
-if [ -z "${XEN_E2E_BIN:-}" ]; then
-    (cd "$repo" && cargo build --release --locked --bins -q)
-    XEN_E2E_BIN=$repo/target/release
-fi
+# --- this tree's package ---------------------------------------------------------------------
+# dom0 gets virtsec the way an administrator installs it: the .deb, with dpkg -i.
+(cd "$repo" && bash packaging/build.sh >/dev/null) || die "packaging/build.sh failed"
+deb=$(ls "$repo"/target/packaging/virtsec_*_amd64.deb | tail -1)
 
 # --- assemble dom0 initramfs ----------------------------------------------------------------
 work=$(mktemp -d)
 trap '[ -n "${XEN_E2E_KEEP:-}" ] || rm -rf "$work"' EXIT
 ov=$work/overlay
-mkdir -p "$ov"/usr/local/bin "$ov"/etc/virtsec "$ov"/xen-e2e
-cp "$XEN_E2E_BIN/virtsecd" "$XEN_E2E_BIN/virtsec" "$ov/usr/local/bin/"
-cp "$repo/xen-config/virtsecd.toml" "$ov/etc/virtsec/virtsecd.toml"
-mkdir -p "$ov/etc/xen/scripts" && cp "$repo/xen-config/vif-virtsec" "$ov/etc/xen/scripts/vif-virtsec"
+mkdir -p "$ov"/xen-e2e
+cp "$deb" "$ov/xen-e2e/virtsec.deb"
 cp "$here/dom0-init.sh" "$ov/init"
 cp "$here/checks.sh" "$img/vmlinuz" "$ov/xen-e2e/"
 cp "$guest_img" "$ov/xen-e2e/guest.cpio.gz"
