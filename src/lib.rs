@@ -28,5 +28,6 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod privilege;
 pub mod quarantine;
 pub mod xenstore;

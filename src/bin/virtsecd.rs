@@ -125,6 +125,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let control = cfg.control.socket.clone();
     let daemon = virtsec::daemon::Daemon::new(cfg)
         .with_context(|| format!("cannot start (control socket {})", control.display()))?;
+    // Setup is done (sockets bound, state loaded): keep only what the running service uses.
+    // Threads started from here on (the data-plane workers) inherit the reduced sets.
+    match virtsec::privilege::drop_to_service_set() {
+        Ok(kept) => log::info!("capabilities kept: {kept:?}"),
+        Err(e) => log::warn!("{e}; continuing with the capabilities the process has"),
+    }
     daemon.run().context("service stopped on an error")?;
     Ok(())
 }
