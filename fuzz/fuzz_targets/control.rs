@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = serde_json::from_slice::<virtsec::control::ControlRequest>(data);
+    let _ = virtsec::control::parse_request(data);
     let (value, perms) = data.split_at(data.len() / 2);
     let _ = virtsec::quarantine::requests::decide(value, perms);
 });

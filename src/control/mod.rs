@@ -63,6 +63,11 @@ pub enum ControlRequest {
     ReloadRules,
 }
 
+/// Parses one request line from a peer (untrusted bytes): the request or the reply's error.
+pub fn parse_request(line: &[u8]) -> Result<ControlRequest, String> {
+    serde_json::from_slice::<ControlRequest>(line).map_err(|e| format!("bad request: {e}"))
+}
+
 /// Errors on either side of the socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -266,12 +271,12 @@ impl ControlServer {
         }
         while let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
-            let reply = match serde_json::from_slice::<ControlRequest>(&line) {
+            let reply = match parse_request(&line) {
                 Ok(req) => match handle(req) {
                     Ok(result) => serde_json::json!({"ok": true, "result": result}),
                     Err(e) => serde_json::json!({"ok": false, "error": e}),
                 },
-                Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
             };
             if let Ok(mut v) = serde_json::to_vec(&reply) {
                 v.push(b'\n');

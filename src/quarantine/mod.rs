@@ -87,6 +87,18 @@ pub struct Record {
     /// restored on release (`None`: there was none).
     #[serde(default)]
     pub rates: BTreeMap<u32, Option<String>>,
+    /// Set durably when a release starts: a service killed in the middle of a release
+    /// finishes it at restart instead of re-applying the quarantine (and a kernel hold with no
+    /// record at all is a quarantine whose record was not written yet: kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releasing: Option<Releasing>,
+}
+
+/// Who asked for a release in progress, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Releasing {
+    pub reason: String,
+    pub by: String,
 }
 
 /// `[quarantine]`
@@ -279,6 +291,7 @@ impl Quarantine {
                 by: "virtsecd (recovery)".into(),
                 paused: None,
                 rates: BTreeMap::new(),
+                releasing: None,
             };
             log::warn!("quarantine of {u}: {}", r.reason);
             if let Err(e) = q.store.save(&r) {
@@ -443,6 +456,19 @@ impl Quarantine {
     /// Brings the kernel, the hypervisor and XenStore in line with the records for the
     /// current inventory. Called after every reconcile pass, before anti-spoofing.
     pub fn sync(&mut self, guests: &Guests) -> Vec<String> {
+        // Releases a killed service had started are finished first.
+        let pending: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.releasing.is_some())
+            .map(|r| r.uuid.clone())
+            .collect();
+        for u in pending {
+            match self.finish_release(&u, guests) {
+                Ok(_) => log::info!("quarantine of {u}: release finished after a restart"),
+                Err(e) => log::error!("quarantine of {u}: cannot finish its release: {e}"),
+            }
+        }
         let mut errors = self.sync_kernel(guests);
         // A paused VM that rebooted (new domid) is paused again; throttled vifs get the rate.
         let uuids: Vec<String> = self.records.keys().cloned().collect();
@@ -467,6 +493,12 @@ impl Quarantine {
         };
         let mut changed = false;
         let mut r2 = r.clone();
+        // A record recovered from the kernel learns its VM's name and domid.
+        if r2.name.is_none() && g.name.is_some() {
+            r2.name = g.name.clone();
+            r2.domid = Some(g.domid);
+            changed = true;
+        }
         if r.actions.contains(&Action::Pause) && r.paused != Some(g.domid) {
             self.domctl.pause(g.domid)?;
             r2.paused = Some(g.domid);
@@ -525,6 +557,7 @@ impl Quarantine {
             by: by.into(),
             paused: None,
             rates: BTreeMap::new(),
+            releasing: None,
         });
         if let Some(g) = g {
             r.name = g.name.clone().or(r.name);
@@ -601,15 +634,39 @@ impl Quarantine {
         guests: &Guests,
     ) -> Result<Record, QuarantineError> {
         let uuid = self.resolve(target, guests)?;
-        let r = self
+        let mut r = self
             .records
             .get(&uuid)
             .cloned()
             .ok_or_else(|| QuarantineError::NotQuarantined(target.into()))?;
-        let g = Self::guest_of(guests, &uuid);
+        // Durably "releasing" first: from here a crash finishes the release at restart.
+        r.releasing = Some(Releasing {
+            reason: reason.into(),
+            by: by.into(),
+        });
+        self.store.save(&r)?;
+        self.records.insert(uuid.clone(), r);
+        self.finish_release(&uuid, guests)
+    }
+
+    /// Undoes a record's actions, removes it and audits the release.
+    fn finish_release(&mut self, uuid: &str, guests: &Guests) -> Result<Record, QuarantineError> {
+        let r = self
+            .records
+            .get(uuid)
+            .cloned()
+            .ok_or_else(|| QuarantineError::NotQuarantined(uuid.into()))?;
+        let Releasing { reason, by } = r.releasing.clone().unwrap_or(Releasing {
+            reason: String::new(),
+            by: String::new(),
+        });
+        let g = Self::guest_of(guests, uuid);
         if let (Some(d), Some(g)) = (r.paused, g) {
             if g.domid == d {
-                self.domctl.unpause(d)?;
+                // After a crash this may be the second unpause: Xen refuses it harmlessly.
+                if let Err(e) = self.domctl.unpause(d) {
+                    log::warn!("releasing {uuid}: {e}");
+                }
             }
         }
         // Throttled vifs get the toolstack's rate back.
@@ -623,16 +680,16 @@ impl Quarantine {
                 }
             }
         }
-        self.records.remove(&uuid);
+        self.records.remove(uuid);
         let errors = self.sync_kernel(guests);
         if let Some(e) = errors.into_iter().next() {
-            // Still held in the kernel: still quarantined.
-            self.records.insert(uuid, r);
+            // Still held in the kernel: still quarantined (the release stays pending).
+            self.records.insert(uuid.to_string(), r);
             return Err(QuarantineError::Kernel(e));
         }
-        self.store.remove(&uuid)?;
-        self.last_step.remove(&uuid);
-        self.audit_event("release", None, &r, reason, by);
+        self.store.remove(uuid)?;
+        self.last_step.remove(uuid);
+        self.audit_event("release", None, &r, &reason, &by);
         if let Some(base) = &self.xs_base {
             self.publish
                 .push((format!("{base}/virtsec/quarantine/{uuid}"), None));

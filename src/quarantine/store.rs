@@ -173,6 +173,7 @@ mod tests {
             by: "operator".into(),
             paused: None,
             rates: Default::default(),
+            releasing: None,
         }
     }
 
