@@ -76,6 +76,9 @@ pub struct InspectConfig {
     /// Passive mode: capture threads per vif, sharing its traffic by flow hash (fanout).
     #[serde(deserialize_with = "workers_1_to_64")]
     pub workers_per_vif: usize,
+    /// Flows one worker tracks; past it the least recently seen flow is evicted (counted).
+    #[serde(deserialize_with = "flows_range")]
+    pub max_flows: usize,
     /// Passive mode: kernel ring memory per worker, MiB (pinned; what absorbs bursts).
     #[serde(deserialize_with = "mib_1_to_1024")]
     pub ring_mib: usize,
@@ -94,6 +97,7 @@ impl Default for InspectConfig {
             matcher: MatcherChoice::Auto,
             mode: Mode::Passive,
             workers_per_vif: 1,
+            max_flows: 1 << 18,
             ring_mib: 16,
             inspect_past_depth: true,
             inline: InlineConfig::default(),
@@ -149,6 +153,17 @@ fn micros_1_to_10s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     } else {
         Err(serde::de::Error::custom(format!(
             "{v} is out of range: expected 1 to 10000000 microseconds"
+        )))
+    }
+}
+
+fn flows_range<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = usize::deserialize(d)?;
+    if (16..=1 << 24).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 16 to 16777216 flows"
         )))
     }
 }

@@ -244,6 +244,7 @@ impl Daemon {
                     workers_per_vif: cfg.inspect.workers_per_vif,
                     inline: cfg.inspect.inline.clone(),
                     ring_mib: cfg.inspect.ring_mib,
+                    max_flows: cfg.inspect.max_flows,
                     inspect_past_depth: cfg.inspect.inspect_past_depth,
                     dedupe_local: cfg.enforce.antispoof,
                 },

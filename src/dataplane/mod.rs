@@ -63,8 +63,10 @@ pub struct VifCounters {
     pub send_errors: AtomicU64,
     /// Frames from another local guest, inspected at that guest's vif already.
     pub local: AtomicU64,
-    /// Flows tracked by the vif's workers (gauge).
+    /// Flows tracked by the vif's workers (gauge, the sum of the workers' tables).
     pub flows: AtomicU64,
+    /// Flows evicted because a worker's table was full (the flow-table cap at work).
+    pub flows_evicted: AtomicU64,
     /// Nanoseconds spent decoding and inspecting frames.
     pub inspect_ns: AtomicU64,
     pub attached: AtomicBool,
@@ -80,6 +82,9 @@ pub struct VifStatus {
     pub bytes: u64,
     pub alerts: u64,
     pub ring_drops: u64,
+    /// Flows tracked now and evicted so far (table full).
+    pub flows: u64,
+    pub flows_evicted: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inline: Option<InlineStatus>,
 }
@@ -232,22 +237,23 @@ struct Inspector {
     vif: Arc<VifShared>,
     /// This worker's index among the vif's workers.
     index: usize,
+    /// What this worker last added to the vif's flow gauges.
+    reported: (u64, u64),
 }
 
 impl Inspector {
     fn new(
         rules: &[Rule],
         backend: Backend,
-        past_depth: bool,
+        limits: FlowLimits,
         vif: Arc<VifShared>,
     ) -> Option<Inspector> {
-        let mut limits = FlowLimits::default();
-        limits.stream.inspect_past_depth = past_depth;
         match Detector::new(rules.to_vec(), backend) {
             Ok(d) => Some(Inspector {
                 engine: Engine::new(d, limits),
                 vif,
                 index: 0,
+                reported: (0, 0),
             }),
             Err(e) => {
                 log::error!("{}: cannot build the matcher: {e}", vif.ifname);
@@ -262,12 +268,21 @@ impl Inspector {
         if let Some(e) = self.vif.take_next(self.index) {
             self.engine = e;
         }
-        if self.index == 0 {
-            self.vif
-                .counters
-                .flows
-                .store(self.engine.flows.len() as u64, Ordering::Relaxed);
+        // Flow-table use and evictions, as deltas so a vif's workers add up.
+        let c = &self.vif.counters;
+        let (flows, evicted) = (
+            self.engine.flows.len() as u64,
+            self.engine.flow_stats().evicted,
+        );
+        let (f0, e0) = self.reported;
+        if flows >= f0 {
+            c.flows.fetch_add(flows - f0, Ordering::Relaxed);
+        } else {
+            c.flows.fetch_sub(f0 - flows, Ordering::Relaxed);
         }
+        c.flows_evicted
+            .fetch_add(evicted.saturating_sub(e0), Ordering::Relaxed);
+        self.reported = (flows, evicted);
     }
 
     /// Inspects one Ethernet frame. `from_guest`: sent by the guest (received on the vif).
@@ -369,6 +384,8 @@ pub struct DataPlaneOptions {
     pub inline: InlineConfig,
     /// Passive ring per worker, MiB.
     pub ring_mib: usize,
+    /// Flows one worker tracks before evicting the least recently seen.
+    pub max_flows: usize,
     /// See `[inspect] inspect_past_depth`.
     pub inspect_past_depth: bool,
     /// Inspect guest-to-guest frames once, at the sending guest's vif (needs anti-spoofing:
@@ -520,7 +537,7 @@ impl DataPlane {
                 self.fanout_seq = self.fanout_seq.wrapping_add(1);
                 let group = (n > 1).then_some(self.fanout_seq);
                 let ring_mib = self.opts.ring_mib;
-                let past = self.opts.inspect_past_depth;
+                let past = self.flow_limits();
                 for i in 0..n {
                     let (rules, backend, sh) =
                         (self.rules.clone(), self.opts.backend, shared.clone());
@@ -539,7 +556,7 @@ impl DataPlane {
                 }
             }
             Mode::Inline => {
-                let past = self.opts.inspect_past_depth;
+                let past = self.flow_limits();
                 let (rules, backend, sh, cfg) = (
                     self.rules.clone(),
                     self.opts.backend,
@@ -566,6 +583,15 @@ impl DataPlane {
         }
     }
 
+    fn flow_limits(&self) -> FlowLimits {
+        let mut limits = FlowLimits {
+            max_flows: self.opts.max_flows,
+            ..FlowLimits::default()
+        };
+        limits.stream.inspect_past_depth = self.opts.inspect_past_depth;
+        limits
+    }
+
     /// Reloads the rule files: parsed and compiled here, off the packet path; on success
     /// every worker switches to its new engine between two frames; on failure nothing
     /// changes and the error says why. Returns the new rule set's summary.
@@ -575,8 +601,7 @@ impl DataPlane {
             log::warn!("{w}");
         }
         let summary = rs.summary();
-        let mut limits = FlowLimits::default();
-        limits.stream.inspect_past_depth = self.opts.inspect_past_depth;
+        let limits = self.flow_limits();
         let build = || -> Result<Engine, String> {
             Detector::new(rs.rules.clone(), self.opts.backend)
                 .map(|d| Engine::new(d, limits))
@@ -634,7 +659,7 @@ impl DataPlane {
     /// Writes the data plane's Prometheus families.
     pub fn metrics(&self, e: &mut crate::metrics::Exposition) {
         type Get = fn(&VifCounters) -> u64;
-        let fams: [(&str, &str, &str, Get); 6] = [
+        let fams: [(&str, &str, &str, Get); 7] = [
             ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames.load(Ordering::Relaxed)),
             ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
             ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
@@ -645,6 +670,7 @@ impl DataPlane {
             }),
             ("virtsec_vif_verdict_drops_total", "counter", "Frames dropped inline by drop/reject rules.", |c| c.verdict_drops.load(Ordering::Relaxed)),
             ("virtsec_vif_flows", "gauge", "Flows tracked for a vif (flow table use).", |c| c.flows.load(Ordering::Relaxed)),
+            ("virtsec_vif_flows_evicted_total", "counter", "Flows evicted because the flow table was full.", |c| c.flows_evicted.load(Ordering::Relaxed)),
             ("virtsec_vif_alerts_total", "counter", "Alerts raised on a vif.", |c| c.alerts.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, get) in fams {
@@ -707,6 +733,8 @@ impl DataPlane {
                         bytes: ld(&c.bytes),
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
+                        flows: ld(&c.flows),
+                        flows_evicted: ld(&c.flows_evicted),
                         inline: (w.mode == Mode::Inline).then(|| InlineStatus {
                             verdict_drops: ld(&c.verdict_drops),
                             overload_bypassed: ld(&c.overload_bypassed),

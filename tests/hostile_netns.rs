@@ -1,0 +1,286 @@
+//! Hostile guests against a running virtsecd:
+//!
+//! - A SYN flood from random source ports: the flow table stays at its cap (memory bounded),
+//!   evictions are counted, the flood is reported, and another guest keeps talking.
+//! - A guest hammering XenStore through its own domain socket (bursts of writes, values over
+//!   the size limit, deep paths, nonsense in every node it can reach): nothing the service
+//!   trusts changes, its memory stays flat, and it keeps following the host.
+//!
+//! Needs root; skipped otherwise.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use virtsec::lab::toolstack::{GuestSpec, Toolstack};
+use virtsec::xenstore::Client;
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn plug(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
+    ip(&["netns", "add", ns]);
+    ip(&[
+        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ]);
+    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
+    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
+    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", ns, "link", "set", "eth0", "up"]);
+}
+
+/// `n` TCP SYNs from `ns` (its real MAC and address, random source ports) to `dst:80`,
+/// written as raw frames on one socket.
+fn syn_flood(ns: &str, mac: [u8; 6], src: [u8; 4], dst: [u8; 4], n: u32) -> u32 {
+    virtsec::lab::net::in_netns(ns, move || {
+        let ifindex = nix::net::if_::if_nametoindex("eth0").unwrap();
+        // SAFETY: plain socket(2), checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        let mut sent = 0;
+        let mut x: u32 = 0x1234_5678;
+        for i in 0..n {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let b = etherparse::PacketBuilder::ethernet2(mac, [0xff; 6])
+                .ipv4(src, dst, 64)
+                .tcp((x % 60000 + 1024) as u16, 80, x.wrapping_add(i), 1024)
+                .syn();
+            let mut f = Vec::with_capacity(b.size(0));
+            b.write(&mut f, &[]).unwrap();
+            // SAFETY: valid buffer and address of the sizes passed.
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    f.as_ptr() as *const libc::c_void,
+                    f.len(),
+                    0,
+                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if r > 0 {
+                sent += 1;
+            }
+            // Paced so the veth's receive backlog (netdev_max_backlog) does not drop them
+            // before the vif: the point is the flow table, not the kernel queue.
+            if i % 100 == 99 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
+        sent
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_syn_flood_hits_the_flow_cap_not_the_memory_and_others_keep_talking() {
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("SKIPPED a_syn_flood_hits_the_flow_cap_not_the_memory_and_others_keep_talking: needs root, nft");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let (dd, g5, g6) = (format!("vhs{id}"), format!("vhs5{id}"), format!("vhs6{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &dd, "addr", "add", "10.89.0.1/24", "dev", "xenbr0"]);
+    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    for (d, name) in [(5, "flooder"), (6, "db")] {
+        let mut g = GuestSpec::simple(d, name, "xenbr0");
+        g.vifs[0].mac = format!("00:16:3e:00:0{d}:00");
+        g.vifs[0].ip = Some(format!("10.89.0.{d}"));
+        ts.create(&g, None).unwrap();
+    }
+    let rules = dir.path().join("r.rules");
+    std::fs::write(
+        &rules,
+        "alert tcp any any -> any 80 (msg:\"web\"; content:\"GET\"; sid:1;)\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\nmax_flows = 2000\n[enforce]\nantispoof = true\n[behaviour]\nenabled = true\n",
+        rules.display().to_string(),
+        dir.path().join("eve.json").display().to_string()
+    );
+    let d = virtsecd_with(dir.path(), Some(&dd), &extra);
+    plug(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.89.0.5/24");
+    plug(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.89.0.6/24");
+    let ping = |ns: &str, dst: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    wait_for(
+        "guests attached and talking",
+        Duration::from_secs(10),
+        || {
+            status(dir.path()).is_some_and(|s| s["inspection"]["vif5.0"]["attached"] == true)
+                && ping(&g6, "10.89.0.1")
+        },
+    );
+    let rss0 = rss_kb(d.pid());
+    // To an address nobody answers: no RST closes the flows, each SYN is a new one.
+    let sent = syn_flood(
+        &g5,
+        [0x00, 0x16, 0x3e, 0x00, 0x05, 0x00],
+        [10, 89, 0, 5],
+        [10, 89, 0, 77],
+        20_000,
+    );
+    assert!(sent > 19_000, "only {sent} SYNs sent");
+    wait_for("evictions counted", Duration::from_secs(10), || {
+        status(dir.path()).is_some_and(|s| {
+            s["inspection"]["vif5.0"]["flows_evicted"]
+                .as_u64()
+                .unwrap_or(0)
+                > 2_000
+        })
+    });
+    let s = status(dir.path()).unwrap();
+    let v = &s["inspection"]["vif5.0"];
+    assert!(
+        v["flows"].as_u64().unwrap() <= 2000,
+        "flow cap exceeded: {v}"
+    );
+    let rss1 = rss_kb(d.pid());
+    assert!(
+        rss1 < rss0 + 32 * 1024,
+        "RSS {rss0} -> {rss1} kB under the flood"
+    );
+    // Reported, and the other guest is unaffected.
+    wait_for("SYN flood alert", Duration::from_secs(5), || {
+        stdout(&cli(dir.path(), &["alerts", "--json"]))
+            .lines()
+            .any(|l| l.contains("SYN flood") && l.contains("\"domid\":5"))
+    });
+    assert!(
+        ping(&g6, "10.89.0.1"),
+        "the other guest lost its connectivity"
+    );
+    eprintln!(
+        "{sent} SYNs: flows {} (cap 2000), evicted {}, RSS {rss0} -> {rss1} kB",
+        v["flows"], v["flows_evicted"]
+    );
+}
+
+#[test]
+fn a_guest_hammering_xenstore_changes_nothing_trusted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED a_guest_hammering_xenstore_changes_nothing_trusted: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let _xs = lab_xenstored(dir.path(), &[7]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let mut guest = Client::open(dir.path().join("d7.sock")).unwrap();
+    let mut g = GuestSpec::simple(7, "victim", "xenbr0");
+    g.vifs[0].ip = Some("192.0.2.7".into());
+    ts.create(&g, Some(&mut guest)).unwrap();
+    let d = virtsecd(dir.path());
+    wait_for("guest listed", Duration::from_secs(5), || {
+        guest_listed(dir.path(), 7)
+    });
+    let before = guest_json(dir.path(), 7);
+    let writes0 = status(dir.path()).unwrap()["warnings"]["untrusted_frontend_writes"]
+        .as_u64()
+        .unwrap();
+    let rss0 = rss_kb(d.pid());
+
+    // Bursts of writes in every place the guest may write, until its quota stops it.
+    let mut refused = 0;
+    for i in 0..3000 {
+        let p = format!("device/vif/0/junk{i}");
+        if guest.write(&p, format!("{i}")).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the guest's node quota never applied");
+    // Values over the size limit and deep paths.
+    assert!(guest
+        .write("device/vif/0/mac", vec![b'A'; 1 << 16])
+        .is_err());
+    let deep = (0..200)
+        .map(|i| format!("d{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    let _ = guest.write(&format!("device/vif/0/{deep}"), "x");
+    // Nonsense in every node of its own frontend and data trees.
+    for (k, v) in [
+        ("device/vif/0/mac", "ff:ff:ff:ff:ff:ff"),
+        ("device/vif/0/backend", "/local/domain/0/backend/vif/7/9"),
+        ("device/vif/0/backend-id", "4294967296"),
+        ("device/vif/0/state", "\u{0}\u{1}bogus"),
+        ("device/vif/0/handle", "-1"),
+        ("data/ip", "0.0.0.0/0"),
+    ] {
+        let _ = guest.write(k, v);
+    }
+    // What the guest may not touch stays as it was.
+    assert!(guest
+        .write("/local/domain/0/backend/vif/7/0/mac", "de:ad:be:ef:00:01")
+        .is_err());
+    assert!(guest.write("name", "dom0").is_err());
+
+    wait_for("writes counted", Duration::from_secs(5), || {
+        status(dir.path()).is_some_and(|s| {
+            s["warnings"]["untrusted_frontend_writes"]
+                .as_u64()
+                .unwrap_or(0)
+                > writes0
+        })
+    });
+    // Nothing trusted changed; the service is in sync and its memory flat.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(guest_json(dir.path(), 7), before);
+    let s = status(dir.path()).unwrap();
+    assert_eq!(s["xenstore"]["in_sync"], true);
+    let rss1 = rss_kb(d.pid());
+    assert!(rss1 < rss0 + 8 * 1024, "RSS {rss0} -> {rss1} kB");
+    // And it still follows the host.
+    ts.destroy(7).unwrap();
+    wait_for("guest gone", Duration::from_secs(5), || {
+        !guest_listed(dir.path(), 7)
+    });
+}
+
+fn guest_json(dir: &std::path::Path, domid: u32) -> Option<serde_json::Value> {
+    guest(&domains(dir), domid)
+}
+
+fn guest_listed(dir: &std::path::Path, domid: u32) -> bool {
+    guest_json(dir, domid).is_some()
+}
