@@ -45,6 +45,13 @@ fi
 echo "== cargo test"
 cargo test --locked
 
+if [ "${FUZZ:-run}" = skip ]; then
+    echo "== fuzz SKIPPED because FUZZ=skip" >&2
+else
+    echo "== fuzz (every target, ${FUZZ_RUNS:-20000} runs each; nightly-style: FUZZ_RUNS=10000000 fuzz/run.sh)"
+    FUZZ_RUNS=${FUZZ_RUNS:-20000} fuzz/run.sh
+fi
+
 if [ "$(id -u)" -eq 0 ]; then
     echo "== packages (.deb into a debootstrapped Debian 12 chroot, lintian, .rpm)"
     tests/packaging/run.sh
