@@ -375,3 +375,165 @@ fn a_full_or_read_only_state_disk_fails_safe_with_a_clear_error() {
     }
     wait_for("traffic restored", Duration::from_secs(5), || ping(&g5));
 }
+
+#[test]
+fn sigkill_during_attach_lets_no_frame_through_without_policy() {
+    if !usable("sigkill_during_attach_lets_no_frame_through_without_policy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let dd = format!("vfa{id}");
+    ip(&["netns", "add", &dd]);
+    let rounds: u32 = 8;
+    let mut all = vec![dd.clone()];
+    all.extend((0..rounds).map(|r| format!("vfa{r}g{id}")));
+    let _ns = Netns(all);
+    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &dd, "addr", "add", "10.88.0.1/24", "dev", "xenbr0"]);
+    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
+    // Counts, per vif, frames that got past virtsec's hook (priority -200 < 0).
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", &dd, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        c.stdin.as_mut().unwrap(),
+        b"table bridge leakcheck {\n chain c {\n  type filter hook prerouting priority 0; policy accept;\n}\n}\n",
+    )
+    .unwrap();
+    drop(c.stdin.take());
+    assert!(c.wait().unwrap().success());
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let extra = "[enforce]\nantispoof = true\n";
+    let mut d = virtsecd_with(dir.path(), Some(&dd), extra);
+    // Frames of `vif` that got past virtsec's hook (a counting rule per vif).
+    let passed = |dd: &str, vif: &str| -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                dd,
+                "nft",
+                "-j",
+                "list",
+                "table",
+                "bridge",
+                "leakcheck",
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.get("rule"))
+            .filter(|r| r["comment"] == vif)
+            .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64()))
+            .sum()
+    };
+    let has_policy = |dd: &str, vif: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", dd, "nft", "list", "map", "bridge", "virtsec", "vifs",
+            ])
+            .output()
+            .unwrap();
+        stdout(&out).contains(&format!("\"{vif}\" : jump"))
+    };
+    let (mut before_attach, mut after_attach) = (0, 0);
+    for r in 0..rounds {
+        let dom = 20 + r;
+        let vif = format!("vif{dom}.0");
+        let ns = format!("vfa{r}g{id}");
+        let mut g = GuestSpec::simple(dom, &format!("g{r}"), "xenbr0");
+        g.vifs[0].mac = format!("00:16:3e:00:{dom:02x}:00");
+        g.vifs[0].ip = Some(format!("10.88.0.{dom}"));
+        // The toolstack starts the guest; the service dies somewhere in its attach (the kill
+        // lands 0 to ~10 ms after the toolstack's first write).
+        let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+        let delay = Duration::from_micros(u64::from(r) * 1400);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        });
+        ts.create(&g, None).unwrap();
+        killer.join().unwrap();
+        d.sigkill();
+        // netback brings the vif up while the service is down; the guest talks at once.
+        // An `nft` transaction the service had started completes on its own (it is a child
+        // process, atomic either way): let it land before judging.
+        std::thread::sleep(Duration::from_millis(100));
+        let rule =
+            format!("add rule bridge leakcheck c iifname \"{vif}\" counter comment \"{vif}\"");
+        assert!(Command::new("ip")
+            .args(["netns", "exec", &dd, "nft", &rule])
+            .status()
+            .unwrap()
+            .success());
+        let policy_at_kill = has_policy(&dd, &vif);
+        plug(&dd, &ns, &vif, &g.vifs[0].mac, &format!("10.88.0.{dom}/24"));
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "10.88.0.1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let leaked = passed(&dd, &vif);
+        if policy_at_kill {
+            after_attach += 1;
+        } else {
+            before_attach += 1;
+            assert_eq!(
+                leaked, 0,
+                "round {r}: {leaked} frame(s) of {vif} passed with no policy while the service was down"
+            );
+        }
+        // Restarted, the service attaches the policy and the guest talks.
+        d = virtsecd_with(dir.path(), Some(&dd), extra);
+        wait_for(
+            &format!("{vif} attached after restart"),
+            Duration::from_secs(5),
+            || has_policy(&dd, &vif),
+        );
+        wait_for(&format!("{vif} talks"), Duration::from_secs(5), || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "1",
+                    "10.88.0.1",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+    }
+    eprintln!(
+        "{rounds} kills during attach: {before_attach} before the policy reached the kernel (0 frames leaked), {after_attach} after"
+    );
+}

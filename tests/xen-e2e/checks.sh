@@ -213,6 +213,28 @@ else
     notok "virtsecd restarted: inventory rebuilt" "not in sync: $(tail -5 /var/log/virtsecd.log | tr '\n' ' ')"
 fi
 
+# 8a. guest2 hammers XenStore (a burst of 300 writes, a 4 KiB value, a 120-level path,
+#     nonsense in its frontend; never its state, which netback acts on): nothing virtsec trusts changes, it stays in sync, RSS flat.
+if [ -n "$G2" ]; then
+    vpid=$(cat /run/virtsecd.pid)
+    rss0=$(awk '/^VmRSS:/ {print $2}' "/proc/$vpid/status")
+    before=$(doms | jq -S --argjson d "$G2" '.[] | select(.domid == $d) | del(.vifs["0"].state)')
+    xenstore-write "/local/domain/$G2/data/please-hammer" 1
+    if until_ms 60000 sh -c "xenstore-read /local/domain/$G2/data/hammered"; then
+        sleep 1
+        after=$(doms | jq -S --argjson d "$G2" '.[] | select(.domid == $d) | del(.vifs["0"].state)')
+        rss1=$(awk '/^VmRSS:/ {print $2}' "/proc/$vpid/status")
+        if [ "$before" = "$after" ] && in_sync >/dev/null && [ "$rss1" -lt $((rss0 + 8192)) ] \
+           && ! grep -q "GUEST WROTE 4 KiB" /var/log/xen/console/guest-guest2.log 2>/dev/null; then
+            ok "guest2 hammers XenStore ($(xenstore-read /local/domain/$G2/data/hammered) of 300 writes accepted, 4 KiB value refused, deep path, frontend nonsense): inventory unchanged, in sync" "RSS ${rss0} -> ${rss1} kB"
+        else
+            notok "guest2 hammers XenStore: nothing trusted changes" "before=$before after=$after rss $rss0->$rss1"
+        fi
+    else
+        notok "guest2 hammers XenStore" "the guest never finished (console: $(tail -3 /var/log/xen/console/guest-guest2.log 2>/dev/null | tr '\n' ' '))"
+    fi
+fi
+
 # 8b. Quarantine with Xen's primitives on guest2 (it pings dom0 twice a second).
 in_echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i; h = 1 } else print $c }' /proc/net/snmp; }
 vif_rx() { cat "/sys/class/net/vif$1.0/statistics/rx_packets"; }

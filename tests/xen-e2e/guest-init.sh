@@ -13,6 +13,7 @@ ip link set eth0 up
 ip addr add "169.254.1.$((10 + d))/24" dev eth0
 forged=0
 asked=0
+hammered=0
 while true; do
     ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1
     if [ "$forged" = 0 ] && xenstore-read data/please-forge >/dev/null 2>&1; then
@@ -36,6 +37,18 @@ while true; do
             xenstore-write data/request-result denied
         fi
         asked=1
+    fi
+    # On request (data/please-hammer): hammer XenStore as a hostile guest would: a burst of
+    # writes, values over the size limit, a deep path, nonsense in its frontend.
+    if [ "$hammered" = 0 ] && xenstore-read data/please-hammer >/dev/null 2>&1; then
+        big=AAAAAAAA; for _ in 1 2 3 4 5 6 7 8 9; do big="$big$big"; done
+        deep=data; for _ in $(seq 1 120); do deep="$deep/d"; done
+        ok=0; for i in $(seq 1 300); do xenstore-write "data/h$i" "$i" 2>/dev/null && ok=$((ok + 1)); done
+        xenstore-write data/big "$big" 2>/dev/null && echo "GUEST WROTE 4 KiB"
+        xenstore-write "$deep" x 2>/dev/null
+        xenstore-write device/vif/0/mac "$big" 2>/dev/null; xenstore-write device/vif/0/handle "-1" device/vif/0/backend-id nonsense 2>/dev/null
+        xenstore-write data/hammered "$ok"
+        hammered=1
     fi
     sleep 0.5
 done
