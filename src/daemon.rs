@@ -165,6 +165,8 @@ struct State {
     violations: Option<std::collections::BTreeMap<(String, String), u64>>,
     /// Readiness was reported to the init system.
     ready_sent: bool,
+    last_status_publish: Instant,
+    last_status_body: Option<String>,
     /// XenStore quarantine requests being read: (value, permissions) per id.
     #[allow(clippy::type_complexity)]
     requests: std::collections::HashMap<
@@ -289,6 +291,8 @@ impl Daemon {
                 quarantine_errors,
                 violations: None,
                 ready_sent: false,
+                last_status_publish: now,
+                last_status_body: None,
                 requests: Default::default(),
                 violation_base: None,
                 last_violation_check: now,
@@ -701,9 +705,53 @@ impl State {
         }
     }
 
+    /// Publishes a summary of the service's state for other tools at
+    /// `/local/domain/<self>/virtsec/status` (JSON, rewritten when it changes, at most every
+    /// 2 s): guests, vifs, alerts, quarantined VMs, anti-spoofing drops, in sync.
+    fn publish_status(&mut self) {
+        let Some(d) = self.self_domid else { return };
+        if !matches!(self.link, Link::Up(_))
+            || self.last_status_publish.elapsed() < Duration::from_secs(2)
+        {
+            return;
+        }
+        self.last_status_publish = Instant::now();
+        let vifs: usize = self.inventory.values().map(|g| g.vifs.len()).sum();
+        let alerts = self
+            .dataplane
+            .as_ref()
+            .map(|dp| dp.alerts_after(u64::MAX).0)
+            .unwrap_or(0);
+        let drops: u64 = self
+            .violations
+            .as_ref()
+            .map(|v| v.values().sum())
+            .unwrap_or(0);
+        let body = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "guests": self.inventory.len(),
+            "vifs": vifs,
+            "alerts": alerts,
+            "quarantined": self.quarantine.as_ref().map(|q| q.records().count()).unwrap_or(0),
+            "antispoof_drops": drops,
+            "in_sync": self.pass.is_none() && !self.dirty,
+        })
+        .to_string();
+        if self.last_status_body.as_deref() == Some(body.as_str()) {
+            return;
+        }
+        let path = format!("/local/domain/{d}/virtsec/status");
+        self.submit(
+            Request::Write(path.clone(), body.clone().into_bytes()),
+            Op::Publish(path),
+        );
+        self.last_status_body = Some(body);
+    }
+
     /// Reconnects when due and detects a xenstored that stopped answering.
     fn maintain(&mut self, poll: &Poll) {
         self.report_violations();
+        self.publish_status();
         let now = Instant::now();
         match &self.link {
             Link::Down { retry_at, backoff } if now >= *retry_at => {
@@ -778,6 +826,8 @@ impl State {
     }
 
     fn disconnect(&mut self, poll: &Poll, err: &XsError) {
+        // A new xenstored may have lost what was published.
+        self.last_status_body = None;
         if let Some(fd) = self.registered_fd.take() {
             let _ = poll.registry().deregister(&mut SourceFd(&fd));
         }

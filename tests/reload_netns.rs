@@ -154,4 +154,27 @@ fn rules_reload_swaps_rules_and_a_failed_reload_keeps_the_old_ones() {
     wait_for("sid 7303", Duration::from_secs(3), || {
         alerts(dir.path(), 7303) == 1
     });
+
+    // logrotate: the EVE file is moved away, SIGHUP, new alerts go to a new file.
+    let eve = dir.path().join("eve.json");
+    std::fs::rename(&eve, dir.path().join("eve.json.1")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    hit(&dd, &g5, "GET third-secret");
+    wait_for(
+        "the alert in the reopened EVE file",
+        Duration::from_secs(3),
+        || {
+            std::fs::read_to_string(&eve)
+                .unwrap_or_default()
+                .contains("\"signature_id\":7303")
+        },
+    );
+    assert!(std::fs::read_to_string(dir.path().join("eve.json.1"))
+        .unwrap()
+        .contains("\"signature_id\":7302"));
 }

@@ -75,6 +75,17 @@ fn dom0_requests_are_executed_and_guest_requests_refused() {
         "request not removed"
     );
     assert_eq!(quarantined(dir.path()), vec!["IR-42 from orchestration"]);
+    // The state is published for other tools: the record and the service's summary.
+    let rec = dom0
+        .read("/local/domain/0/virtsec/quarantine/5e1ab000-0000-4000-8000-000000000005")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rec).contains("IR-42 from orchestration"));
+    wait_for("status summary published", Duration::from_secs(5), || {
+        dom0.read("/local/domain/0/virtsec/status")
+            .ok()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .is_some_and(|v| v["quarantined"] == 1 && v["guests"] == 1)
+    });
     let nft = Command::new("ip")
         .args([
             "netns",
