@@ -282,13 +282,23 @@ fn lab_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("virtsec lab: installing {}", missing.join(" "));
-    let ok = std::process::Command::new("apt-get")
-        .args(["install", "-y", "-q"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let install = || {
+        std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    // A fresh machine may have no package lists yet.
+    let ok = install()
+        || (std::process::Command::new("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            && install());
     if !ok {
         bail!(
             "the lab needs {}: install them (apt-get install {})",
