@@ -198,24 +198,100 @@ impl VnetPort {
             };
         }
         let n = n as usize;
-        let mut ts_ns = 0;
-        // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by
-        // msg_controllen; the timespec is read unaligned from inside it.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
-                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                    ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
-        }
+        let ts_ns = cmsg_timestamp(&msg);
         Ok(Some(Received {
             len: n.min(buf.len()),
             truncated: n > buf.len(),
             ts_ns,
         }))
+    }
+
+    /// Reads up to `bufs.len()` frames in one system call (`recvmmsg`) without blocking;
+    /// `out[i]` describes `bufs[i]`. Returns how many were read (0: none waiting).
+    pub fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io::Result<usize> {
+        out.clear();
+        let n = bufs.len();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut cbufs = vec![[0u64; 8]; n];
+        // SAFETY: all-zero mmsghdrs are valid; every pointer set below outlives the call.
+        let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = cbufs[i].as_mut_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>() as _;
+        }
+        // SAFETY: `msgs` holds `n` headers describing buffers valid for writes.
+        let got = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        for m in msgs.iter().take(got as usize) {
+            out.push(Received {
+                len: m.msg_len as usize,
+                truncated: m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                ts_ns: cmsg_timestamp(&m.msg_hdr),
+            });
+        }
+        Ok(got as usize)
+    }
+
+    /// Sends the frames `frames` (each with its virtio header) in one system call
+    /// (`sendmmsg`); returns how many the kernel took.
+    pub fn send_batch(&self, frames: &[&[u8]]) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            })
+            .collect();
+        // SAFETY: all-zero mmsghdrs are valid; the iovecs outlive the call.
+        let mut msgs: Vec<libc::mmsghdr> = (0..frames.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < msgs.len() {
+            // SAFETY: the headers from `sent` on describe buffers valid for reads.
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs[sent..].as_mut_ptr(),
+                    (msgs.len() - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                break;
+            }
+            sent += r as usize;
+        }
+        sent
     }
 
     /// Sends one frame with its virtio header (`buf` as read by [`VnetPort::recv`] on the
@@ -236,6 +312,24 @@ impl VnetPort {
             Ok(())
         }
     }
+}
+
+/// The `SCM_TIMESTAMPNS` of a received message (ns since the epoch), 0 if none.
+fn cmsg_timestamp(msg: &libc::msghdr) -> u64 {
+    let mut ts_ns = 0;
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
+    // the timespec is read unaligned from inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    ts_ns
 }
 
 /// Waits up to `timeout_ms` until one of `fds` is readable; returns which are.
