@@ -13,28 +13,6 @@ use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
 
-fn ping(ns: &str, args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn guest_ns(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ]);
-    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
-    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
-    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
-    ip(&["-n", ns, "link", "set", "eth0", "up"]);
-}
-
 fn counter(dir: &std::path::Path, chain: &str, reason: &str) -> u64 {
     status(dir)
         .and_then(|s| s["antispoof"][chain]["drops"][reason].as_u64())
@@ -55,7 +33,7 @@ fn spoofed_sources_are_dropped_and_counted_real_traffic_passes() {
     ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
     ip(&["-n", &dd, "addr", "add", "10.97.0.1/24", "dev", "xenbr0"]);
     ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
-    guest_ns(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.97.0.5/24");
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.97.0.5/24");
 
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
@@ -108,7 +86,7 @@ fn spoofed_sources_are_dropped_and_counted_real_traffic_passes() {
     assert!(ping(&g5, &["10.97.0.1"]), "restored MAC must pass again");
 
     // A vif the inventory does not know yet passes nothing...
-    guest_ns(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.97.0.6/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.97.0.6/24");
     assert!(
         !ping(&g6, &["10.97.0.1"]),
         "a vif without policy passed traffic"
@@ -239,7 +217,7 @@ fn every_kind_of_forgery_is_dropped_and_counted_real_ipv4_and_ipv6_pass() {
         "nodad",
     ]);
     ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
-    guest_ns(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.94.0.5/24");
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.94.0.5/24");
     ip(&[
         "-n",
         &g5,

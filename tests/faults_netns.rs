@@ -29,17 +29,6 @@ fn usable(name: &str) -> bool {
     ok
 }
 
-fn plug(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ]);
-    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
-    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
-    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
-    ip(&["-n", ns, "link", "set", "eth0", "up"]);
-}
-
 /// A UDP receiver on port 9998 in `ns` for `secs`: prints the arrival times; the caller
 /// compares them with the windows in which the sender was quarantined.
 fn receiver(ns: &str, secs: u32) -> std::process::Child {
@@ -130,8 +119,8 @@ fn sigkill_at_random_points_never_leaks_and_leaves_state_consistent() {
     }
     let extra = "[enforce]\nantispoof = true\n";
     let mut d = virtsecd_with(dir.path(), Some(&dd), extra);
-    plug(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.91.0.5/24");
-    plug(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.91.0.6/24");
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.91.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.91.0.6/24");
 
     // The guest sends all along; windows in which it is quarantined are recorded.
     let rounds = 12u32;
@@ -272,28 +261,11 @@ fn a_full_or_read_only_state_disk_fails_safe_with_a_clear_error() {
         state.display().to_string()
     );
     let _d = virtsecd_with(dir.path(), Some(&dd), &extra);
-    plug(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.90.0.5/24");
-    plug(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.90.0.6/24");
-    let ping = |ns: &str| {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "ping",
-                "-c",
-                "1",
-                "-W",
-                "1",
-                "10.90.0.6",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    wait_for("guests talk", Duration::from_secs(5), || ping(&g5));
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.90.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.90.0.6/24");
+    wait_for("guests talk", Duration::from_secs(5), || {
+        ping(&g5, &["10.90.0.6"])
+    });
 
     // Full disk: fill the tmpfs.
     let filler = state.join("filler");
@@ -320,7 +292,7 @@ fn a_full_or_read_only_state_disk_fails_safe_with_a_clear_error() {
     );
     // Fail safe: the kernel holds the guest anyway.
     assert!(
-        !ping(&g5),
+        !ping(&g5, &["10.90.0.6"]),
         "the guest talks although the quarantine was requested"
     );
     std::fs::remove_file(&filler).unwrap();
@@ -373,7 +345,9 @@ fn a_full_or_read_only_state_disk_fails_safe_with_a_clear_error() {
     for who in ["web", "db"] {
         let _ = cli(dir.path(), &["release", who, "--reason", "done"]);
     }
-    wait_for("traffic restored", Duration::from_secs(5), || ping(&g5));
+    wait_for("traffic restored", Duration::from_secs(5), || {
+        ping(&g5, &["10.90.0.6"])
+    });
 }
 
 #[test]
@@ -478,7 +452,7 @@ fn sigkill_during_attach_lets_no_frame_through_without_policy() {
             .unwrap()
             .success());
         let policy_at_kill = has_policy(&dd, &vif);
-        plug(&dd, &ns, &vif, &g.vifs[0].mac, &format!("10.88.0.{dom}/24"));
+        bridged_guest(&dd, &ns, &vif, &g.vifs[0].mac, &format!("10.88.0.{dom}/24"));
         let _ = Command::new("ip")
             .args([
                 "netns",

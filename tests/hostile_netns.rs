@@ -10,32 +10,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn plug(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ]);
-    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
-    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
-    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
-    ip(&["-n", ns, "link", "set", "eth0", "up"]);
-}
 
 /// `n` TCP SYNs from `ns` (its real MAC and address, random source ports) to `dst:80`,
 /// written as raw frames on one socket.
@@ -131,23 +111,14 @@ fn a_syn_flood_hits_the_flow_cap_not_the_memory_and_others_keep_talking() {
         dir.path().join("eve.json").display().to_string()
     );
     let d = virtsecd_with(dir.path(), Some(&dd), &extra);
-    plug(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.89.0.5/24");
-    plug(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.89.0.6/24");
-    let ping = |ns: &str, dst: &str| {
-        Command::new("ip")
-            .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", dst])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.89.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.89.0.6/24");
     wait_for(
         "guests attached and talking",
         Duration::from_secs(10),
         || {
             status(dir.path()).is_some_and(|s| s["inspection"]["vif5.0"]["attached"] == true)
-                && ping(&g6, "10.89.0.1")
+                && ping(&g6, &["10.89.0.1"])
         },
     );
     let rss0 = rss_kb(d.pid());
@@ -186,7 +157,7 @@ fn a_syn_flood_hits_the_flow_cap_not_the_memory_and_others_keep_talking() {
             .any(|l| l.contains("SYN flood") && l.contains("\"domid\":5"))
     });
     assert!(
-        ping(&g6, "10.89.0.1"),
+        ping(&g6, &["10.89.0.1"]),
         "the other guest lost its connectivity"
     );
     eprintln!(

@@ -17,28 +17,6 @@ use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
 
-fn ping(ns: &str, args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn guest_ns(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ]);
-    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
-    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
-    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
-    ip(&["-n", ns, "link", "set", "eth0", "up"]);
-}
-
 /// A TCP server in `ns` on `port` that counts what one connection sends; returns the count
 /// when the connection closes (or after `secs`).
 fn sink(ns: &str, port: u16, secs: u32) -> std::process::Child {
@@ -120,8 +98,8 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
     ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
     ip(&["-n", &dd, "addr", "add", "10.96.0.1/24", "dev", "xenbr0"]);
     ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
-    guest_ns(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
-    guest_ns(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
 
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());

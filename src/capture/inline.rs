@@ -130,35 +130,12 @@ fn ingress_chain(vif: &str) -> String {
     format!("i_{s}")
 }
 
+/// One `nft -f` transaction, through the enforcement layer's runner.
 fn nft(script: &str) -> Result<(), TopologyError> {
-    use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|source| TopologyError::Spawn {
-            cmd: "nft".into(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| TopologyError::Spawn {
-            cmd: "nft".into(),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(TopologyError::Failed {
-            cmd: format!("nft -f - <<< {script:?}"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    crate::enforce::nft(script, "inline ingress drop").map_err(|e| TopologyError::Failed {
+        cmd: "nft -f -".into(),
+        stderr: e.to_string(),
+    })
 }
 
 fn no_ipv6(ifname: &str) {

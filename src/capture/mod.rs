@@ -93,7 +93,10 @@ pub struct Ring {
 // SAFETY: the mapping is owned by this value and only accessed through `&mut self`.
 unsafe impl Send for Ring {}
 
-fn sys<'a>(what: &'static str, iface: &'a str) -> impl FnOnce(io::Error) -> CaptureError + 'a {
+pub(crate) fn sys<'a>(
+    what: &'static str,
+    iface: &'a str,
+) -> impl FnOnce(io::Error) -> CaptureError + 'a {
     move |source| CaptureError::Sys {
         what,
         iface: iface.to_owned(),
@@ -101,12 +104,17 @@ fn sys<'a>(what: &'static str, iface: &'a str) -> impl FnOnce(io::Error) -> Capt
     }
 }
 
-fn setsockopt<T>(fd: &OwnedFd, opt: libc::c_int, val: &T) -> io::Result<()> {
+pub(crate) fn setsockopt<T>(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: &T,
+) -> io::Result<()> {
     // SAFETY: `val` points at a live `T` of the size passed; the fd is open.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_PACKET,
+            level,
             opt,
             val as *const T as *const libc::c_void,
             std::mem::size_of::<T>() as libc::socklen_t,
@@ -119,31 +127,61 @@ fn setsockopt<T>(fd: &OwnedFd, opt: libc::c_int, val: &T) -> io::Result<()> {
     }
 }
 
+/// A new, unbound AF_PACKET socket for every protocol, and `iface`'s index: the common start
+/// of a capture ring and an inline port (both set their options before binding).
+pub(crate) fn packet_socket(iface: &str) -> Result<(OwnedFd, u32), CaptureError> {
+    let c = CString::new(iface).map_err(|_| CaptureError::NoInterface(iface.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(CaptureError::NoInterface(iface.into()));
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ALL_BE),
+        )
+    };
+    if raw < 0 {
+        return Err(sys("socket(AF_PACKET)", iface)(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a freshly created, owned descriptor.
+    Ok((unsafe { OwnedFd::from_raw_fd(raw) }, ifindex))
+}
+
+/// Binds a packet socket to interface `ifindex` for every protocol.
+pub(crate) fn bind_packet(fd: &OwnedFd, iface: &str, ifindex: u32) -> Result<(), CaptureError> {
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields needed are set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_ALL_BE;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(sys("bind", iface)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `ETH_P_ALL` in network byte order.
+const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+
 impl Ring {
     /// Opens a ring on `iface` (in the caller's network namespace).
     pub fn open(iface: &str, cfg: RingConfig) -> Result<Ring, CaptureError> {
-        let c = CString::new(iface).map_err(|_| CaptureError::NoInterface(iface.into()))?;
-        // SAFETY: `c` is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(CaptureError::NoInterface(iface.into()));
-        }
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto as i32,
-            )
-        };
-        if raw < 0 {
-            return Err(sys("socket(AF_PACKET)", iface)(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a freshly created, owned descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let (fd, ifindex) = packet_socket(iface)?;
         let version: libc::c_int = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
-        setsockopt(&fd, libc::PACKET_VERSION, &version).map_err(sys("PACKET_VERSION", iface))?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)
+            .map_err(sys("PACKET_VERSION", iface))?;
         let frame_size = 2048u32;
         let req = libc::tpacket_req3 {
             tp_block_size: cfg.block_size as u32,
@@ -154,7 +192,8 @@ impl Ring {
             tp_sizeof_priv: 0,
             tp_feature_req_word: 0,
         };
-        setsockopt(&fd, libc::PACKET_RX_RING, &req).map_err(sys("PACKET_RX_RING", iface))?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)
+            .map_err(sys("PACKET_RX_RING", iface))?;
         let map_len = cfg.block_size * cfg.blocks;
         // SAFETY: maps the ring the kernel just allocated for this socket; checked below.
         let map = unsafe {
@@ -179,26 +218,12 @@ impl Ring {
             iface: iface.into(),
             stats: RingStats::default(),
         };
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields needed are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                ring.fd.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(sys("bind", iface)(io::Error::last_os_error()));
-        }
+        bind_packet(&ring.fd, iface, ifindex)?;
         if let Some(group) = cfg.fanout {
             let arg: libc::c_int =
                 group as libc::c_int | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
-            setsockopt(&ring.fd, libc::PACKET_FANOUT, &arg).map_err(sys("PACKET_FANOUT", iface))?;
+            setsockopt(&ring.fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
+                .map_err(sys("PACKET_FANOUT", iface))?;
         }
         Ok(ring)
     }

@@ -10,18 +10,17 @@
 //! on send, rebuilding the offloaded skb: super-frames and partial checksums cross the
 //! user-space bridge untouched, so guests keep their offloads and their throughput.
 //!
-//! A [`VnetPort`] is one such socket bound to one interface. It reads with `recvmsg` (one
-//! frame per call, the 10-byte header first, then the Ethernet frame) and the kernel's receive
+//! A [`VnetPort`] is one such socket bound to one interface. It reads batches with `recvmmsg`
+//! (each frame: the 10-byte header first, then the Ethernet frame) with the kernel's receive
 //! timestamp (`SO_TIMESTAMPNS`), which tells the inline worker how long a frame has waited:
 //! that is its overload signal. It ignores frames sent out of its own interface
 //! (`PACKET_IGNORE_OUTGOING`, so what it forwards is not read back) and bypasses the qdisc on
 //! send (`PACKET_QDISC_BYPASS`, as netback's own transmit does not queue either).
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use super::CaptureError;
+use super::{bind_packet, packet_socket, setsockopt, sys, CaptureError};
 
 /// `include/uapi/linux/if_packet.h` values the `libc` crate does not export.
 const PACKET_VNET_HDR: libc::c_int = 15;
@@ -80,79 +79,20 @@ pub struct VnetPort {
     iface: String,
 }
 
-fn sys<'a>(what: &'static str, iface: &'a str) -> impl FnOnce(io::Error) -> CaptureError + 'a {
-    move |source| CaptureError::Sys {
-        what,
-        iface: iface.to_owned(),
-        source,
-    }
-}
-
-fn setopt(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
-    // SAFETY: `val` is a live c_int of the size passed; the fd is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            &val as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 impl VnetPort {
     /// Opens a port on `iface` (in the caller's network namespace).
     pub fn open(iface: &str) -> Result<VnetPort, CaptureError> {
-        let c = CString::new(iface).map_err(|_| CaptureError::NoInterface(iface.into()))?;
-        // SAFETY: `c` is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(CaptureError::NoInterface(iface.into()));
-        }
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto as i32,
-            )
-        };
-        if raw < 0 {
-            return Err(sys("socket(AF_PACKET)", iface)(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a freshly created, owned descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        setopt(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1).map_err(sys("PACKET_VNET_HDR", iface))?;
-        setopt(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        let (fd, ifindex) = packet_socket(iface)?;
+        setsockopt(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &1)
+            .map_err(sys("PACKET_VNET_HDR", iface))?;
+        setsockopt(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1)
             .map_err(sys("PACKET_IGNORE_OUTGOING (Linux >= 4.20)", iface))?;
         // Best effort: both only change performance.
-        let _ = setopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, 1);
-        let _ = setopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 4 << 20);
-        setopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+        let _ = setsockopt(&fd, libc::SOL_PACKET, PACKET_QDISC_BYPASS, &1);
+        let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(4 << 20));
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1)
             .map_err(sys("SO_TIMESTAMPNS", iface))?;
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields needed are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(sys("bind", iface)(io::Error::last_os_error()));
-        }
+        bind_packet(&fd, iface, ifindex)?;
         Ok(VnetPort {
             fd,
             iface: iface.into(),
@@ -165,45 +105,6 @@ impl VnetPort {
 
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
-    }
-
-    /// Reads one frame (virtio header first) into `buf` without blocking; `Ok(None)` when
-    /// none is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // Room for one SCM_TIMESTAMPNS (a timespec) with its header, 8-byte aligned.
-        let mut cbuf = [0u64; 8];
-        // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-        // SAFETY: `msg` describes buffers valid for writes of the advertised sizes.
-        let n = unsafe {
-            libc::recvmsg(
-                self.fd.as_raw_fd(),
-                &mut msg,
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
-                _ => Err(e),
-            };
-        }
-        let n = n as usize;
-        let ts_ns = cmsg_timestamp(&msg);
-        Ok(Some(Received {
-            len: n.min(buf.len()),
-            truncated: n > buf.len(),
-            ts_ns,
-        }))
     }
 
     /// Reads up to `bufs.len()` frames in one system call (`recvmmsg`) without blocking;
@@ -292,25 +193,6 @@ impl VnetPort {
             sent += r as usize;
         }
         sent
-    }
-
-    /// Sends one frame with its virtio header (`buf` as read by [`VnetPort::recv`] on the
-    /// other port).
-    pub fn send(&self, buf: &[u8]) -> io::Result<()> {
-        // SAFETY: `buf` is valid for reads of its length.
-        let n = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                buf.as_ptr() as *const libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
     }
 }
 

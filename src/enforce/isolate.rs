@@ -94,7 +94,9 @@ fn rules(h: &Hold, from_guest: bool) -> Vec<String> {
 /// The kernel side of quarantine.
 pub struct Isolation {
     /// Per UUID: the hold and the interface names mapped to it.
-    applied: BTreeMap<String, (Hold, BTreeSet<String>)>,
+    /// `None`: chains read back from the kernel at start, rules not parsed; the first sync
+    /// rewrites them from the state record (in one transaction, without removing them first).
+    applied: BTreeMap<String, (Option<Hold>, BTreeSet<String>)>,
     /// Chains found in the kernel at start whose VM has no state record (kept, reported).
     pub orphans: BTreeSet<String>,
 }
@@ -128,7 +130,7 @@ impl Isolation {
                     let uuid = k.replace('_', "-");
                     iso.applied
                         .entry(uuid)
-                        .or_insert_with(|| (Hold::unknown(), BTreeSet::new()));
+                        .or_insert_with(|| (None, BTreeSet::new()));
                 }
             }
             if let Some(r) = item.get("rule") {
@@ -153,7 +155,7 @@ impl Isolation {
                         let uuid = k.replace('_', "-");
                         iso.applied
                             .entry(uuid)
-                            .or_insert_with(|| (Hold::unknown(), BTreeSet::new()))
+                            .or_insert_with(|| (None, BTreeSet::new()))
                             .1
                             .insert(ifname.to_string());
                     }
@@ -194,7 +196,12 @@ impl Isolation {
         for uuid in uuids {
             let cur = self.applied.get(&uuid);
             let next = want.get(&uuid);
-            if cur == next || (next.is_none() && keep.contains(&uuid)) {
+            let same = match (cur, next) {
+                (Some((Some(h), p)), Some((wh, wp))) => h == wh && p == wp,
+                (None, None) => true,
+                _ => false,
+            };
+            if same || (next.is_none() && keep.contains(&uuid)) {
                 continue;
             }
             let k = key(&uuid);
@@ -202,7 +209,7 @@ impl Isolation {
             let old_ports: BTreeSet<String> = cur.map(|c| c.1.clone()).unwrap_or_default();
             match next {
                 Some((hold, ports)) => {
-                    if cur.map(|c| &c.0) != Some(hold) {
+                    if cur.and_then(|c| c.0.as_ref()) != Some(hold) {
                         for (dir, from_guest) in [("qi", true), ("qo", false)] {
                             s.push_str(&format!(
                                 "add chain {TABLE} {dir}_{k}\nflush chain {TABLE} {dir}_{k}\n"
@@ -239,7 +246,8 @@ impl Isolation {
             match nft(&s, &format!("quarantine of {uuid}")) {
                 Ok(()) => match next {
                     Some(n) => {
-                        self.applied.insert(uuid.clone(), n.clone());
+                        self.applied
+                            .insert(uuid.clone(), (Some(n.0.clone()), n.1.clone()));
                         self.orphans.remove(&uuid);
                     }
                     None => {
@@ -251,19 +259,6 @@ impl Isolation {
             }
         }
         errors
-    }
-}
-
-impl Hold {
-    /// A hold read back from the kernel whose rules are not parsed: differs from any wanted
-    /// hold, so the first sync rewrites its chains from the state record (without removing
-    /// them first: the rewrite is one transaction).
-    fn unknown() -> Hold {
-        Hold {
-            isolate: true,
-            throttle_kbytes: Some(u32::MAX),
-            allow: Vec::new(),
-        }
     }
 }
 

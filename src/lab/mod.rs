@@ -78,6 +78,41 @@ pub enum LabError {
     Net(#[from] net::NetError),
 }
 
+/// Prints one step of a timeline: a JSON line, or the human table row.
+fn print_step(json: bool, r: &StepRecord) {
+    if json {
+        if let Ok(line) = serde_json::to_string(r) {
+            println!("{line}");
+        }
+    } else {
+        println!(
+            "[{:>2}] {} {:<62} {:>7.1} ms  {}",
+            r.step,
+            if r.ok { "PASS" } else { "FAIL" },
+            r.name,
+            r.ms,
+            r.detail
+        );
+    }
+}
+
+/// Stops a child the lab started: SIGTERM, up to 3 s to exit, then SIGKILL.
+fn stop_child(mut child: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Default run directory: `/run/virtsec-lab` as root, else under the user's runtime dir.
 pub fn default_run_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -98,20 +133,8 @@ struct Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.daemon.take() {
+            stop_child(child);
         }
         if let Some(s) = self.server.take() {
             let _ = s.stop();
@@ -179,20 +202,7 @@ impl Scenario<'_> {
             ms,
             detail,
         };
-        if self.opts.json {
-            if let Ok(line) = serde_json::to_string(&r) {
-                println!("{line}");
-            }
-        } else {
-            println!(
-                "[{:>2}] {} {:<58} {:>7.1} ms  {}",
-                r.step,
-                if ok { "PASS" } else { "FAIL" },
-                r.name,
-                r.ms,
-                r.detail
-            );
-        }
+        print_step(self.opts.json, &r);
         self.records.push(r);
     }
 }

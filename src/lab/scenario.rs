@@ -104,20 +104,8 @@ struct Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop_echo.store(true, Ordering::Relaxed);
-        if let Some(mut child) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.daemon.take() {
+            super::stop_child(child);
         }
         if let Some(s) = self.server.take() {
             let _ = s.stop();
@@ -168,26 +156,25 @@ impl Timeline<'_> {
             ms,
             detail,
         };
-        if self.opts.json {
-            if let Ok(line) = serde_json::to_string(&r) {
-                println!("{line}");
-            }
-        } else {
-            println!(
-                "[{:>2}] {} {:<62} {:>7.1} ms  {}",
-                r.step,
-                if ok { "PASS" } else { "FAIL" },
-                r.name,
-                r.ms,
-                r.detail
-            );
-        }
+        super::print_step(self.opts.json, &r);
         self.records.push(r);
     }
 }
 
 fn call(control: &Path, req: &ControlRequest) -> Result<serde_json::Value, String> {
     control::call(control, req).map_err(|e| e.to_string())
+}
+
+/// The quarantine record of VM `uuid`, as `virtsec quarantined --json` shows it.
+fn quarantine_record(control: &Path, uuid: &str) -> Result<serde_json::Value, String> {
+    let r = call(control, &ControlRequest::Quarantined)?;
+    r["quarantined"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|q| q["uuid"] == uuid)
+        .cloned()
+        .ok_or_else(|| format!("VM {uuid} not quarantined"))
 }
 
 fn mac_bytes(domid: u32) -> [u8; 6] {
@@ -495,13 +482,7 @@ pub fn run(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
         t,
         Duration::from_secs(3),
         || {
-            let r = call(&ctl, &ControlRequest::Quarantined)?;
-            let q = r["quarantined"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|q| q["uuid"] == uuid_b.as_str())
-                .ok_or("guest2 not quarantined")?;
+            let q = quarantine_record(&ctl, &uuid_b)?;
             if q["actions"] == serde_json::json!(["throttle"]) {
                 Ok(format!("actions {}, by {}", q["actions"], q["by"]))
             } else {
@@ -541,13 +522,7 @@ pub fn run(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
         t,
         Duration::from_secs(3),
         || {
-            let r = call(&ctl, &ControlRequest::Quarantined)?;
-            let q = r["quarantined"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|q| q["uuid"] == uuid_b.as_str())
-                .ok_or("guest2 not quarantined")?;
+            let q = quarantine_record(&ctl, &uuid_b)?;
             if !q["actions"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|x| x == "isolate"))

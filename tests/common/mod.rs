@@ -246,3 +246,41 @@ impl Drop for LogOnPanic {
         }
     }
 }
+
+/// `ping -c 1 -W 1 ARGS` from namespace `ns`: whether a reply came back.
+pub fn ping(ns: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// What netback and `vif-bridge` make for a guest: namespace `ns` (created if missing) behind
+/// a veth whose backend end `vif` is on `xenbr0` in `dd`; the guest end `eth0` has `mac` and
+/// `addr` and is up.
+pub fn bridged_guest(dd: &str, ns: &str, vif: &str, mac: &str, addr: &str) {
+    if !Path::new(&format!("/run/netns/{ns}")).exists() {
+        ip(&["netns", "add", ns]);
+    }
+    ip(&[
+        "-n", dd, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ]);
+    ip(&["-n", dd, "link", "set", vif, "master", "xenbr0", "up"]);
+    ip(&["-n", ns, "link", "set", "eth0", "address", mac]);
+    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"]);
+    ip(&["-n", ns, "link", "set", "eth0", "up"]);
+}
+
+/// Resident memory of process `pid`, kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
