@@ -100,6 +100,8 @@ fn sigkill_at_random_points_never_leaks_and_leaves_state_consistent() {
     if !usable("sigkill_at_random_points_never_leaks_and_leaves_state_consistent") {
         return;
     }
+    // Timing is measured: not alongside the other tests of this binary.
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
@@ -216,6 +218,8 @@ fn a_full_or_read_only_state_disk_fails_safe_with_a_clear_error() {
     if !usable("a_full_or_read_only_state_disk_fails_safe_with_a_clear_error") {
         return;
     }
+    // Timing is measured: not alongside the other tests of this binary.
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
@@ -355,6 +359,8 @@ fn sigkill_during_attach_lets_no_frame_through_without_policy() {
     if !usable("sigkill_during_attach_lets_no_frame_through_without_policy") {
         return;
     }
+    // Timing is measured: not alongside the other tests of this binary.
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();

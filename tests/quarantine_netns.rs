@@ -120,6 +120,8 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
     if !usable("an_attack_isolates_the_guest_within_10ms_and_release_restores_it") {
         return;
     }
+    // Timing is measured: not alongside the other tests of this binary.
+    let _serial = serial();
     let id = std::process::id();
     let mut h = host("a", &["vqa5", "vqa6", "vqa7"]);
     let _log = LogOnPanic(h.dir.path().to_path_buf());
@@ -235,6 +237,8 @@ fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse
     if !usable("quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse") {
         return;
     }
+    // Timing is measured: not alongside the other tests of this binary.
+    let _serial = serial();
     let id = std::process::id();
     let mut h = host("b", &["vqb5", "vqb6", "vqb9"]);
     let _log = LogOnPanic(h.dir.path().to_path_buf());

@@ -284,3 +284,11 @@ pub fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// Serializes the tests of one test binary that measure timing (they run in parallel by
+/// default and would load the same two CPUs). Poisoning is ignored: a failed test must not
+/// fail the next one.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
