@@ -108,6 +108,9 @@ pub struct Status {
     pub control_refused_peers: u64,
     /// Per-vif inspection counters (empty without `[inspect] rules`).
     pub inspection: std::collections::BTreeMap<String, crate::dataplane::VifStatus>,
+    /// Passive capture trimmed in the kernel (absent without a data plane).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture_filter: Option<crate::dataplane::FilterStatus>,
     pub alerts: u64,
     /// Anti-spoofing drops per vif (with the guest's identity) and reason; `*` counts frames
     /// of vifs with no policy yet. `null` when anti-spoofing is off.
@@ -493,6 +496,7 @@ impl State {
                 .as_ref()
                 .map(|d| d.status())
                 .unwrap_or_default(),
+            capture_filter: self.dataplane.as_ref().map(|d| d.filter_status()),
             antispoof: self.antispoof.as_ref().map(|a| self.antispoof_report(a)),
             enforce_errors: self.enforce_errors.clone(),
             quarantine: match &self.quarantine {

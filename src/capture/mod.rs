@@ -13,6 +13,7 @@
 //! Constants and layouts are the kernel's (`include/uapi/linux/if_packet.h`) as the `libc`
 //! crate exposes them.
 
+pub mod bpf;
 pub mod inline;
 pub mod vnet;
 
@@ -87,7 +88,14 @@ pub struct Ring {
     cfg: RingConfig,
     next: usize,
     iface: String,
+    ifindex: u32,
     stats: RingStats,
+}
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 // SAFETY: the mapping is owned by this value and only accessed through `&mut self`.
@@ -149,6 +157,104 @@ pub(crate) fn packet_socket(iface: &str) -> Result<(OwnedFd, u32), CaptureError>
     }
     // SAFETY: `raw` is a freshly created, owned descriptor.
     Ok((unsafe { OwnedFd::from_raw_fd(raw) }, ifindex))
+}
+
+/// Joins `fd` to fanout group `group` of its interface, spreading frames by a flow hash that
+/// is the same in both directions (addresses and ports combined by XOR, computed by a classic
+/// BPF program the group runs: `PACKET_FANOUT_CBPF`). The kernel's own `PACKET_FANOUT_HASH`
+/// uses `skb->hash` when one is set, and on netback the guest sets it: xen-netback takes the
+/// hash a frontend passes in a `XEN_NETIF_EXTRA_TYPE_HASH` extra slot (Linux 4.7, "use hash
+/// value from the frontend"). A hostile guest could then send one direction of a connection to
+/// a worker that never sees the other, which cannot follow the handshake
+/// (`flow:established`) and so misses what such rules match. Inline workers join
+/// two groups (vif side and switch side) in the same order, so a flow's frames from both sides
+/// meet in one worker. Frames that are not IPv4/IPv6 go to the first member.
+pub(crate) fn join_symmetric_fanout(
+    fd: &OwnedFd,
+    iface: &str,
+    group: u16,
+) -> Result<(), CaptureError> {
+    let arg: libc::c_int = group as libc::c_int | ((libc::PACKET_FANOUT_CBPF as libc::c_int) << 16);
+    setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
+        .map_err(sys("PACKET_FANOUT", iface))?;
+    let prog = symmetric_hash_program();
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT_DATA, &fprog)
+        .map_err(sys("PACKET_FANOUT_DATA", iface))
+}
+
+/// The classic BPF program of [`join_symmetric_fanout`]: returns
+/// `h ^ (h >> 16)` with `h = src ^ dst ^ sport ^ dport` (the kernel takes it modulo the group
+/// size); 0 for frames that are not IP.
+fn symmetric_hash_program() -> Vec<libc::sock_filter> {
+    let op = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jf: u8| libc::sock_filter {
+        code: 0x15,
+        jt: 0,
+        jf,
+        k,
+    };
+    const LDH: u16 = 0x28; // A = u16 at k
+    const LDW: u16 = 0x20; // A = u32 at k
+    const LDH_X: u16 = 0x48; // A = u16 at X + k
+    const LDX_MSH: u16 = 0xb1; // X = 4 * (byte at k & 0xf)
+    const ST: u16 = 0x02; // M[k] = A
+    const LDX_M: u16 = 0x61; // X = M[k]
+    const XOR_X: u16 = 0xac; // A ^= X
+    const TAX: u16 = 0x07;
+    const RSH: u16 = 0x74;
+    const JA: u16 = 0x05;
+    const RET_A: u16 = 0x16;
+    const RET_K: u16 = 0x06;
+    let mut v4 = vec![
+        op(LDW, 26),
+        op(ST, 0),
+        op(LDW, 30),
+        op(LDX_M, 0),
+        op(XOR_X, 0),
+        op(ST, 0),
+        op(LDX_MSH, 14),
+        op(LDH_X, 14),
+        op(ST, 1),
+        op(LDH_X, 16),
+        op(LDX_M, 1),
+        op(XOR_X, 0),
+        op(LDX_M, 0),
+        op(XOR_X, 0),
+    ];
+    let mut v6 = vec![op(LDW, 22), op(ST, 0)];
+    for w in (26..54).step_by(4) {
+        v6.extend([op(LDW, w), op(LDX_M, 0), op(XOR_X, 0), op(ST, 0)]);
+    }
+    v6.extend([
+        op(LDH, 54),
+        op(ST, 1),
+        op(LDH, 56),
+        op(LDX_M, 1),
+        op(XOR_X, 0),
+        op(LDX_M, 0),
+        op(XOR_X, 0),
+    ]);
+    let fold = [op(TAX, 0), op(RSH, 16), op(XOR_X, 0), op(RET_A, 0)];
+    let mut p = vec![op(LDH, 12)];
+    // to v6's test when not IPv4: past v4 and its jump to the fold
+    p.push(jeq(0x0800, (v4.len() + 1) as u8));
+    p.append(&mut v4);
+    p.push(op(JA, (1 + v6.len()) as u32));
+    // not IPv6 either: past v6 and the fold, to `ret 0`
+    p.push(jeq(0x86dd, (v6.len() + fold.len()) as u8));
+    p.append(&mut v6);
+    p.extend(fold);
+    p.push(op(RET_K, 0));
+    p
 }
 
 /// Binds a packet socket to interface `ifindex` for every protocol.
@@ -216,20 +322,22 @@ impl Ring {
             cfg,
             next: 0,
             iface: iface.into(),
+            ifindex,
             stats: RingStats::default(),
         };
         bind_packet(&ring.fd, iface, ifindex)?;
         if let Some(group) = cfg.fanout {
-            let arg: libc::c_int =
-                group as libc::c_int | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
-            setsockopt(&ring.fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
-                .map_err(sys("PACKET_FANOUT", iface))?;
+            join_symmetric_fanout(&ring.fd, iface, group)?;
         }
         Ok(ring)
     }
 
     pub fn iface(&self) -> &str {
         &self.iface
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
     }
 
     fn block(&self, i: usize) -> *mut libc::tpacket_block_desc {
@@ -378,5 +486,102 @@ impl Drop for Ring {
         // SAFETY: unmaps exactly the mapping created in `open`; no frame borrows outlive
         // `poll`, so nothing refers to it any more.
         unsafe { libc::munmap(self.map as *mut libc::c_void, self.map_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the classic BPF opcodes the fanout program uses over `pkt`.
+    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut m, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+        let ld = |off: usize, n: usize| -> Option<u32> {
+            pkt.get(off..off + n)
+                .map(|b| b.iter().fold(0u32, |v, &c| (v << 8) | u32::from(c)))
+        };
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let k = i.k as usize;
+            match i.code {
+                0x28 => {
+                    a = match ld(k, 2) {
+                        Some(v) => v,
+                        None => return 0,
+                    }
+                }
+                0x20 => {
+                    a = match ld(k, 4) {
+                        Some(v) => v,
+                        None => return 0,
+                    }
+                }
+                0x48 => {
+                    a = match ld(x as usize + k, 2) {
+                        Some(v) => v,
+                        None => return 0,
+                    }
+                }
+                0xb1 => {
+                    x = match ld(k, 1) {
+                        Some(v) => 4 * (v & 0xf),
+                        None => return 0,
+                    }
+                }
+                0x02 => m[k] = a,
+                0x61 => x = m[k],
+                0xac => a ^= x,
+                0x07 => x = a,
+                0x74 => a >>= i.k,
+                0x05 => pc += k,
+                0x15 => pc += if a == i.k { i.jt } else { i.jf } as usize,
+                0x16 => return a,
+                0x06 => return i.k,
+                c => panic!("opcode {c:#x} not modelled"),
+            }
+        }
+    }
+
+    fn v4_tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn fanout_hash_is_the_same_both_ways_and_spreads_flows() {
+        let p = symmetric_hash_program();
+        let there = run(&p, &v4_tcp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 80));
+        let back = run(&p, &v4_tcp([10, 0, 0, 2], 80, [10, 0, 0, 1], 40000));
+        assert_eq!(there, back);
+        assert_ne!(there, 0);
+        let spread: std::collections::HashSet<u32> = (0..64)
+            .map(|i| run(&p, &v4_tcp([10, 0, 0, 1], 40000 + i, [10, 0, 0, 2], 80)) % 4)
+            .collect();
+        assert_eq!(spread.len(), 4, "64 flows over 4 workers use all of them");
+        // IPv6: same both ways.
+        let mut f = vec![0u8; 14 + 40 + 20];
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[22..38].copy_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f[38..54].copy_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        f[54..56].copy_from_slice(&5000u16.to_be_bytes());
+        f[56..58].copy_from_slice(&22u16.to_be_bytes());
+        let mut g = f.clone();
+        g[22..38].copy_from_slice(&f[38..54]);
+        g[38..54].copy_from_slice(&f[22..38]);
+        g[54..56].copy_from_slice(&f[56..58]);
+        g[56..58].copy_from_slice(&f[54..56]);
+        assert_eq!(run(&p, &f), run(&p, &g));
+        // Not IP (ARP): the first member.
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run(&p, &arp), 0);
     }
 }

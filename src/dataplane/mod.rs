@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
+use crate::capture::bpf::{CaptureFilter, DirKey};
 use crate::config::{InlineConfig, Mode};
 use crate::decode;
 use crate::detect::behaviour::{Behaviour, BehaviourConfig};
@@ -63,6 +64,9 @@ pub struct VifCounters {
     pub send_errors: AtomicU64,
     /// Frames from another local guest, inspected at that guest's vif already.
     pub local: AtomicU64,
+    /// Passive: frames the kernel copied headers-only (`capture::bpf`: another local guest's
+    /// frame, or a bypassed direction past the stream depth).
+    pub trimmed: AtomicU64,
     /// Flows tracked by the vif's workers (gauge, the sum of the workers' tables).
     pub flows: AtomicU64,
     /// Flows evicted because a worker's table was full (the flow-table cap at work).
@@ -82,6 +86,9 @@ pub struct VifStatus {
     pub bytes: u64,
     pub alerts: u64,
     pub ring_drops: u64,
+    /// Frames copied headers-only by the kernel (their payload is inspected elsewhere or
+    /// bypassed past the stream depth).
+    pub trimmed: u64,
     /// Flows tracked now and evicted so far (table full).
     pub flows: u64,
     pub flows_evicted: u64,
@@ -154,6 +161,8 @@ struct VifShared {
     /// MACs of the local guests whose vifs are inspected (empty unless `dedupe_local`).
     local_macs: Arc<std::sync::RwLock<std::collections::HashSet<[u8; 6]>>>,
     counters: VifCounters,
+    /// The kernel-side capture filter (passive workers attach it to their rings).
+    filter: Option<Arc<CaptureFilter>>,
     ident: Mutex<XenIdentity>,
     behaviour: Mutex<Behaviour>,
     out: Arc<Outputs>,
@@ -239,6 +248,9 @@ struct Inspector {
     index: usize,
     /// What this worker last added to the vif's flow gauges.
     reported: (u64, u64),
+    /// The capture filter this worker's ring has, and the ring's interface index: bypassed
+    /// directions are handed to it.
+    trim: Option<(Arc<CaptureFilter>, u32)>,
 }
 
 impl Inspector {
@@ -254,6 +266,7 @@ impl Inspector {
                 vif,
                 index: 0,
                 reported: (0, 0),
+                trim: None,
             }),
             Err(e) => {
                 log::error!("{}: cannot build the matcher: {e}", vif.ifname);
@@ -266,7 +279,12 @@ impl Inspector {
     /// is atomic for the traffic; flows restart their stream state).
     fn maybe_reload(&mut self) {
         if let Some(e) = self.vif.take_next(self.index) {
-            self.engine = e;
+            let mut old = std::mem::replace(&mut self.engine, e);
+            // The new engine starts its flows afresh: it must see their payload again.
+            restore_bypassed(&self.trim, &mut old);
+            if self.trim.is_some() {
+                self.engine.bypass = Some(Vec::new());
+            }
         }
         // Flow-table use and evictions, as deltas so a vif's workers add up.
         let c = &self.vif.counters;
@@ -285,10 +303,45 @@ impl Inspector {
         self.reported = (flows, evicted);
     }
 
+    /// Uses the kernel-side capture filter attached to the ring with this interface index:
+    /// directions past the stream depth (when not inspected there) are trimmed.
+    fn use_filter(&mut self, filter: Arc<CaptureFilter>, ifindex: u32) {
+        self.trim = Some((filter, ifindex));
+        self.engine.bypass = Some(Vec::new());
+    }
+
+    /// Hands newly bypassed directions to the kernel and takes back those of flows gone.
+    fn sync_filter(&mut self) {
+        let Some((f, ifindex)) = &self.trim else {
+            return;
+        };
+        let key = |((src, sport), (dst, dport)): crate::flow::DirTuple| DirKey {
+            ifindex: *ifindex,
+            src,
+            sport,
+            dst,
+            dport,
+        };
+        if let Some(new) = self.engine.bypass.as_mut() {
+            for t in new.drain(..) {
+                f.bypass(&key(t));
+            }
+        }
+        for t in self.engine.flows.released.drain(..) {
+            f.restore(&key(t));
+        }
+    }
+
+    /// Has the kernel copy every direction this worker bypassed whole again.
+    fn restore_all(&mut self) {
+        restore_bypassed(&self.trim, &mut self.engine);
+    }
+
     /// Inspects one Ethernet frame. `from_guest`: sent by the guest (received on the vif).
-    fn frame(&mut self, data: &[u8], ts_ns: u64, from_guest: bool) -> Verdict {
+    /// `trimmed`: the kernel copied its headers only (`capture::bpf`).
+    fn frame(&mut self, data: &[u8], ts_ns: u64, from_guest: bool, trimmed: bool) -> Verdict {
         let t = std::time::Instant::now();
-        let v = self.frame_inner(data, ts_ns, from_guest);
+        let v = self.frame_inner(data, ts_ns, from_guest, trimmed);
         self.vif
             .counters
             .inspect_ns
@@ -296,11 +349,20 @@ impl Inspector {
         v
     }
 
-    fn frame_inner(&mut self, data: &[u8], ts_ns: u64, from_guest: bool) -> Verdict {
+    fn frame_inner(&mut self, data: &[u8], ts_ns: u64, from_guest: bool, trimmed: bool) -> Verdict {
         let c = &self.vif.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let Ok(p) = decode::decode_ethernet(data, &mut self.engine.decode) else {
+        let decoded = if trimmed {
+            c.trimmed.fetch_add(1, Ordering::Relaxed);
+            // Headers only: flow state and behaviour follow it, payload inspection does not
+            // (an empty payload), as the filter only trims what is inspected elsewhere or
+            // bypassed.
+            decode::decode_ethernet_headers(data, &mut self.engine.decode)
+        } else {
+            decode::decode_ethernet(data, &mut self.engine.decode)
+        };
+        let Ok(p) = decoded else {
             return Verdict::Pass;
         };
         let ts = ts_ns / 1000;
@@ -358,6 +420,21 @@ impl Inspector {
     }
 }
 
+/// Has the kernel copy every direction `engine` bypassed whole again.
+fn restore_bypassed(trim: &Option<(Arc<CaptureFilter>, u32)>, engine: &mut Engine) {
+    if let Some((f, ifindex)) = trim {
+        for ((src, sport), (dst, dport)) in engine.take_bypassed() {
+            f.restore(&DirKey {
+                ifindex: *ifindex,
+                src,
+                sport,
+                dst,
+                dport,
+            });
+        }
+    }
+}
+
 struct Worker {
     mode: Mode,
     shared: Arc<VifShared>,
@@ -401,6 +478,20 @@ pub struct DataPlane {
     workers: BTreeMap<String, Worker>,
     fanout_seq: u16,
     local_macs: Arc<std::sync::RwLock<std::collections::HashSet<[u8; 6]>>>,
+    /// The kernel-side capture filter, when the kernel took it (`capture::bpf`).
+    filter: Result<Arc<CaptureFilter>, String>,
+}
+
+/// Whether passive capture is trimmed in the kernel, and the filter's counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct FilterStatus {
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Connection directions handed to the kernel to trim, given back, refused (map full).
+    pub bypassed: u64,
+    pub restored: u64,
+    pub map_full: u64,
 }
 
 /// Errors setting up the data plane.
@@ -427,6 +518,15 @@ impl DataPlane {
             log::warn!("{w}");
         }
         log::info!("inspection: {}", rs.summary());
+        // Room for every flow direction of every worker is not needed: a direction that does
+        // not fit stays copied whole (counted).
+        let filter = CaptureFilter::load(1 << 16)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        match &filter {
+            Ok(_) => log::info!("capture: kernel-side trimming filter loaded"),
+            Err(e) => log::warn!("capture: {e}"),
+        }
         let eve = match &opts.eve {
             Some(p) => {
                 if let Some(d) = p.parent() {
@@ -455,6 +555,7 @@ impl DataPlane {
             workers: BTreeMap::new(),
             fanout_seq: 0,
             local_macs: Default::default(),
+            filter,
         })
     }
 
@@ -467,6 +568,9 @@ impl DataPlane {
                 .values()
                 .flat_map(|g| g.vifs.values().filter_map(|v| v.mac.map(|m| m.0)))
                 .collect();
+            if let Ok(f) = &self.filter {
+                f.set_local_macs(&macs);
+            }
             if let Ok(mut m) = self.local_macs.write() {
                 *m = macs;
             }
@@ -515,15 +619,13 @@ impl DataPlane {
     }
 
     fn spawn(&mut self, ifname: String, ident: XenIdentity, mode: Mode) -> Worker {
-        let nworkers = match mode {
-            Mode::Passive => self.opts.workers_per_vif.max(1),
-            Mode::Inline => 1,
-        };
+        let nworkers = self.opts.workers_per_vif.max(1);
         let shared = Arc::new(VifShared {
             next: Mutex::new((0..nworkers).map(|_| None).collect()),
             ifname: ifname.clone(),
             local_macs: self.local_macs.clone(),
             counters: VifCounters::default(),
+            filter: self.filter.as_ref().ok().cloned(),
             ident: Mutex::new(ident),
             behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
             out: self.out.clone(),
@@ -563,12 +665,23 @@ impl DataPlane {
                     shared.clone(),
                     self.opts.inline.clone(),
                 );
+                // Two fanout groups: the vif side and the inline port side.
+                self.fanout_seq = self.fanout_seq.wrapping_add(2);
+                let groups = (self.fanout_seq.wrapping_sub(1), self.fanout_seq);
                 let h = std::thread::Builder::new()
                     .name(format!("vif {ifname} inline"))
                     .spawn(move || {
-                        if let Some(ins) = Inspector::new(&rules, backend, past, sh) {
-                            inline::run(ins, &cfg);
+                        let mut all = Vec::with_capacity(nworkers);
+                        for i in 0..nworkers {
+                            match Inspector::new(&rules, backend, past, sh.clone()) {
+                                Some(mut ins) => {
+                                    ins.index = i;
+                                    all.push(ins);
+                                }
+                                None => return,
+                            }
                         }
+                        inline::run(all, &cfg, groups);
                     });
                 match h {
                     Ok(h) => handles.push(h),
@@ -715,6 +828,26 @@ impl DataPlane {
         }
     }
 
+    /// The kernel-side capture filter's state.
+    pub fn filter_status(&self) -> FilterStatus {
+        match &self.filter {
+            Ok(f) => FilterStatus {
+                loaded: true,
+                error: None,
+                bypassed: f.stats.bypassed.load(Ordering::Relaxed),
+                restored: f.stats.restored.load(Ordering::Relaxed),
+                map_full: f.stats.map_full.load(Ordering::Relaxed),
+            },
+            Err(e) => FilterStatus {
+                loaded: false,
+                error: Some(e.clone()),
+                bypassed: 0,
+                restored: 0,
+                map_full: 0,
+            },
+        }
+    }
+
     /// Per-vif counters.
     pub fn status(&self) -> BTreeMap<String, VifStatus> {
         self.workers
@@ -733,6 +866,7 @@ impl DataPlane {
                         bytes: ld(&c.bytes),
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
+                        trimmed: ld(&c.trimmed),
                         flows: ld(&c.flows),
                         flows_evicted: ld(&c.flows_evicted),
                         inline: (w.mode == Mode::Inline).then(|| InlineStatus {

@@ -35,14 +35,29 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
             }
         }
     };
+    if let Some(f) = &vif.filter {
+        match f.attach(&ring) {
+            Ok(()) => ins.use_filter(f.clone(), ring.ifindex()),
+            Err(e) => log::warn!(
+                "{}: capture filter not attached, copying whole frames: {e}",
+                vif.ifname
+            ),
+        }
+    }
     vif.counters.attached.store(true, Ordering::Relaxed);
     log::info!("{}: inspection attached (passive)", vif.ifname);
     let mut last_drops = 0;
     while !vif.stopping() {
         ins.maybe_reload();
         let res = ring.poll(Duration::from_millis(100), &mut |f| {
-            ins.frame(f.data, f.ts_ns, !f.outgoing);
+            ins.frame(
+                f.data,
+                f.ts_ns,
+                !f.outgoing,
+                (f.data.len() as u64) < u64::from(f.wire_len),
+            );
         });
+        ins.sync_filter();
         if let Err(e) = res {
             log::error!("{}: capture failed: {e}", vif.ifname);
             break;
@@ -55,4 +70,6 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
         last_drops = st.drops;
     }
     vif.counters.attached.store(false, Ordering::Relaxed);
+    // Directions this worker bypassed are copied whole again (a later worker starts afresh).
+    ins.restore_all();
 }

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{LaxNetSlice, LaxSlicedPacket, NetSlice, SlicedPacket, TransportSlice};
 
 /// Transport protocol of a decoded packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -139,6 +139,54 @@ pub fn decode_ip<'a>(pkt: &'a [u8], stats: &mut DecodeStats) -> Result<Packet<'a
     r
 }
 
+/// Decodes the headers of a frame the capture trimmed (the kernel copied only its first
+/// bytes, `capture::bpf`): addresses, ports and TCP state, and an empty payload, since what
+/// was copied of it is not the whole.
+pub fn decode_ethernet_headers<'a>(
+    frame: &'a [u8],
+    stats: &mut DecodeStats,
+) -> Result<Packet<'a>, Skip> {
+    stats.frames += 1;
+    stats.bytes += frame.len() as u64;
+    let r = match LaxSlicedPacket::from_ethernet(frame) {
+        Ok(s) => {
+            let net = match &s.net {
+                Some(LaxNetSlice::Ipv4(v4)) => {
+                    let h = v4.header();
+                    Some((
+                        IpAddr::V4(h.source_addr()),
+                        IpAddr::V4(h.destination_addr()),
+                        v4.payload().fragmented,
+                        v4.payload().ip_number.0,
+                    ))
+                }
+                Some(LaxNetSlice::Ipv6(v6)) => {
+                    let h = v6.header();
+                    Some((
+                        IpAddr::V6(h.source_addr()),
+                        IpAddr::V6(h.destination_addr()),
+                        v6.payload().fragmented,
+                        v6.payload().ip_number.0,
+                    ))
+                }
+                None => None,
+            };
+            match net {
+                Some((src, dst, fragmented, ipnum)) => {
+                    from_parts(src, dst, fragmented, ipnum, s.transport).map(|mut p| {
+                        p.payload = &[];
+                        p
+                    })
+                }
+                None => Err(Skip::NotIp),
+            }
+        }
+        Err(_) => Err(Skip::Malformed),
+    };
+    stats.count(&r);
+    r
+}
+
 fn from_sliced(s: SlicedPacket<'_>) -> Result<Packet<'_>, Skip> {
     let (src, dst, fragmented, ipnum) = match &s.net {
         Some(NetSlice::Ipv4(v4)) => {
@@ -161,10 +209,20 @@ fn from_sliced(s: SlicedPacket<'_>) -> Result<Packet<'_>, Skip> {
         }
         None => return Err(Skip::NotIp),
     };
+    from_parts(src, dst, fragmented, ipnum, s.transport)
+}
+
+fn from_parts<'a>(
+    src: IpAddr,
+    dst: IpAddr,
+    fragmented: bool,
+    ipnum: u8,
+    transport: Option<TransportSlice<'a>>,
+) -> Result<Packet<'a>, Skip> {
     if fragmented {
         return Err(Skip::Fragment);
     }
-    let pkt = match s.transport {
+    let pkt = match transport {
         Some(TransportSlice::Tcp(t)) => Packet {
             src,
             dst,
@@ -228,6 +286,7 @@ fn from_sliced(s: SlicedPacket<'_>) -> Result<Packet<'_>, Skip> {
 pub fn fuzz_one(data: &[u8]) -> u64 {
     let mut st = DecodeStats::default();
     let _ = decode_ethernet(data, &mut st);
+    let _ = decode_ethernet_headers(data, &mut st);
     let _ = decode_ip(data, &mut st);
     st.malformed
 }
@@ -257,6 +316,24 @@ mod tests {
         assert_eq!((t.seq, t.ack, t.syn, t.ack_flag), (1000, 1, false, true));
         assert_eq!(p.payload, b"GET /");
         assert_eq!((st.frames, st.tcp, st.malformed), (1, 1, 0));
+    }
+
+    #[test]
+    fn trimmed_frame_gives_headers_and_no_payload() {
+        let mut st = DecodeStats::default();
+        // The kernel copied 56 of 59 bytes: headers whole, payload cut. The strict decoder
+        // refuses it (the IP length says more); the header decoder gives the flow fields.
+        let cut = &FRAME[..FRAME.len() - 3];
+        assert_eq!(decode_ethernet(cut, &mut st).unwrap_err(), Skip::Malformed);
+        let p = decode_ethernet_headers(cut, &mut st).unwrap();
+        assert_eq!((p.proto, p.sport, p.dport), (Proto::Tcp, 43903, 80));
+        assert_eq!(p.tcp.unwrap().seq, 1000);
+        assert!(p.payload.is_empty());
+        // Cut inside the TCP header: not a packet to track.
+        assert_eq!(
+            decode_ethernet_headers(&FRAME[..40], &mut st).unwrap_err(),
+            Skip::Malformed
+        );
     }
 
     #[test]

@@ -80,7 +80,30 @@ pub struct Flow<T> {
     /// The client's initial sequence number, once its SYN was seen.
     client_isn: Option<u32>,
     pub established: bool,
+    /// Per direction: the capture trims this direction's payload in the kernel (set by the
+    /// data plane, `capture::bpf`); given back through [`FlowTable::released`] when the flow
+    /// leaves the table.
+    pub bypassed: [bool; 2],
     pub user: T,
+}
+
+/// One direction of a flow: (source, destination) endpoints.
+pub type DirTuple = ((IpAddr, u16), (IpAddr, u16));
+
+impl<T> Flow<T> {
+    /// The endpoints of direction `dir` (0: client to server).
+    pub fn dir_tuple(&self, dir: usize) -> DirTuple {
+        let server = if self.key.a == self.client {
+            self.key.b
+        } else {
+            self.key.a
+        };
+        if dir == 0 {
+            (self.client, server)
+        } else {
+            (server, self.client)
+        }
+    }
 }
 
 /// Counters of the table.
@@ -105,6 +128,9 @@ pub struct FlowTable<T> {
     last_sweep: u64,
     pub limits: FlowLimits,
     pub stats: FlowStats,
+    /// Bypassed directions of flows that left the table (expired, evicted, reused): the data
+    /// plane drains this and has the kernel copy them whole again.
+    pub released: Vec<DirTuple>,
 }
 
 /// What happened to a packet in its flow.
@@ -136,6 +162,7 @@ impl<T: Default> Flow<T> {
             synack: false,
             client_isn: None,
             established: p.proto != Proto::Tcp,
+            bypassed: [false; 2],
             user: T::default(),
         }
     }
@@ -151,6 +178,7 @@ impl<T: Default> FlowTable<T> {
             last_sweep: 0,
             limits,
             stats: FlowStats::default(),
+            released: Vec::new(),
         }
     }
 
@@ -286,6 +314,11 @@ impl<T: Default> FlowTable<T> {
             if let Some(f) = self.slots[i].as_mut() {
                 for s in &mut f.tcp {
                     s.release(&mut self.stats.stream);
+                }
+                for dir in 0..2 {
+                    if f.bypassed[dir] {
+                        self.released.push(f.dir_tuple(dir));
+                    }
                 }
             }
             self.slots[i] = None;

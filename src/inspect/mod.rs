@@ -79,6 +79,10 @@ pub struct Engine {
     pub decode: DecodeStats,
     pub alerts: u64,
     pub payload_bytes: u64,
+    /// Live capture with kernel trimming: directions newly past the stream depth (with
+    /// `inspect_past_depth = false`) for the data plane to hand to the kernel. `None`
+    /// (offline, inline): not recorded.
+    pub bypass: Option<Vec<crate::flow::DirTuple>>,
     fired: Vec<u32>,
 }
 
@@ -90,6 +94,7 @@ impl Engine {
             decode: DecodeStats::default(),
             alerts: 0,
             payload_bytes: 0,
+            bypass: None,
             fired: Vec::new(),
         }
     }
@@ -137,6 +142,12 @@ impl Engine {
                 }
                 if flow.tcp[dir].delivered() >= stream_limits.depth {
                     if !stream_limits.inspect_past_depth {
+                        if let Some(out) = self.bypass.as_mut() {
+                            if !flow.bypassed[dir] {
+                                flow.bypassed[dir] = true;
+                                out.push(flow.dir_tuple(dir));
+                            }
+                        }
                         return Verdict::Pass;
                     }
                     // Past the stream depth: keep inspecting each packet on its own (as
@@ -200,6 +211,24 @@ impl Engine {
     /// for frames inspected elsewhere (a local guest's frame at the sender's vif).
     pub fn track(&mut self, p: &Packet<'_>, ts_us: u64) {
         let _ = self.flows.track(p, ts_us);
+    }
+
+    /// Every direction this engine had the kernel trim (live flows and released ones), for
+    /// giving them back when the engine is replaced or stops.
+    pub fn take_bypassed(&mut self) -> Vec<crate::flow::DirTuple> {
+        let mut all = std::mem::take(&mut self.flows.released);
+        self.flows.for_each(|f| {
+            for dir in 0..2 {
+                if f.bypassed[dir] {
+                    f.bypassed[dir] = false;
+                    all.push(f.dir_tuple(dir));
+                }
+            }
+        });
+        if let Some(b) = self.bypass.as_mut() {
+            b.clear();
+        }
+        all
     }
 
     pub fn flow_stats(&self) -> &FlowStats {
