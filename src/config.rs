@@ -135,6 +135,11 @@ pub struct InlineConfig {
     /// it and the frames behind it are handled by `fail` until the backlog is gone.
     #[serde(deserialize_with = "micros_1_to_10s")]
     pub max_wait_us: u64,
+    /// After forwarding, keep polling without sleeping this long: the reply to what was
+    /// just forwarded is picked up without a wake-up (a sleeping thread's wake-up is tens of
+    /// microseconds on a virtual CPU). 0: always sleep.
+    #[serde(deserialize_with = "spin_range")]
+    pub spin_us: u64,
 }
 
 impl Default for InlineConfig {
@@ -142,7 +147,19 @@ impl Default for InlineConfig {
         InlineConfig {
             fail: FailMode::Closed,
             max_wait_us: 2000,
+            spin_us: 50,
         }
+    }
+}
+
+fn spin_range<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if v <= 10_000 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 0 to 10000 microseconds"
+        )))
     }
 }
 

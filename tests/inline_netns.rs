@@ -232,3 +232,94 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
     assert!(ping(&g5, &["10.96.0.6"]), "fail open dropped");
     assert!(inline_counter(dir.path(), "overload_bypassed") >= 1);
 }
+
+/// Several inline workers on one vif (`workers_per_vif = 4`): the vif side and the switch
+/// side are shared by the same symmetric flow hash, so each connection's handshake and data
+/// meet in one worker. 16 connections each carry a marker that only a rule needing the
+/// handshake (`flow:established`) matches: all 16 are dropped and alerted; parallel bulk
+/// transfers cross whole.
+#[test]
+fn inline_workers_keep_each_connection_on_one_worker() {
+    if !usable() {
+        eprintln!("SKIPPED inline_workers_keep_each_connection_on_one_worker: needs root, nft, tc");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let (dd, g5, g6) = (format!("viw{id}"), format!("viw5{id}"), format!("viw6{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.95.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.95.0.6/24");
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let rules = dir.path().join("inline.rules");
+    std::fs::write(
+        &rules,
+        "drop tcp any any -> any 8080 (msg:\"marker after a handshake\"; flow:established,to_server; content:\"evil-payload\"; sid:7102; rev:1;)\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\nworkers_per_vif = 4\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
+        rules.display().to_string(),
+        dir.path().join("eve.json").display().to_string()
+    );
+    let _d = virtsecd_with(dir.path(), Some(&dd), &cfg);
+    for (domid, name) in [(5, "web"), (6, "db")] {
+        let mut g = GuestSpec::simple(domid, name, "xenbr0");
+        g.vifs[0].mac = format!("00:16:3e:00:0{domid}:00");
+        g.vifs[0].ip = Some(format!("10.95.0.{domid}"));
+        ts.create(&g, None).unwrap();
+    }
+    wait_for("vif5.0 inline", Duration::from_secs(10), || {
+        status(dir.path()).is_some_and(|s| {
+            s["inspection"]["vif5.0"]["attached"] == true
+                && s["inspection"]["vif5.0"]["mode"] == "inline"
+        })
+    });
+    wait_for("guests talking", Duration::from_secs(5), || {
+        ping(&g5, &["10.95.0.6"])
+    });
+
+    // 16 short connections, each with the marker after its handshake.
+    let server = Command::new("ip")
+        .args(["netns", "exec", &g6, "python3", "-c", "import socket,threading\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.95.0.6', 8080)); s.listen(32); s.settimeout(5)\ndef rd(c):\n  c.settimeout(1)\n  try:\n    while c.recv(4096): pass\n  except Exception: pass\nfor _ in range(16):\n  c,_=s.accept(); threading.Thread(target=rd, args=(c,), daemon=True).start()\n"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let clients = Command::new("ip")
+        .args(["netns", "exec", &g5, "python3", "-c", "import socket,time\nfor i in range(16):\n  c=socket.create_connection(('10.95.0.6', 8080), timeout=5); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n  time.sleep(0.02); c.send(b'GET /evil-payload'); time.sleep(0.02); c.close()\n"])
+        .status()
+        .unwrap();
+    assert!(clients.success());
+    server.wait_with_output().unwrap();
+    let mut n = 0;
+    wait_for("16 alerts", Duration::from_secs(5), || {
+        n = stdout(&cli(dir.path(), &["alerts", "--json"]))
+            .lines()
+            .filter(|l| l.contains("\"signature_id\":7102"))
+            .count();
+        n >= 16
+    });
+    assert_eq!(n, 16);
+
+    // Parallel bulk transfers cross the workers whole.
+    let sinks: Vec<_> = (0..4).map(|i| sink(&g6, 5001 + i, 10)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let senders: Vec<_> = (0..4u16)
+        .map(|i| {
+            let g5 = g5.clone();
+            std::thread::spawn(move || send(&g5, "10.95.0.6", 5001 + i, &[vec![b'y'; 2 << 20]]))
+        })
+        .collect();
+    for s in senders {
+        assert!(s.join().unwrap(), "bulk TCP through inline workers failed");
+    }
+    for s in sinks {
+        assert_eq!(sink_count(s), 2 << 20, "bytes lost through inline workers");
+    }
+}

@@ -80,8 +80,9 @@ pub struct VnetPort {
 }
 
 impl VnetPort {
-    /// Opens a port on `iface` (in the caller's network namespace).
-    pub fn open(iface: &str) -> Result<VnetPort, CaptureError> {
+    /// Opens a port on `iface` (in the caller's network namespace), in fanout group `fanout`
+    /// if given (several workers sharing the interface by symmetric flow hash).
+    pub fn open(iface: &str, fanout: Option<u16>) -> Result<VnetPort, CaptureError> {
         let (fd, ifindex) = packet_socket(iface)?;
         setsockopt(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &1)
             .map_err(sys("PACKET_VNET_HDR", iface))?;
@@ -93,6 +94,9 @@ impl VnetPort {
         setsockopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1)
             .map_err(sys("SO_TIMESTAMPNS", iface))?;
         bind_packet(&fd, iface, ifindex)?;
+        if let Some(group) = fanout {
+            super::join_symmetric_fanout(&fd, iface, group)?;
+        }
         Ok(VnetPort {
             fd,
             iface: iface.into(),

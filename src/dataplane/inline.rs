@@ -11,7 +11,7 @@
 //! when the vif left the inventory or its guest changed mode, it is undone.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Inspector, DETACH};
 use crate::capture::inline::{self as topo, Splice};
@@ -34,15 +34,22 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
-    let vif = ins.vif.clone();
+/// Runs the inline inspection of one vif with one worker per inspector in `inspectors`
+/// (`workers_per_vif`): this thread splices the vif and forwards as worker 0, the others
+/// forward their share of the flows (symmetric fanout on both sides, so both directions of a
+/// flow meet in one worker), and this thread undoes the splice as the fail mode says.
+pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, u16)) {
+    let Some(vif) = inspectors.first().map(|i| i.vif.clone()) else {
+        return;
+    };
     let name = vif.ifname.clone();
+    let n = inspectors.len();
     // Wait for netback's netdev and for the hotplug script to put it on its bridge.
-    let (splice, guest, sw) = loop {
+    let (splice, ports) = loop {
         if vif.stopping() {
             return;
         }
-        match open(&name) {
+        match open(&name, n, groups) {
             Ok(x) => break x,
             Err(Retry::Later) => std::thread::sleep(Duration::from_millis(50)),
             Err(Retry::Never(e)) => {
@@ -53,11 +60,46 @@ pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
     };
     vif.counters.attached.store(true, Ordering::Relaxed);
     log::info!(
-        "{name}: inspection attached (inline via {} on {}, fail {:?})",
+        "{name}: inspection attached (inline via {} on {}, {n} worker(s), fail {:?})",
         splice.bport,
         splice.bridge,
         cfg.fail
     );
+    std::thread::scope(|s| {
+        let mut work = inspectors.into_iter().zip(ports);
+        let first = work.next();
+        for (i, (ins, (guest, sw))) in work.enumerate() {
+            let spawned = std::thread::Builder::new()
+                .name(format!("vif {name} inline/{}", i + 1))
+                .spawn_scoped(s, move || forward(ins, &guest, &sw, cfg));
+            if let Err(e) = spawned {
+                log::error!("{name}: cannot start an inline worker: {e}");
+            }
+        }
+        if let Some((ins, (guest, sw))) = first {
+            forward(ins, &guest, &sw, cfg);
+        }
+    });
+    vif.counters.attached.store(false, Ordering::Relaxed);
+    let why = vif.stop.load(Ordering::Relaxed);
+    if why == DETACH || cfg.fail == FailMode::Open {
+        match topo::restore(&name) {
+            Ok(true) => log::info!("{name}: back on bridge {}", splice.bridge),
+            Ok(false) => {}
+            Err(e) => log::error!("{name}: cannot undo the inline splice: {e}"),
+        }
+    } else {
+        log::info!(
+            "{name}: left spliced out of {} (fail closed)",
+            splice.bridge
+        );
+    }
+}
+
+/// One worker's forwarding loop between its guest-side and switch-side ports.
+fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConfig) {
+    let vif = ins.vif.clone();
+    let name = vif.ifname.clone();
     let max_wait = cfg.max_wait_us * 1000;
     // One batch of frame buffers, read with one recvmmsg and forwarded with one sendmmsg.
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; BUF]).collect();
@@ -65,23 +107,32 @@ pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
     let mut pass: Vec<usize> = Vec::with_capacity(BATCH);
     let fds = [guest.raw_fd(), sw.raw_fd()];
     let c = &vif.counters;
+    let spin = Duration::from_micros(cfg.spin_us);
+    let mut last_active: Option<Instant> = None;
     while !vif.stopping() {
         ins.maybe_reload();
-        let ready = match wait_readable(&fds, 100) {
+        let spinning = last_active.is_some_and(|t| t.elapsed() < spin);
+        let ready = match wait_readable(&fds, if spinning { 0 } else { 100 }) {
             Ok(r) => r,
             Err(e) => {
                 log::error!("{name}: poll failed: {e}");
                 break;
             }
         };
+        if ready.iter().any(|&r| r) {
+            last_active = Some(Instant::now());
+        } else if spinning {
+            std::hint::spin_loop();
+            continue;
+        }
         for (side, is_ready) in ready.into_iter().enumerate() {
             if !is_ready {
                 continue;
             }
             let (from, to, from_guest) = if side == 0 {
-                (&guest, &sw, true)
+                (guest, sw, true)
             } else {
-                (&sw, &guest, false)
+                (sw, guest, false)
             };
             if let Err(e) = from.recv_batch(&mut bufs, &mut got) {
                 log::error!("{name}: read from {} failed: {e}", from.iface());
@@ -105,7 +156,7 @@ pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
                             continue;
                         }
                     }
-                } else if ins.frame(&bufs[i][VNET_HDR_LEN..r.len], r.ts_ns, from_guest)
+                } else if ins.frame(&bufs[i][VNET_HDR_LEN..r.len], r.ts_ns, from_guest, false)
                     == Verdict::Drop
                 {
                     c.verdict_drops.fetch_add(1, Ordering::Relaxed);
@@ -121,21 +172,6 @@ pub(super) fn run(mut ins: Inspector, cfg: &InlineConfig) {
             }
         }
     }
-    c.attached.store(false, Ordering::Relaxed);
-    drop((guest, sw));
-    let why = vif.stop.load(Ordering::Relaxed);
-    if why == DETACH || cfg.fail == FailMode::Open {
-        match topo::restore(&name) {
-            Ok(true) => log::info!("{name}: back on bridge {}", splice.bridge),
-            Ok(false) => {}
-            Err(e) => log::error!("{name}: cannot undo the inline splice: {e}"),
-        }
-    } else {
-        log::info!(
-            "{name}: left spliced out of {} (fail closed)",
-            splice.bridge
-        );
-    }
 }
 
 enum Retry {
@@ -143,9 +179,15 @@ enum Retry {
     Never(String),
 }
 
-/// Creates the inline port, opens both sockets, then splices (so no frame is forwarded by the
-/// bridge after the vif left it without a socket to read it).
-fn open(vif: &str) -> Result<(Splice, VnetPort, VnetPort), Retry> {
+/// Creates the inline port, opens both sockets of each of `n` workers (in the two fanout
+/// groups when `n > 1`), then splices (so no frame is forwarded by the bridge after the vif
+/// left it without a socket to read it).
+#[allow(clippy::type_complexity)]
+fn open(
+    vif: &str,
+    n: usize,
+    groups: (u16, u16),
+) -> Result<(Splice, Vec<(VnetPort, VnetPort)>), Retry> {
     if !topo::exists(vif) {
         return Err(Retry::Later);
     }
@@ -154,13 +196,17 @@ fn open(vif: &str) -> Result<(Splice, VnetPort, VnetPort), Retry> {
         Err(topo::TopologyError::NotBridged(_)) => return Err(Retry::Later),
         Err(e) => return Err(Retry::Never(e.to_string())),
     };
-    let port = |n: &str| match VnetPort::open(n) {
+    let port = |name: &str, group: u16| match VnetPort::open(name, (n > 1).then_some(group)) {
         Ok(p) => Ok(p),
         Err(CaptureError::NoInterface(_)) => Err(Retry::Later),
         Err(e) => Err(Retry::Never(e.to_string())),
     };
-    let guest = port(vif)?;
-    let sw = port(&splice.iport)?;
+    // Each worker joins the vif's group and then the port's, in the same order: member i of
+    // one group is member i of the other.
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..n {
+        ports.push((port(vif, groups.0)?, port(&splice.iport, groups.1)?));
+    }
     topo::splice(&splice).map_err(|e| Retry::Never(e.to_string()))?;
-    Ok((splice, guest, sw))
+    Ok((splice, ports))
 }
