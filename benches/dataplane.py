@@ -25,9 +25,13 @@ from pathlib import Path
 
 repo = Path(__file__).resolve().parent.parent
 bench = Path(os.environ.get("BENCH_DIR", repo.parent / "shared" / "bench"))
-VIRTSEC = repo / "target/release/virtsec"
-VIRTSECD = repo / "target/release/virtsecd"
+# VIRTSEC_BIN_DIR: binaries from elsewhere (benches/bundle.sh), with --no-build.
+BIN = Path(os.environ.get("VIRTSEC_BIN_DIR", repo / "target/release"))
+VIRTSEC = BIN / "virtsec"
+VIRTSECD = BIN / "virtsecd"
 DD, G = "vsbench-d0", ["vsbench-g1", "vsbench-g2"]
+# Inspection threads per vif (--workers; default: 1 on small machines, 4 from 8 CPUs up).
+WORKERS = 1
 ADDR = ["169.254.77.1", "169.254.77.2"]
 MAC = ["02:00:00:00:77:01", "02:00:00:00:77:02"]
 
@@ -80,7 +84,7 @@ class Virtsec:
             f'[xenstore]\npath = "{work}/xs.sock"\n[control]\nsocket = "{work}/control.sock"\n'
             f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
             f'[inspect]\nrules = ["{rules}"]\neve = "{work}/eve.json"\nmode = "passive"\n'
-            f'inspect_past_depth = {past}\n'
+            f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n'
             f'[enforce]\nantispoof = true\n'
             # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
             # vif2.0 stays passive (still inspected).
@@ -133,7 +137,9 @@ class Suricata:
         self.dir = work / "suricata-live"
         self.dir.mkdir(exist_ok=True)
         y = self.dir / "suricata.yaml"
-        if not y.exists():
+        if os.environ.get("SURICATA_YAML"):
+            y.write_text(Path(os.environ["SURICATA_YAML"]).read_text())
+        elif not y.exists():
             sh(sys.executable, bench / "make_suricata_yaml.py", y)
         for f in ("suricata.log", "eve.json"):
             (self.dir / f).unlink(missing_ok=True)
@@ -215,7 +221,12 @@ def main():
     ap.add_argument("--configs", default="none,passive,passive-bypass,inline,inline-bypass,suricata-ids")
     ap.add_argument("--rules", default=str(repo / "tests/fixtures/bench-1000.rules"))
     ap.add_argument("--write")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    ap.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) >= 8 else 1,
+                    help="workers_per_vif (default: 4 from 8 CPUs up, else 1)")
     a = ap.parse_args()
+    global WORKERS
+    WORKERS = a.workers
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, nftables)")
     configs = a.configs.split(",")
@@ -224,7 +235,8 @@ def main():
         configs.remove("suricata-ids")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    sh("cargo", "build", "--release", "--quiet", cwd=repo)
+    if not a.no_build:
+        sh("cargo", "build", "--release", "--quiet", cwd=repo)
     setup()
     xs = subprocess.Popen([str(VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
                           stderr=subprocess.DEVNULL)
@@ -291,7 +303,8 @@ def main():
             + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
             + " |")
-    cmd = f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --configs {','.join(configs)}"
+    cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
+           f"--configs {','.join(configs)}")
     table = "\n".join([
         "| configuration | Gbit/s 1 / 4 streams | vs none | ping p50 / p99 µs | ping p50 added µs | "
         "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
