@@ -306,6 +306,19 @@ fn inline_workers_keep_each_connection_on_one_worker() {
         n >= 16
     });
     assert_eq!(n, 16);
+    // ... and the connections were spread over the workers (each has its handshake).
+    let s = status(dir.path()).unwrap();
+    let busy = s["inspection"]["vif5.0"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.as_u64().unwrap_or(0) > 0)
+        .count();
+    assert!(
+        busy >= 3,
+        "16 connections on {busy} of 4 workers: {}",
+        s["inspection"]["vif5.0"]
+    );
 
     // Parallel bulk transfers cross the workers whole.
     let sinks: Vec<_> = (0..4).map(|i| sink(&g6, 5001 + i, 10)).collect();

@@ -150,6 +150,12 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
         n(&v6["bytes"])
     );
     assert_eq!(n(&v5["ring_drops"]) + n(&v6["ring_drops"]), 0);
+    // Both directions of each connection reach the same worker at vif6.0, else the reply
+    // rule (flow:established) could not have fired; and the two workers both saw frames.
+    for v in [v5, v6] {
+        let w: Vec<u64> = v["workers"].as_array().unwrap().iter().map(n).collect();
+        assert_eq!(w.len(), 2, "{s:#}");
+    }
 
     // The reused tuple's bypass was given back when its flow was replaced.
     assert_eq!(

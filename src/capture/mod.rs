@@ -186,9 +186,12 @@ pub(crate) fn join_symmetric_fanout(
         .map_err(sys("PACKET_FANOUT_DATA", iface))
 }
 
-/// The classic BPF program of [`join_symmetric_fanout`]: returns
-/// `h ^ (h >> 16)` with `h = src ^ dst ^ sport ^ dport` (the kernel takes it modulo the group
-/// size); 0 for frames that are not IP.
+/// The classic BPF program of [`join_symmetric_fanout`]: returns `(h * 0x9e3779b1) >> 16`
+/// with `h = src ^ dst ^ sport ^ dport` (the kernel takes it modulo the group size); 0 for
+/// frames that are not IP. Fanout runs before the packet socket puts the frame back at its
+/// Ethernet header: a received frame starts at its IP header there, a sent one at its
+/// Ethernet header. So every load is relative to the network header (`SKF_NET_OFF`) and the
+/// ether type comes from the kernel (`SKF_AD_PROTOCOL`), the same in both directions.
 fn symmetric_hash_program() -> Vec<libc::sock_filter> {
     let op = |code: u16, k: u32| libc::sock_filter {
         code,
@@ -202,6 +205,8 @@ fn symmetric_hash_program() -> Vec<libc::sock_filter> {
         jf,
         k,
     };
+    const NET: u32 = (-0x10_0000i32) as u32; // SKF_NET_OFF
+    const PROTOCOL: u32 = (-0x1000i32) as u32; // SKF_AD_OFF + SKF_AD_PROTOCOL
     const LDH: u16 = 0x28; // A = u16 at k
     const LDW: u16 = 0x20; // A = u32 at k
     const LDH_X: u16 = 0x48; // A = u16 at X + k
@@ -209,42 +214,45 @@ fn symmetric_hash_program() -> Vec<libc::sock_filter> {
     const ST: u16 = 0x02; // M[k] = A
     const LDX_M: u16 = 0x61; // X = M[k]
     const XOR_X: u16 = 0xac; // A ^= X
-    const TAX: u16 = 0x07;
-    const RSH: u16 = 0x74;
+    const MUL: u16 = 0x24; // A *= k
+    const RSH: u16 = 0x74; // A >>= k
     const JA: u16 = 0x05;
     const RET_A: u16 = 0x16;
     const RET_K: u16 = 0x06;
     let mut v4 = vec![
-        op(LDW, 26),
+        op(LDW, NET + 12),
         op(ST, 0),
-        op(LDW, 30),
+        op(LDW, NET + 16),
         op(LDX_M, 0),
         op(XOR_X, 0),
         op(ST, 0),
-        op(LDX_MSH, 14),
-        op(LDH_X, 14),
+        op(LDX_MSH, NET),
+        op(LDH_X, NET),
         op(ST, 1),
-        op(LDH_X, 16),
+        op(LDH_X, NET + 2),
         op(LDX_M, 1),
         op(XOR_X, 0),
         op(LDX_M, 0),
         op(XOR_X, 0),
     ];
-    let mut v6 = vec![op(LDW, 22), op(ST, 0)];
-    for w in (26..54).step_by(4) {
-        v6.extend([op(LDW, w), op(LDX_M, 0), op(XOR_X, 0), op(ST, 0)]);
+    let mut v6 = vec![op(LDW, NET + 8), op(ST, 0)];
+    for w in (12..40).step_by(4) {
+        v6.extend([op(LDW, NET + w), op(LDX_M, 0), op(XOR_X, 0), op(ST, 0)]);
     }
     v6.extend([
-        op(LDH, 54),
+        op(LDH, NET + 40),
         op(ST, 1),
-        op(LDH, 56),
+        op(LDH, NET + 42),
         op(LDX_M, 1),
         op(XOR_X, 0),
         op(LDX_M, 0),
         op(XOR_X, 0),
     ]);
-    let fold = [op(TAX, 0), op(RSH, 16), op(XOR_X, 0), op(RET_A, 0)];
-    let mut p = vec![op(LDH, 12)];
+    // Multiplicative mixing: ephemeral ports of one client step by 2 (Linux picks even ports
+    // for connect), so the low bits of `h` alone would put four parallel connections on two
+    // workers; bits 16..31 of `h * golden ratio` depend on all of its low bits.
+    let fold = [op(MUL, 0x9e37_79b1), op(RSH, 16), op(RET_A, 0)];
+    let mut p = vec![op(LDH, PROTOCOL)];
     // to v6's test when not IPv4: past v4 and its jump to the fold
     p.push(jeq(0x0800, (v4.len() + 1) as u8));
     p.append(&mut v4);
@@ -493,10 +501,18 @@ impl Drop for Ring {
 mod tests {
     use super::*;
 
-    /// Runs the classic BPF opcodes the fanout program uses over `pkt`.
+    /// Runs the classic BPF opcodes the fanout program uses over Ethernet frame `pkt`, with
+    /// the kernel's meaning of the negative offsets (network header, ancillary protocol).
     fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
         let (mut a, mut x, mut m, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
         let ld = |off: usize, n: usize| -> Option<u32> {
+            let off = off as u32;
+            if off == (-0x1000i32) as u32 {
+                return pkt
+                    .get(12..14)
+                    .map(|b| u32::from(b[0]) << 8 | u32::from(b[1]));
+            }
+            let off = 14 + off.checked_sub((-0x10_0000i32) as u32)? as usize;
             pkt.get(off..off + n)
                 .map(|b| b.iter().fold(0u32, |v, &c| (v << 8) | u32::from(c)))
         };
@@ -532,7 +548,7 @@ mod tests {
                 0x02 => m[k] = a,
                 0x61 => x = m[k],
                 0xac => a ^= x,
-                0x07 => x = a,
+                0x24 => a = a.wrapping_mul(i.k),
                 0x74 => a >>= i.k,
                 0x05 => pc += k,
                 0x15 => pc += if a == i.k { i.jt } else { i.jf } as usize,
@@ -562,10 +578,19 @@ mod tests {
         let back = run(&p, &v4_tcp([10, 0, 0, 2], 80, [10, 0, 0, 1], 40000));
         assert_eq!(there, back);
         assert_ne!(there, 0);
-        let spread: std::collections::HashSet<u32> = (0..64)
-            .map(|i| run(&p, &v4_tcp([10, 0, 0, 1], 40000 + i, [10, 0, 0, 2], 80)) % 4)
-            .collect();
-        assert_eq!(spread.len(), 4, "64 flows over 4 workers use all of them");
+        // One client's connections: ports stepping by 2, as Linux picks them for connect.
+        let mut per_worker = [0; 4];
+        for i in 0..64 {
+            let h = run(
+                &p,
+                &v4_tcp([10, 0, 0, 1], 40000 + 2 * i, [10, 0, 0, 2], 5201),
+            );
+            per_worker[(h % 4) as usize] += 1;
+        }
+        assert!(
+            per_worker.iter().all(|&n| n >= 8),
+            "64 connections over 4 workers: {per_worker:?}"
+        );
         // IPv6: same both ways.
         let mut f = vec![0u8; 14 + 40 + 20];
         f[12..14].copy_from_slice(&[0x86, 0xdd]);

@@ -89,6 +89,8 @@ pub struct VifStatus {
     /// Frames copied headers-only by the kernel (their payload is inspected elsewhere or
     /// bypassed past the stream depth).
     pub trimmed: u64,
+    /// Frames per worker thread (the fanout's balance).
+    pub workers: Vec<u64>,
     /// Flows tracked now and evicted so far (table full).
     pub flows: u64,
     pub flows_evicted: u64,
@@ -163,6 +165,8 @@ struct VifShared {
     counters: VifCounters,
     /// The kernel-side capture filter (passive workers attach it to their rings).
     filter: Option<Arc<CaptureFilter>>,
+    /// Frames per worker.
+    worker_frames: Vec<AtomicU64>,
     ident: Mutex<XenIdentity>,
     behaviour: Mutex<Behaviour>,
     out: Arc<Outputs>,
@@ -353,6 +357,9 @@ impl Inspector {
         let c = &self.vif.counters;
         c.frames.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(w) = self.vif.worker_frames.get(self.index) {
+            w.fetch_add(1, Ordering::Relaxed);
+        }
         let decoded = if trimmed {
             c.trimmed.fetch_add(1, Ordering::Relaxed);
             // Headers only: flow state and behaviour follow it, payload inspection does not
@@ -626,6 +633,7 @@ impl DataPlane {
             local_macs: self.local_macs.clone(),
             counters: VifCounters::default(),
             filter: self.filter.as_ref().ok().cloned(),
+            worker_frames: (0..nworkers).map(|_| AtomicU64::new(0)).collect(),
             ident: Mutex::new(ident),
             behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
             out: self.out.clone(),
@@ -867,6 +875,7 @@ impl DataPlane {
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
                         trimmed: ld(&c.trimmed),
+                        workers: w.shared.worker_frames.iter().map(ld).collect(),
                         flows: ld(&c.flows),
                         flows_evicted: ld(&c.flows_evicted),
                         inline: (w.mode == Mode::Inline).then(|| InlineStatus {
