@@ -73,12 +73,15 @@ pub struct InspectConfig {
     pub matcher: MatcherChoice,
     /// Default mode for guests no `[[policy]]` names.
     pub mode: Mode,
-    /// Passive mode: capture threads per vif, sharing its traffic by flow hash (fanout).
+    /// Inspection threads per vif, sharing its traffic by a symmetric flow hash (fanout).
     #[serde(deserialize_with = "workers_1_to_64")]
     pub workers_per_vif: usize,
-    /// Flows one worker tracks; past it the least recently seen flow is evicted (counted).
+    /// Flows one worker tracks; what happens past it is `flow_table_full`.
     #[serde(deserialize_with = "flows_range")]
     pub max_flows: usize,
+    /// A full flow table: "open" evicts the least recently seen flow, "closed" refuses new
+    /// flows (inline drops their packets; both count them and raise an alert).
+    pub flow_table_full: crate::flow::WhenFull,
     /// Passive mode: kernel ring memory per worker, MiB (pinned; what absorbs bursts).
     #[serde(deserialize_with = "mib_1_to_1024")]
     pub ring_mib: usize,
@@ -98,6 +101,7 @@ impl Default for InspectConfig {
             mode: Mode::Passive,
             workers_per_vif: 1,
             max_flows: 1 << 18,
+            flow_table_full: crate::flow::WhenFull::Open,
             ring_mib: 16,
             inspect_past_depth: true,
             inline: InlineConfig::default(),

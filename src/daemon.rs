@@ -250,6 +250,7 @@ impl Daemon {
                     inline: cfg.inspect.inline.clone(),
                     ring_mib: cfg.inspect.ring_mib,
                     max_flows: cfg.inspect.max_flows,
+                    flow_table_full: cfg.inspect.flow_table_full,
                     inspect_past_depth: cfg.inspect.inspect_past_depth,
                     dedupe_local: cfg.enforce.antispoof,
                 },

@@ -2,6 +2,9 @@
 //!
 //! - A SYN flood from random source ports: the flow table stays at its cap (memory bounded),
 //!   evictions are counted, the flood is reported, and another guest keeps talking.
+//! - The same with the table failing closed (`flow_table_full = "closed"`) on an inline
+//!   guest: new flows are refused and dropped, counted and alerted, the guest's established
+//!   connection goes on, and another guest keeps opening connections.
 //! - A guest hammering XenStore through its own domain socket (bursts of writes, values over
 //!   the size limit, deep paths, nonsense in every node it can reach): nothing the service
 //!   trusts changes, its memory stays flat, and it keeps following the host.
@@ -254,4 +257,132 @@ fn guest_json(dir: &std::path::Path, domid: u32) -> Option<serde_json::Value> {
 
 fn guest_listed(dir: &std::path::Path, domid: u32) -> bool {
     guest_json(dir, domid).is_some()
+}
+
+#[test]
+fn a_full_flow_table_fails_closed_when_configured() {
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("SKIPPED a_full_flow_table_fails_closed_when_configured: needs root, nft");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let (dd, g5, g6) = (format!("vhc{id}"), format!("vhc5{id}"), format!("vhc6{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &dd, "addr", "add", "10.88.0.1/24", "dev", "xenbr0"]);
+    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    for (d, name) in [(5, "flooder"), (6, "db")] {
+        let mut g = GuestSpec::simple(d, name, "xenbr0");
+        g.vifs[0].mac = format!("00:16:3e:00:0{d}:00");
+        g.vifs[0].ip = Some(format!("10.88.0.{d}"));
+        ts.create(&g, None).unwrap();
+    }
+    let rules = dir.path().join("r.rules");
+    std::fs::write(
+        &rules,
+        "alert tcp any any -> any 80 (msg:\"web\"; content:\"GET\"; sid:1;)\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\nmax_flows = 16\nflow_table_full = \"closed\"\n[enforce]\nantispoof = true\n[inspect.inline]\nmax_wait_us = 1000000\n[[policy]]\nname = \"flooder\"\nmode = \"inline\"\n",
+        rules.display().to_string(),
+        dir.path().join("eve.json").display().to_string()
+    );
+    let _d = virtsecd_with(dir.path(), Some(&dd), &extra);
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.88.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.88.0.6/24");
+    wait_for("guests attached", Duration::from_secs(10), || {
+        status(dir.path()).is_some_and(|s| {
+            s["inspection"]["vif5.0"]["attached"] == true
+                && s["inspection"]["vif5.0"]["mode"] == "inline"
+                && s["inspection"]["vif6.0"]["attached"] == true
+        })
+    });
+    // An echo server on the host; the flooder holds one connection open across the flood.
+    let server = Command::new("ip")
+        .args(["netns", "exec", &dd, "python3", "-c", "import socket,threading\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.88.0.1', 7000)); s.listen(8); s.settimeout(20)\ndef echo(c):\n  while True:\n    b=c.recv(100)\n    if not b: break\n    c.sendall(b)\nwhile True:\n  c,_=s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()\n"])
+        .spawn()
+        .unwrap();
+    let go = dir.path().join("go");
+    std::thread::sleep(Duration::from_millis(300));
+    let held = Command::new("ip")
+        .args(["netns", "exec", &g5, "python3", "-c", &format!("import socket,os,time\nc=socket.create_connection(('10.88.0.1', 7000), timeout=5)\nc.sendall(b'one'); assert c.recv(10)==b'one'\nwhile not os.path.exists({:?}): time.sleep(0.05)\nc.sendall(b'two'); assert c.recv(10)==b'two'\nprint('held connection ok')\n", go.display().to_string())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = syn_flood(
+        &g5,
+        [0x00, 0x16, 0x3e, 0x00, 0x05, 0x00],
+        [10, 88, 0, 5],
+        [10, 88, 0, 77],
+        500,
+    );
+    assert!(sent > 450, "only {sent} SYNs sent");
+    wait_for("refusals counted", Duration::from_secs(5), || {
+        status(dir.path()).is_some_and(|s| {
+            s["inspection"]["vif5.0"]["flows_refused"]
+                .as_u64()
+                .unwrap_or(0)
+                > 400
+        })
+    });
+    let s = status(dir.path()).unwrap();
+    let v = &s["inspection"]["vif5.0"];
+    assert!(v["flows"].as_u64().unwrap() <= 16, "flow cap exceeded: {v}");
+    assert_eq!(v["flows_evicted"], 0, "fail closed must not evict: {v}");
+    // Reported, naming the guest.
+    wait_for("flow table full alert", Duration::from_secs(5), || {
+        stdout(&cli(dir.path(), &["alerts", "--json"]))
+            .lines()
+            .any(|l| {
+                l.contains("\"signature_id\":5")
+                    && l.contains("flow table full")
+                    && l.contains("\"domid\":5")
+            })
+    });
+    // The established connection goes on...
+    std::fs::write(&go, "").unwrap();
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("held connection ok"),
+        "the flooder's established connection was cut: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... a new one from the flooder is dropped while its table is full ...
+    let new = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &g5,
+            "python3",
+            "-c",
+            "import socket\nsocket.create_connection(('10.88.0.1', 7000), timeout=1)",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !new.status.success(),
+        "a new flow passed a full table failing closed"
+    );
+    // ... and another guest (its own table) keeps opening connections.
+    let other = Command::new("ip")
+        .args(["netns", "exec", &g6, "python3", "-c", "import socket\nc=socket.create_connection(('10.88.0.1', 7000), timeout=2); c.sendall(b'x'); assert c.recv(1)==b'x'"])
+        .output()
+        .unwrap();
+    assert!(
+        other.status.success(),
+        "the other guest was affected: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let mut server = server;
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -71,6 +71,10 @@ pub struct VifCounters {
     pub flows: AtomicU64,
     /// Flows evicted because a worker's table was full (the flow-table cap at work).
     pub flows_evicted: AtomicU64,
+    /// New flows refused because a worker's table was full (`flow_table_full = "closed"`).
+    pub flows_refused: AtomicU64,
+    /// When the last "flow table full" alert was raised for this vif (µs; one per 10 s).
+    pub full_alerted_us: AtomicU64,
     /// Nanoseconds spent decoding and inspecting frames.
     pub inspect_ns: AtomicU64,
     pub attached: AtomicBool,
@@ -94,6 +98,7 @@ pub struct VifStatus {
     /// Flows tracked now and evicted so far (table full).
     pub flows: u64,
     pub flows_evicted: u64,
+    pub flows_refused: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inline: Option<InlineStatus>,
 }
@@ -250,7 +255,7 @@ struct Inspector {
     vif: Arc<VifShared>,
     /// This worker's index among the vif's workers.
     index: usize,
-    /// What this worker last added to the vif's flow gauges.
+    /// What this worker last added to the vif's flow gauges (flows, evicted).
     reported: (u64, u64),
     /// The capture filter this worker's ring has, and the ring's interface index: bypassed
     /// directions are handed to it.
@@ -407,7 +412,45 @@ impl Inspector {
             }
         }
         let vif = &self.vif;
-        self.engine.packet(&p, ts, &mut |a, r| vif.emit(a, r))
+        let refused = self.engine.flows.stats.refused;
+        let v = self.engine.packet(&p, ts, &mut |a, r| vif.emit(a, r));
+        if self.engine.flows.stats.refused > refused {
+            self.flow_refused(&p, ts);
+        }
+        v
+    }
+
+    /// A new flow the full table refused (`flow_table_full = "closed"`): counted, and an
+    /// alert naming the guest at most every 10 s per vif (the quarantine ladder can act on it).
+    fn flow_refused(&self, p: &decode::Packet<'_>, ts_us: u64) {
+        let c = &self.vif.counters;
+        c.flows_refused.fetch_add(1, Ordering::Relaxed);
+        let last = c.full_alerted_us.load(Ordering::Relaxed);
+        if last != 0 && ts_us.saturating_sub(last) < 10_000_000 {
+            return;
+        }
+        if c.full_alerted_us
+            .compare_exchange(last, ts_us.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let rule = crate::detect::behaviour::Finding::FlowTableFull {
+            refused: c.flows_refused.load(Ordering::Relaxed),
+        }
+        .rule(10);
+        let a = crate::inspect::Alert {
+            ts_us,
+            flow_id: 0,
+            rule: 0,
+            src: p.src,
+            sport: p.sport,
+            dst: p.dst,
+            dport: p.dport,
+            proto: p.proto,
+            to_server: true,
+        };
+        self.vif.emit(&a, &rule);
     }
 
     /// A frame towards this guest from another local guest was inspected when it left that
@@ -468,8 +511,10 @@ pub struct DataPlaneOptions {
     pub inline: InlineConfig,
     /// Passive ring per worker, MiB.
     pub ring_mib: usize,
-    /// Flows one worker tracks before evicting the least recently seen.
+    /// Flows one worker tracks.
     pub max_flows: usize,
+    /// What a worker's full flow table does with a new flow.
+    pub flow_table_full: crate::flow::WhenFull,
     /// See `[inspect] inspect_past_depth`.
     pub inspect_past_depth: bool,
     /// Inspect guest-to-guest frames once, at the sending guest's vif (needs anti-spoofing:
@@ -707,6 +752,7 @@ impl DataPlane {
     fn flow_limits(&self) -> FlowLimits {
         let mut limits = FlowLimits {
             max_flows: self.opts.max_flows,
+            when_full: self.opts.flow_table_full,
             ..FlowLimits::default()
         };
         limits.stream.inspect_past_depth = self.opts.inspect_past_depth;
@@ -780,7 +826,7 @@ impl DataPlane {
     /// Writes the data plane's Prometheus families.
     pub fn metrics(&self, e: &mut crate::metrics::Exposition) {
         type Get = fn(&VifCounters) -> u64;
-        let fams: [(&str, &str, &str, Get); 7] = [
+        let fams: [(&str, &str, &str, Get); 8] = [
             ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames.load(Ordering::Relaxed)),
             ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
             ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
@@ -792,6 +838,7 @@ impl DataPlane {
             ("virtsec_vif_verdict_drops_total", "counter", "Frames dropped inline by drop/reject rules.", |c| c.verdict_drops.load(Ordering::Relaxed)),
             ("virtsec_vif_flows", "gauge", "Flows tracked for a vif (flow table use).", |c| c.flows.load(Ordering::Relaxed)),
             ("virtsec_vif_flows_evicted_total", "counter", "Flows evicted because the flow table was full.", |c| c.flows_evicted.load(Ordering::Relaxed)),
+            ("virtsec_vif_flows_refused_total", "counter", "New flows refused because the flow table was full (flow_table_full = closed).", |c| c.flows_refused.load(Ordering::Relaxed)),
             ("virtsec_vif_alerts_total", "counter", "Alerts raised on a vif.", |c| c.alerts.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, get) in fams {
@@ -878,6 +925,7 @@ impl DataPlane {
                         workers: w.shared.worker_frames.iter().map(ld).collect(),
                         flows: ld(&c.flows),
                         flows_evicted: ld(&c.flows_evicted),
+                        flows_refused: ld(&c.flows_refused),
                         inline: (w.mode == Mode::Inline).then(|| InlineStatus {
                             verdict_drops: ld(&c.verdict_drops),
                             overload_bypassed: ld(&c.overload_bypassed),

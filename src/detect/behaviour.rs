@@ -50,10 +50,24 @@ const MAX_TRACKED: usize = 4096;
 /// What a detector found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Finding {
-    PortScan { dst: IpAddr, ports: usize },
-    HostSweep { hosts: usize },
-    SynFlood { per_s: u64 },
-    PacketFlood { per_s: u64 },
+    PortScan {
+        dst: IpAddr,
+        ports: usize,
+    },
+    HostSweep {
+        hosts: usize,
+    },
+    SynFlood {
+        per_s: u64,
+    },
+    PacketFlood {
+        per_s: u64,
+    },
+    /// Not a traffic threshold: the guest's flow table is full and refuses new flows
+    /// (`flow_table_full = "closed"`); raised by the data plane, sid 5.
+    FlowTableFull {
+        refused: u64,
+    },
 }
 
 impl Finding {
@@ -64,6 +78,7 @@ impl Finding {
             Finding::HostSweep { .. } => 2,
             Finding::SynFlood { .. } => 3,
             Finding::PacketFlood { .. } => 4,
+            Finding::FlowTableFull { .. } => 5,
         }
     }
 
@@ -84,6 +99,10 @@ impl Finding {
             ),
             Finding::PacketFlood { per_s } => (
                 format!("virtsec behaviour: packet flood ({per_s} packets/s)"),
+                "attempted-dos",
+            ),
+            Finding::FlowTableFull { refused } => (
+                format!("virtsec: flow table full, new flows refused ({refused} so far)"),
                 "attempted-dos",
             ),
         };

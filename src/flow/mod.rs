@@ -5,7 +5,12 @@
 //! not depend on detection. Lookup is one hash of a small key (Fx hash: the table is keyed by
 //! addresses a guest chooses, so the service also caps the table and evicts; see
 //! docs/inspection.md for the hash-flooding trade-off). When the table is full, expired flows
-//! are swept first, then the least recently seen flow is evicted; evictions are counted.
+//! are swept first (at most once a second), then [`WhenFull`] decides: evict the least
+//! recently seen flow (fail open: the new flow is inspected, an evicted one that comes back
+//! is picked up midstream) or refuse the new flow (fail closed: it is not tracked, and the
+//! caller drops or reports it). Both are counted. The eviction victim is the oldest of a
+//! random sample of 32 flows (exact below 64 flows): an exact search would cost the whole
+//! table for every new flow of a flood, which is what fills the table.
 
 pub mod stream;
 
@@ -51,6 +56,18 @@ pub struct FlowLimits {
     /// Seconds without packets before a flow expires.
     pub timeout_s: u64,
     pub stream: StreamLimits,
+    pub when_full: WhenFull,
+}
+
+/// What a full table does with a new flow (`[inspect] flow_table_full`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// Fail open: evict the least recently seen flow to make room.
+    #[default]
+    Open,
+    /// Fail closed: refuse the new flow (not tracked, not inspected; inline drops it).
+    Closed,
 }
 
 impl Default for FlowLimits {
@@ -59,6 +76,7 @@ impl Default for FlowLimits {
             max_flows: 1 << 18,
             timeout_s: 600,
             stream: StreamLimits::default(),
+            when_full: WhenFull::Open,
         }
     }
 }
@@ -112,6 +130,8 @@ pub struct FlowStats {
     pub created: u64,
     pub expired: u64,
     pub evicted: u64,
+    /// New flows refused because the table was full (`WhenFull::Closed`).
+    pub refused: u64,
     /// A new connection (a SYN with a new initial sequence number) on the 5-tuple of a
     /// tracked flow: the old flow is ended and a new one starts.
     pub reused: u64,
@@ -126,6 +146,8 @@ pub struct FlowTable<T> {
     free: Vec<usize>,
     next_id: u64,
     last_sweep: u64,
+    /// xorshift state for sampling eviction victims.
+    rng: u64,
     pub limits: FlowLimits,
     pub stats: FlowStats,
     /// Bypassed directions of flows that left the table (expired, evicted, reused): the data
@@ -176,6 +198,11 @@ impl<T: Default> FlowTable<T> {
             free: Vec::new(),
             next_id: 1,
             last_sweep: 0,
+            rng: 0x9e37_79b9_7f4a_7c15
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1),
             limits,
             stats: FlowStats::default(),
             released: Vec::new(),
@@ -190,13 +217,22 @@ impl<T: Default> FlowTable<T> {
         self.map.is_empty()
     }
 
-    /// Creates a flow for `key` (making room first if the table is full); returns its slot.
-    fn insert_new(&mut self, key: FlowKey, p: &Packet<'_>, ts: u64) -> usize {
+    /// Creates a flow for `key` (making room first if the table is full, as `when_full`
+    /// says); returns its slot, or `None` when the flow is refused.
+    fn insert_new(&mut self, key: FlowKey, p: &Packet<'_>, ts: u64) -> Option<usize> {
         self.map.remove(&key);
         if self.map.len() >= self.limits.max_flows {
-            self.sweep(ts);
+            if ts / 1_000_000 > self.last_sweep {
+                self.sweep(ts);
+            }
             if self.map.len() >= self.limits.max_flows {
-                self.evict_oldest();
+                match self.limits.when_full {
+                    WhenFull::Open => self.evict_oldest(),
+                    WhenFull::Closed => {
+                        self.stats.refused += 1;
+                        return None;
+                    }
+                }
             }
         }
         let flow = Flow::new(self.next_id, key, p, ts);
@@ -213,11 +249,12 @@ impl<T: Default> FlowTable<T> {
             }
         };
         self.map.insert(key, i);
-        i
+        Some(i)
     }
 
     /// Finds or creates the packet's flow (`ts` in microseconds) and updates its TCP state.
-    pub fn track(&mut self, p: &Packet<'_>, ts: u64) -> Seen<'_, T> {
+    /// `None`: a new flow the full table refused (`WhenFull::Closed`).
+    pub fn track(&mut self, p: &Packet<'_>, ts: u64) -> Option<Seen<'_, T>> {
         let key = FlowKey::of(p);
         if ts / 1_000_000 > self.last_sweep + 10 {
             self.sweep(ts);
@@ -244,7 +281,7 @@ impl<T: Default> FlowTable<T> {
             .filter(|&i| self.slots.get(i).is_some_and(Option::is_some));
         let idx = match live {
             Some(i) => i,
-            None => self.insert_new(key, p, ts),
+            None => self.insert_new(key, p, ts)?,
         };
         self.stats.active = self.map.len() as u64;
         let stream_stats = &mut self.stats.stream;
@@ -268,11 +305,11 @@ impl<T: Default> FlowTable<T> {
                 flow.established = true;
             }
         }
-        Seen {
+        Some(Seen {
             flow,
             dir,
             stream: stream_stats,
-        }
+        })
     }
 
     /// Removes flows idle for longer than the timeout; returns them for final processing.
@@ -297,12 +334,27 @@ impl<T: Default> FlowTable<T> {
     }
 
     fn evict_oldest(&mut self) {
-        let oldest = self
-            .map
-            .iter()
-            .filter_map(|(k, &i)| self.slots[i].as_ref().map(|f| (f.last_ts, *k)))
-            .min_by_key(|(ts, _)| *ts)
-            .map(|(_, k)| k);
+        let n = self.slots.len();
+        let oldest = if n <= 64 {
+            self.slots
+                .iter()
+                .flatten()
+                .min_by_key(|f| f.last_ts)
+                .map(|f| f.key)
+        } else {
+            let mut best: Option<&Flow<T>> = None;
+            for _ in 0..32 {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                if let Some(f) = &self.slots[(self.rng % n as u64) as usize] {
+                    if best.is_none_or(|b| f.last_ts < b.last_ts) {
+                        best = Some(f);
+                    }
+                }
+            }
+            best.map(|f| f.key)
+        };
         if let Some(k) = oldest {
             self.remove(&k);
             self.stats.evicted += 1;
@@ -369,17 +421,23 @@ mod tests {
         let s = "10.0.2.2";
         let id = t
             .track(&pkt(c, 40000, s, 80, flags(true, false)), 1)
+            .unwrap()
             .flow
             .id;
-        let seen = t.track(&pkt(s, 80, c, 40000, flags(true, true)), 2);
+        let seen = t
+            .track(&pkt(s, 80, c, 40000, flags(true, true)), 2)
+            .unwrap();
         assert_eq!((seen.flow.id, seen.dir), (id, 1));
         assert!(!seen.flow.established);
-        let seen = t.track(&pkt(c, 40000, s, 80, flags(false, true)), 3);
+        let seen = t
+            .track(&pkt(c, 40000, s, 80, flags(false, true)), 3)
+            .unwrap();
         assert!(seen.flow.established && seen.dir == 0);
         assert_eq!(t.len(), 1);
         // A retransmitted SYN stays in the flow; a SYN with a new ISN is a new connection.
         assert_eq!(
             t.track(&pkt(c, 40000, s, 80, flags(true, false)), 4)
+                .unwrap()
                 .flow
                 .id,
             id
@@ -388,7 +446,10 @@ mod tests {
         if let Some(x) = again.as_mut() {
             x.seq = 99;
         }
-        assert_ne!(t.track(&pkt(c, 40000, s, 80, again), 5).flow.id, id);
+        assert_ne!(
+            t.track(&pkt(c, 40000, s, 80, again), 5).unwrap().flow.id,
+            id
+        );
         assert_eq!(t.stats.reused, 1);
     }
 
@@ -408,5 +469,53 @@ mod tests {
         assert_eq!(t.stats.created, 4);
         assert_eq!(t.sweep(200_000_000), 2);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_full_table_fails_open_or_closed_as_configured() {
+        let flow = |i: u32| {
+            pkt(
+                &format!("10.1.{}.{}", i / 250, i % 250 + 1),
+                1,
+                "10.0.0.9",
+                80,
+                None,
+            )
+        };
+        for when_full in [WhenFull::Open, WhenFull::Closed] {
+            let mut t: FlowTable<()> = FlowTable::new(FlowLimits {
+                max_flows: 1000,
+                when_full,
+                ..FlowLimits::default()
+            });
+            for i in 0..1000 {
+                assert!(t.track(&flow(i), 1_000_000 + u64::from(i)).is_some());
+            }
+            // A flood of new flows in the same second.
+            let taken = (1000..3000)
+                .filter(|&i| t.track(&flow(i), 2_000_000 + u64::from(i)).is_some())
+                .count();
+            assert_eq!(t.len(), 1000);
+            match when_full {
+                WhenFull::Open => {
+                    assert_eq!((taken, t.stats.evicted, t.stats.refused), (2000, 2000, 0));
+                    // Sampled eviction took old flows, not the newest ones.
+                    let created = t.stats.created;
+                    for i in 2900..3000 {
+                        t.track(&flow(i), 3_000_000 + u64::from(i));
+                    }
+                    assert!(
+                        t.stats.created - created <= 10,
+                        "the newest flows were evicted"
+                    );
+                }
+                WhenFull::Closed => {
+                    assert_eq!((taken, t.stats.evicted, t.stats.refused), (0, 0, 2000));
+                    // The tracked flows keep their state.
+                    assert!(t.track(&flow(999), 3_000_000).is_some());
+                    assert_eq!(t.stats.created, 1000);
+                }
+            }
+        }
     }
 }

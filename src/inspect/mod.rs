@@ -109,7 +109,11 @@ impl Engine {
     ) -> Verdict {
         let det = &self.detector;
         let stream_limits = self.flows.limits.stream;
-        let seen = self.flows.track(p, ts_us);
+        let Some(seen) = self.flows.track(p, ts_us) else {
+            // The flow table is full and fails closed: a flow it cannot follow is not let
+            // through inline (passive mode and offline runs only count it).
+            return Verdict::Drop;
+        };
         let flow = seen.flow;
         let dir = seen.dir;
         let stream_stats = seen.stream;
