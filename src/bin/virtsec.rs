@@ -358,7 +358,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 _ => bail!("{backend} is not a vif backend path (/local/domain/<b>/backend/vif/<domid>/<devid>)"),
             };
-            let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout);
+            let started = std::time::Instant::now();
+            let deadline = started + Duration::from_secs_f64(timeout);
             let mut last;
             loop {
                 match control::call(
@@ -366,9 +367,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &ControlRequest::VifReady { domid, devid },
                 ) {
                     Ok(r) if r["ready"] == true => {
+                        // The hotplug script runs once netback created the netdev: this
+                        // wait is what the vif's creation-to-policy time adds to the guest.
                         println!(
-                            "vif {domid}/{devid} ({}): policy in place",
-                            r["ifname"].as_str().unwrap_or("?")
+                            "vif {domid}/{devid} ({}): policy in place (waited {} ms)",
+                            r["ifname"].as_str().unwrap_or("?"),
+                            started.elapsed().as_millis()
                         );
                         return Ok(ExitCode::SUCCESS);
                     }
