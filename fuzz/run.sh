@@ -3,7 +3,8 @@
 # kept in the repo; new inputs found are added to it). CI runs a short pass; a nightly-style
 # run uses FUZZ_RUNS=10000000. A crash leaves its input in fuzz/artifacts/<target>/ and fails
 # the script: turn it into a regression test before fixing.
-# usage: fuzz/run.sh [TARGET...]   (env FUZZ_RUNS, default 20000; FUZZ_MAX_S caps each target, default 600)
+# usage: fuzz/run.sh [TARGET...]   (env FUZZ_RUNS, default 20000; FUZZ_MAX_S caps each target, default 600;
+#        FUZZ_ARGS: more libFuzzer flags, e.g. "-max_len=8192")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${FUZZ_RUNS:-20000}
@@ -13,7 +14,7 @@ targets=("$@")
 pass=0 fail=0
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
-    if RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "fuzz/corpus/$t" -- -runs="$runs" -max_total_time="${FUZZ_MAX_S:-600}" \
+    if RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" "fuzz/corpus/$t" -- -runs="$runs" -max_total_time="${FUZZ_MAX_S:-600}" ${FUZZ_ARGS:-} \
         >"/tmp/fuzz-$t.log" 2>&1; then
         echo "ok - fuzz $t: $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "/tmp/fuzz-$t.log" | tail -1)"
         pass=$((pass + 1))
