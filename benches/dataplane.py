@@ -16,6 +16,8 @@ Configurations:
                direction after its first MiB, like Suricata's stream bypass)
   inline-busy  inline workers keep polling between frames (spin_us = 10 ms): no thread
                wake-up per frame, a core per worker
+  antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
+               kernel rules every other virtsec configuration has cost on their own
   suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed)
 
 usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp]
@@ -85,10 +87,12 @@ class Virtsec:
         spin = "[inspect.inline]\nspin_us = 10000\n" if "-busy" in config else ""
         self.work, self.mode = work, config
         cfg = work / f"virtsecd-{config}.toml"
+        # antispoof: the kernel rules alone (no rules loaded: no capture, no inspection).
+        rule_files = "" if mode == "antispoof" else f'"{rules}"'
         cfg.write_text(
             f'[xenstore]\npath = "{work}/xs.sock"\n[control]\nsocket = "{work}/control.sock"\n'
             f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
-            f'[inspect]\nrules = ["{rules}"]\neve = "{work}/eve.json"\nmode = "passive"\n'
+            f'[inspect]\nrules = [{rule_files}]\neve = "{work}/eve.json"\nmode = "passive"\n'
             f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n'
             f'[enforce]\nantispoof = true\n'
             # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
@@ -101,7 +105,10 @@ class Virtsec:
         while time.time() < deadline:
             st = self.status()
             vifs = (st or {}).get("inspection", {})
-            if all(vifs.get(f"vif{i}.0", {}).get("attached") for i in (1, 2)):
+            if mode == "antispoof":
+                if all(f"vif{i}.0" in ((st or {}).get("antispoof") or {}) for i in (1, 2)):
+                    break
+            elif all(vifs.get(f"vif{i}.0", {}).get("attached") for i in (1, 2)):
                 break
             time.sleep(0.1)
         else:
@@ -223,7 +230,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--work", default="/tmp/virtsec-dp")
-    ap.add_argument("--configs", default="none,passive,passive-bypass,inline,inline-bypass,suricata-ids")
+    ap.add_argument("--configs", default="none,antispoof,passive,passive-bypass,inline,inline-bypass,suricata-ids")
     ap.add_argument("--rules", default=str(repo / "tests/fixtures/bench-1000.rules"))
     ap.add_argument("--write")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
@@ -259,7 +266,7 @@ def main():
         for rnd in range(a.rounds):
             for c in configs:
                 svc = None
-                if c.startswith(("passive", "inline")):
+                if c.startswith(("passive", "inline", "antispoof")):
                     svc = Virtsec(work, c, a.rules)
                 elif c == "suricata-ids":
                     svc = Suricata(work, a.rules)
