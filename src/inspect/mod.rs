@@ -565,24 +565,48 @@ pub fn fuzz_frames(data: &[u8]) -> u64 {
     let Ok(det) = Detector::new(rules.clone(), Backend::Ac) else {
         return 0;
     };
-    let mut engine = Engine::new(
-        det,
-        FlowLimits {
-            max_flows: 64,
-            ..FlowLimits::default()
-        },
-    );
-    let mut rest = data;
+    // The first byte picks the live data plane's options: bit 0 a tiny stream depth with
+    // bypass (directions handed to the kernel, as `capture::bpf` gets them), bit 1 a table
+    // that fails closed.
+    let flags = data.first().copied().unwrap_or(0);
+    let mut limits = FlowLimits {
+        max_flows: 64,
+        ..FlowLimits::default()
+    };
+    if flags & 1 != 0 {
+        limits.stream.depth = 64;
+        limits.stream.inspect_past_depth = false;
+    }
+    if flags & 2 != 0 {
+        limits.max_flows = 16;
+        limits.when_full = crate::flow::WhenFull::Closed;
+    }
+    let mut engine = Engine::new(det, limits);
+    if flags & 1 != 0 {
+        engine.bypass = Some(Vec::new());
+    }
+    let mut rest = data.get(1..).unwrap_or_default();
     let mut ts = 0u64;
     while rest.len() >= 2 {
-        let n = (u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let len = u16::from_be_bytes([rest[0], rest[1]]);
+        let n = usize::from(len & 0x7fff).min(rest.len() - 2);
         let frame = &rest[2..2 + n];
         rest = &rest[2 + n..];
         ts += 1000;
-        if let Ok(p) = decode::decode_ethernet(frame, &mut engine.decode) {
+        // The length's top bit: a frame the kernel trimmed to its headers.
+        if len & 0x8000 != 0 {
+            if let Ok(p) = decode::decode_ethernet_headers(frame, &mut engine.decode) {
+                engine.track(&p, ts);
+            }
+        } else if let Ok(p) = decode::decode_ethernet(frame, &mut engine.decode) {
             engine.packet(&p, ts, &mut |_, _| {});
         }
+        if let Some(b) = engine.bypass.as_mut() {
+            b.clear();
+        }
+        engine.flows.released.clear();
     }
+    let _ = engine.take_bypassed();
     engine.alerts
 }
 
