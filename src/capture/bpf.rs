@@ -126,6 +126,7 @@ const MAP_UPDATE_ELEM: libc::c_long = 2;
 const MAP_DELETE_ELEM: libc::c_long = 3;
 const PROG_LOAD: libc::c_long = 5;
 const MAP_TYPE_HASH: u32 = 1;
+const BPF_F_NO_PREALLOC: u32 = 1;
 const PROG_TYPE_SOCKET_FILTER: u32 = 1;
 const SO_ATTACH_BPF: libc::c_int = 50;
 
@@ -167,11 +168,14 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 }
 
 fn map_create(key_size: u32, max_entries: u32) -> Result<OwnedFd, BpfError> {
+    // Entries are allocated as directions are bypassed, not all up front (a preallocated
+    // 65,536-entry map would pin ~6 MiB of kernel memory for a mostly empty table).
     let mut a = Attr::new()
         .u32(0, MAP_TYPE_HASH)
         .u32(4, key_size)
         .u32(8, 1)
-        .u32(12, max_entries);
+        .u32(12, max_entries)
+        .u32(16, BPF_F_NO_PREALLOC);
     let fd = bpf(MAP_CREATE, &mut a).map_err(|source| BpfError::Sys {
         what: "creating an eBPF map",
         source,
