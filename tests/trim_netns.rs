@@ -157,6 +157,18 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
         assert_eq!(w.len(), 2, "{s:#}");
     }
 
+    // The operator's view: the filter and each vif's share of trimmed frames.
+    let human = stdout(&cli(dir.path(), &["status"]));
+    assert!(
+        human.contains("capture filter: loaded") && human.contains("TRIMMED"),
+        "{human}"
+    );
+    let row = human
+        .lines()
+        .find(|l| l.starts_with("vif6.0"))
+        .unwrap_or_default();
+    assert!(row.contains("passive") && row.contains("yes"), "{human}");
+
     // The reused tuple's bypass was given back when its flow was replaced.
     assert_eq!(
         n(&s["capture_filter"]["restored"]),

@@ -822,6 +822,70 @@ fn print_status(s: &serde_json::Value) {
     for d in w["denied"].as_array().into_iter().flatten() {
         println!("  denied: {}", d.as_str().unwrap_or("?"));
     }
+    let cf = &s["capture_filter"];
+    if !cf.is_null() {
+        if cf["loaded"].as_bool() == Some(true) {
+            println!(
+                "capture filter: loaded, {} directions bypassed, {} given back, {} not bypassed (map full)",
+                cf["bypassed"], cf["restored"], cf["map_full"]
+            );
+        } else {
+            println!(
+                "capture filter: NOT LOADED ({}); passive capture copies whole frames",
+                cf["error"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    let Some(vifs) = s["inspection"].as_object().filter(|v| !v.is_empty()) else {
+        return;
+    };
+    println!(
+        "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>8} {:>9} {:>8} {:>8} {:>7}  per worker",
+        "VIF",
+        "DOMID",
+        "MODE",
+        "ATTACHED",
+        "FRAMES",
+        "TRIMMED",
+        "LOST",
+        "FLOWS",
+        "EVICTED",
+        "REFUSED",
+        "ALERTS"
+    );
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    for (name, v) in vifs {
+        let il = &v["inline"];
+        let lost = n(&v["ring_drops"])
+            + n(&il["overload_drops"])
+            + n(&il["truncated"])
+            + n(&il["send_errors"]);
+        let workers: Vec<String> = v["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| n(w).to_string())
+            .collect();
+        println!(
+            "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>8} {:>9} {:>8} {:>8} {:>7}  {}",
+            name,
+            n(&v["domid"]),
+            v["mode"].as_str().unwrap_or("?"),
+            if v["attached"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "NO"
+            },
+            n(&v["frames"]),
+            n(&v["trimmed"]),
+            lost,
+            n(&v["flows"]),
+            n(&v["flows_evicted"]),
+            n(&v["flows_refused"]),
+            n(&v["alerts"]),
+            workers.join("/")
+        );
+    }
 }
 
 fn print_domains(d: &serde_json::Value) {
