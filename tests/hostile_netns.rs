@@ -88,18 +88,11 @@ fn a_syn_flood_hits_the_flow_cap_not_the_memory_and_others_keep_talking() {
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vhs{id}"), format!("vhs5{id}"), format!("vhs6{id}"));
-    ip(&["netns", "add", &dd]);
+    bridge_domain(&dd, Some("10.89.0.1/24"));
     let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
-    ip(&["-n", &dd, "addr", "add", "10.89.0.1/24", "dev", "xenbr0"]);
-    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
-    let _xs = lab_xenstored(dir.path(), &[]);
-    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
-    ts.init_host().unwrap();
+    let (_xs, mut ts) = lab_toolstack(dir.path());
     for (d, name) in [(5, "flooder"), (6, "db")] {
-        let mut g = GuestSpec::simple(d, name, "xenbr0");
-        g.vifs[0].mac = format!("00:16:3e:00:0{d}:00");
-        g.vifs[0].ip = Some(format!("10.89.0.{d}"));
+        let g = bridged_spec(d, name, "10.89.0");
         ts.create(&g, None).unwrap();
     }
     let rules = dir.path().join("r.rules");
@@ -269,18 +262,11 @@ fn a_full_flow_table_fails_closed_when_configured() {
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vhc{id}"), format!("vhc5{id}"), format!("vhc6{id}"));
-    ip(&["netns", "add", &dd]);
+    bridge_domain(&dd, Some("10.88.0.1/24"));
     let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
-    ip(&["-n", &dd, "addr", "add", "10.88.0.1/24", "dev", "xenbr0"]);
-    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
-    let _xs = lab_xenstored(dir.path(), &[]);
-    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
-    ts.init_host().unwrap();
+    let (_xs, mut ts) = lab_toolstack(dir.path());
     for (d, name) in [(5, "flooder"), (6, "db")] {
-        let mut g = GuestSpec::simple(d, name, "xenbr0");
-        g.vifs[0].mac = format!("00:16:3e:00:0{d}:00");
-        g.vifs[0].ip = Some(format!("10.88.0.{d}"));
+        let g = bridged_spec(d, name, "10.88.0");
         ts.create(&g, None).unwrap();
     }
     let rules = dir.path().join("r.rules");

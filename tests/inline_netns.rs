@@ -14,8 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use virtsec::lab::toolstack::{GuestSpec, Toolstack};
-use virtsec::xenstore::Client;
+use virtsec::lab::toolstack::GuestSpec;
 
 /// A TCP server in `ns` on `port` that counts what one connection sends; returns the count
 /// when the connection closes (or after `secs`).
@@ -93,17 +92,12 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vil{id}"), format!("vil5{id}"), format!("vil6{id}"));
-    ip(&["netns", "add", &dd]);
+    bridge_domain(&dd, Some("10.96.0.1/24"));
     let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
-    ip(&["-n", &dd, "addr", "add", "10.96.0.1/24", "dev", "xenbr0"]);
-    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
     bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
     bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
 
-    let _xs = lab_xenstored(dir.path(), &[]);
-    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
-    ts.init_host().unwrap();
+    let (_xs, mut ts) = lab_toolstack(dir.path());
     let rules = dir.path().join("inline.rules");
     std::fs::write(
         &rules,
@@ -248,15 +242,11 @@ fn inline_workers_keep_each_connection_on_one_worker() {
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
     let (dd, g5, g6) = (format!("viw{id}"), format!("viw5{id}"), format!("viw6{id}"));
-    ip(&["netns", "add", &dd]);
+    bridge_domain(&dd, None);
     let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
-    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
     bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.95.0.5/24");
     bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.95.0.6/24");
-    let _xs = lab_xenstored(dir.path(), &[]);
-    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
-    ts.init_host().unwrap();
+    let (_xs, mut ts) = lab_toolstack(dir.path());
     let rules = dir.path().join("inline.rules");
     std::fs::write(
         &rules,
@@ -270,9 +260,7 @@ fn inline_workers_keep_each_connection_on_one_worker() {
     );
     let _d = virtsecd_with(dir.path(), Some(&dd), &cfg);
     for (domid, name) in [(5, "web"), (6, "db")] {
-        let mut g = GuestSpec::simple(domid, name, "xenbr0");
-        g.vifs[0].mac = format!("00:16:3e:00:0{domid}:00");
-        g.vifs[0].ip = Some(format!("10.95.0.{domid}"));
+        let g = bridged_spec(domid, name, "10.95.0");
         ts.create(&g, None).unwrap();
     }
     wait_for("vif5.0 inline", Duration::from_secs(10), || {

@@ -15,8 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use virtsec::lab::toolstack::{GuestSpec, Toolstack};
-use virtsec::xenstore::Client;
+use virtsec::lab::toolstack::GuestSpec;
 
 const SERVER: &str = r#"
 import socket
@@ -64,16 +63,12 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
     let _log = LogOnPanic(dir.path().to_path_buf());
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vtd{id}"), format!("vtg5{id}"), format!("vtg6{id}"));
-    ip(&["netns", "add", &dd]);
+    bridge_domain(&dd, None);
     let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    ip(&["-n", &dd, "link", "add", "xenbr0", "type", "bridge"]);
-    ip(&["-n", &dd, "link", "set", "xenbr0", "up"]);
     bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
     bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
 
-    let _xs = lab_xenstored(dir.path(), &[]);
-    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
-    ts.init_host().unwrap();
+    let (_xs, mut ts) = lab_toolstack(dir.path());
     for (domid, name) in [(5, "client"), (6, "server")] {
         let mut g = GuestSpec::simple(domid, name, "xenbr0");
         g.vifs[0].ip = Some(format!("10.96.0.{domid}"));

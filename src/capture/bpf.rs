@@ -80,6 +80,17 @@ fn addr_words(a: IpAddr, out: &mut [u8]) {
 }
 
 impl DirKey {
+    /// The direction `((src, sport), (dst, dport))` of a flow seen on interface `ifindex`.
+    pub fn new(ifindex: u32, ((src, sport), (dst, dport)): crate::flow::DirTuple) -> DirKey {
+        DirKey {
+            ifindex,
+            src,
+            sport,
+            dst,
+            dport,
+        }
+    }
+
     fn bytes(&self) -> [u8; KEY] {
         let mut k = [0u8; KEY];
         addr_words(self.src, &mut k[0..16]);

@@ -48,7 +48,8 @@ const RECENT: usize = 1000;
 /// Counters of one vif's workers.
 #[derive(Debug, Default)]
 pub struct VifCounters {
-    pub frames: AtomicU64,
+    /// Frames seen, per worker (the vif's total is their sum: [`VifCounters::frames`]).
+    pub worker_frames: Vec<AtomicU64>,
     pub bytes: AtomicU64,
     pub alerts: AtomicU64,
     /// Passive: frames the ring had no room for (kernel count).
@@ -78,6 +79,23 @@ pub struct VifCounters {
     /// Nanoseconds spent decoding and inspecting frames.
     pub inspect_ns: AtomicU64,
     pub attached: AtomicBool,
+}
+
+impl VifCounters {
+    fn new(workers: usize) -> VifCounters {
+        VifCounters {
+            worker_frames: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            ..VifCounters::default()
+        }
+    }
+
+    /// Frames seen by all the vif's workers.
+    pub fn frames(&self) -> u64 {
+        self.worker_frames
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// Serialisable snapshot of [`VifCounters`].
@@ -170,8 +188,6 @@ struct VifShared {
     counters: VifCounters,
     /// The kernel-side capture filter (passive workers attach it to their rings).
     filter: Option<Arc<CaptureFilter>>,
-    /// Frames per worker.
-    worker_frames: Vec<AtomicU64>,
     ident: Mutex<XenIdentity>,
     behaviour: Mutex<Behaviour>,
     out: Arc<Outputs>,
@@ -324,20 +340,13 @@ impl Inspector {
         let Some((f, ifindex)) = &self.trim else {
             return;
         };
-        let key = |((src, sport), (dst, dport)): crate::flow::DirTuple| DirKey {
-            ifindex: *ifindex,
-            src,
-            sport,
-            dst,
-            dport,
-        };
         if let Some(new) = self.engine.bypass.as_mut() {
             for t in new.drain(..) {
-                f.bypass(&key(t));
+                f.bypass(&DirKey::new(*ifindex, t));
             }
         }
         for t in self.engine.flows.released.drain(..) {
-            f.restore(&key(t));
+            f.restore(&DirKey::new(*ifindex, t));
         }
     }
 
@@ -360,11 +369,10 @@ impl Inspector {
 
     fn frame_inner(&mut self, data: &[u8], ts_ns: u64, from_guest: bool, trimmed: bool) -> Verdict {
         let c = &self.vif.counters;
-        c.frames.fetch_add(1, Ordering::Relaxed);
-        c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if let Some(w) = self.vif.worker_frames.get(self.index) {
+        if let Some(w) = c.worker_frames.get(self.index) {
             w.fetch_add(1, Ordering::Relaxed);
         }
+        c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let decoded = if trimmed {
             c.trimmed.fetch_add(1, Ordering::Relaxed);
             // Headers only: flow state and behaviour follow it, payload inspection does not
@@ -473,14 +481,8 @@ impl Inspector {
 /// Has the kernel copy every direction `engine` bypassed whole again.
 fn restore_bypassed(trim: &Option<(Arc<CaptureFilter>, u32)>, engine: &mut Engine) {
     if let Some((f, ifindex)) = trim {
-        for ((src, sport), (dst, dport)) in engine.take_bypassed() {
-            f.restore(&DirKey {
-                ifindex: *ifindex,
-                src,
-                sport,
-                dst,
-                dport,
-            });
+        for t in engine.take_bypassed() {
+            f.restore(&DirKey::new(*ifindex, t));
         }
     }
 }
@@ -570,15 +572,23 @@ impl DataPlane {
             log::warn!("{w}");
         }
         log::info!("inspection: {}", rs.summary());
-        // Room for every flow direction of every worker is not needed: a direction that does
-        // not fit stays copied whole (counted).
-        let filter = CaptureFilter::load(1 << 16)
-            .map(Arc::new)
-            .map_err(|e| e.to_string());
-        match &filter {
-            Ok(_) => log::info!("capture: kernel-side trimming filter loaded"),
-            Err(e) => log::warn!("capture: {e}"),
-        }
+        // It trims only frames seen elsewhere (needs anti-spoofing) and bypassed directions:
+        // without either it would only add a program run per frame. Room for every flow
+        // direction of every worker is not needed: a direction that does not fit stays
+        // copied whole (counted).
+        let filter = if opts.dedupe_local || !opts.inspect_past_depth {
+            let f = CaptureFilter::load(1 << 16)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            match &f {
+                Ok(_) => log::info!("capture: kernel-side trimming filter loaded"),
+                Err(e) => log::warn!("capture: {e}"),
+            }
+            f
+        } else {
+            log::info!("capture: no kernel-side trimming (anti-spoofing off, inspect_past_depth = true: nothing to trim)");
+            Err("not needed: anti-spoofing is off and inspect_past_depth = true, so nothing can be trimmed".into())
+        };
         let eve = match &opts.eve {
             Some(p) => {
                 if let Some(d) = p.parent() {
@@ -676,9 +686,8 @@ impl DataPlane {
             next: Mutex::new((0..nworkers).map(|_| None).collect()),
             ifname: ifname.clone(),
             local_macs: self.local_macs.clone(),
-            counters: VifCounters::default(),
+            counters: VifCounters::new(nworkers),
             filter: self.filter.as_ref().ok().cloned(),
-            worker_frames: (0..nworkers).map(|_| AtomicU64::new(0)).collect(),
             ident: Mutex::new(ident),
             behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
             out: self.out.clone(),
@@ -827,7 +836,7 @@ impl DataPlane {
     pub fn metrics(&self, e: &mut crate::metrics::Exposition) {
         type Get = fn(&VifCounters) -> u64;
         let fams: [(&str, &str, &str, Get); 8] = [
-            ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames.load(Ordering::Relaxed)),
+            ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames()),
             ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
             ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
                 [&c.ring_drops, &c.overload_drops, &c.truncated, &c.send_errors]
@@ -917,12 +926,12 @@ impl DataPlane {
                         domid,
                         mode: w.mode,
                         attached: c.attached.load(Ordering::Relaxed),
-                        frames: ld(&c.frames),
+                        frames: c.frames(),
                         bytes: ld(&c.bytes),
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
                         trimmed: ld(&c.trimmed),
-                        workers: w.shared.worker_frames.iter().map(ld).collect(),
+                        workers: c.worker_frames.iter().map(ld).collect(),
                         flows: ld(&c.flows),
                         flows_evicted: ld(&c.flows_evicted),
                         flows_refused: ld(&c.flows_refused),

@@ -292,3 +292,32 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A simulated backend domain: network namespace `dd` with bridge `xenbr0` up, holding host
+/// address `addr` (CIDR) if given.
+pub fn bridge_domain(dd: &str, addr: Option<&str>) {
+    ip(&["netns", "add", dd]);
+    ip(&["-n", dd, "link", "add", "xenbr0", "type", "bridge"]);
+    if let Some(a) = addr {
+        ip(&["-n", dd, "addr", "add", a, "dev", "xenbr0"]);
+    }
+    ip(&["-n", dd, "link", "set", "xenbr0", "up"]);
+}
+
+/// The lab XenStore in `dir` and the simulated toolstack on it, host nodes written.
+pub fn lab_toolstack(dir: &Path) -> (Proc, virtsec::lab::toolstack::Toolstack) {
+    let xs = lab_xenstored(dir, &[]);
+    let client = virtsec::xenstore::Client::open(dir.join("xs.sock")).expect("lab xenstored");
+    let mut ts = virtsec::lab::toolstack::Toolstack::new(client);
+    ts.init_host().expect("host nodes");
+    (xs, ts)
+}
+
+/// Guest `domid` (< 10) with one vif on `xenbr0`, MAC `00:16:3e:00:0<domid>:00` and address
+/// `<net>.<domid>` in the toolstack's keys.
+pub fn bridged_spec(domid: u32, name: &str, net: &str) -> virtsec::lab::toolstack::GuestSpec {
+    let mut g = virtsec::lab::toolstack::GuestSpec::simple(domid, name, "xenbr0");
+    g.vifs[0].mac = format!("00:16:3e:00:0{domid}:00");
+    g.vifs[0].ip = Some(format!("{net}.{domid}"));
+    g
+}
