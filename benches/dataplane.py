@@ -129,7 +129,8 @@ class Virtsec:
         st = self.status() or {}
         lost = seen = 0
         for v in st.get("inspection", {}).values():
-            seen += v.get("frames", 0)
+            # Frames the capture filter counted in the kernel without copying passed too.
+            seen += v.get("frames", 0) + v.get("uncopied", 0)
             lost += v.get("ring_drops", 0)
             il = v.get("inline") or {}
             lost += il.get("overload_drops", 0) + il.get("truncated", 0) + il.get("send_errors", 0)

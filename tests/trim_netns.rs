@@ -52,43 +52,40 @@ fn sids(dir: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
-    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
-        eprintln!("SKIPPED trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples: needs root and nft");
-        return;
-    }
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let _log = LogOnPanic(dir.path().to_path_buf());
+/// Two guests on a simulated backend domain and virtsecd inspecting them with anti-spoofing,
+/// two workers per vif and `extra` configuration; panics if the capture filter did not load.
+struct Lab {
+    g5: String,
+    g6: String,
+    _d: Proc,
+    _xs: Proc,
+    _ns: Netns,
+}
+
+fn lab(dir: &std::path::Path, rules: &str, extra: &str) -> Lab {
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vtd{id}"), format!("vtg5{id}"), format!("vtg6{id}"));
     bridge_domain(&dd, None);
-    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    let ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
     bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
     bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.96.0.6/24");
 
-    let (_xs, mut ts) = lab_toolstack(dir.path());
+    let (xs, mut ts) = lab_toolstack(dir);
     for (domid, name) in [(5, "client"), (6, "server")] {
         let mut g = GuestSpec::simple(domid, name, "xenbr0");
         g.vifs[0].ip = Some(format!("10.96.0.{domid}"));
         ts.create(&g, None).unwrap();
     }
-    let rules = dir.path().join("trim.rules");
-    std::fs::write(
-        &rules,
-        "alert tcp any any -> any 9000 (msg:\"marker on a reused tuple\"; flow:established,to_server; content:\"reused-tuple-marker\"; sid:8001;)\n\
-         alert tcp any 9000 -> any any (msg:\"server reply\"; flow:established,to_client; content:\"server-reply-marker\"; sid:8002;)\n",
-    )
-    .unwrap();
+    let rule_file = dir.join("trim.rules");
+    std::fs::write(&rule_file, rules).unwrap();
     let extra = format!(
-        "[enforce]\nantispoof = true\n[inspect]\nrules = [{:?}]\neve = {:?}\ninspect_past_depth = false\nworkers_per_vif = 2\n",
-        rules.display().to_string(),
-        dir.path().join("eve.json").display().to_string()
+        "[enforce]\nantispoof = true\n[inspect]\nrules = [{:?}]\neve = {:?}\nworkers_per_vif = 2\n{extra}",
+        rule_file.display().to_string(),
+        dir.join("eve.json").display().to_string()
     );
-    let _d = virtsecd_with(dir.path(), Some(&dd), &extra);
+    let d = virtsecd_with(dir, Some(&dd), &extra);
     wait_for("both vifs attached", Duration::from_secs(10), || {
-        status(dir.path())
+        status(dir)
             .map(|s| {
                 s["inspection"]["vif5.0"]["attached"] == true
                     && s["inspection"]["vif6.0"]["attached"] == true
@@ -96,20 +93,52 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
             })
             .unwrap_or(false)
     });
-    let s = status(dir.path()).unwrap();
+    let s = status(dir).unwrap();
     if s["capture_filter"]["loaded"] != true {
         // Not a pass: the kernel refused eBPF, so there is nothing to check here.
         panic!("the capture filter did not load: {}", s["capture_filter"]);
     }
+    Lab {
+        g5,
+        g6,
+        _d: d,
+        _xs: xs,
+        _ns: ns,
+    }
+}
+
+fn skip(name: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("SKIPPED {name}: needs root and nft");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
+    if skip("trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let lab = lab(
+        dir.path(),
+        "alert tcp any any -> any 9000 (msg:\"marker on a reused tuple\"; flow:established,to_server; content:\"reused-tuple-marker\"; sid:8001;)\n\
+         alert tcp any 9000 -> any any (msg:\"server reply\"; flow:established,to_client; content:\"server-reply-marker\"; sid:8002;)\n",
+        "inspect_past_depth = false\n",
+    );
+    let (g5, g6) = (&lab.g5, &lab.g6);
 
     let server = Command::new("ip")
-        .args(["netns", "exec", &g6, "python3", "-c", SERVER])
+        .args(["netns", "exec", g6, "python3", "-c", SERVER])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let client = Command::new("ip")
-        .args(["netns", "exec", &g5, "python3", "-c", CLIENT])
+        .args(["netns", "exec", g5, "python3", "-c", CLIENT])
         .status()
         .unwrap();
     assert!(client.success(), "the guests could not talk");
@@ -145,6 +174,12 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
         n(&v6["bytes"])
     );
     assert_eq!(n(&v5["ring_drops"]) + n(&v6["ring_drops"]), 0);
+    // Past the depth vif5.0 counted the upload's segments in the kernel rather than copying
+    // them; vif6.0 counted guest 5's segments once the connection was established and busy.
+    assert!(
+        n(&v5["uncopied"]) > 0 && n(&v6["uncopied"]) > 0,
+        "nothing was left uncopied: {s:#}"
+    );
     // Both directions of each connection reach the same worker at vif6.0, else the reply
     // rule (flow:established) could not have fired; and the two workers both saw frames.
     for v in [v5, v6] {
@@ -173,12 +208,12 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
     // Reloading the rules restarts flow state: a connection bypassed at that moment is
     // copied whole again.
     let held = Command::new("ip")
-        .args(["netns", "exec", &g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9001)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
+        .args(["netns", "exec", g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9001)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let holder = Command::new("ip")
-        .args(["netns", "exec", &g5, "python3", "-c", "import socket,time\nc=socket.create_connection(('10.96.0.6', 9001), timeout=10)\nfor _ in range(40):\n    c.sendall(b'c' * 65536); time.sleep(0.002)\ntime.sleep(3)\nc.close()"])
+        .args(["netns", "exec", g5, "python3", "-c", "import socket,time\nc=socket.create_connection(('10.96.0.6', 9001), timeout=10)\nfor _ in range(40):\n    c.sendall(b'c' * 65536); time.sleep(0.002)\ntime.sleep(3)\nc.close()"])
         .spawn()
         .unwrap();
     let before = n(&s["capture_filter"]["bypassed"]);
@@ -197,11 +232,83 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
     );
     // (workers swap engines between frames: ping so each sees one)
     wait_for("bypasses given back", Duration::from_secs(5), || {
-        ping(&g5, &["10.96.0.6"]);
+        ping(g5, &["10.96.0.6"]);
         status(dir.path()).is_some_and(|s| {
             n(&s["capture_filter"]["restored"]) == n(&s["capture_filter"]["bypassed"])
         })
     });
     holder.wait_with_output().unwrap();
     held.wait_with_output().unwrap();
+}
+
+/// Counting in the kernel does not blind the behaviour detectors: a guest flooding small
+/// segments over an established connection past the stream depth (frames the kernel counts
+/// and does not copy) is reported as a packet flood, with its identity.
+#[test]
+fn frames_counted_in_the_kernel_still_feed_the_flood_detector() {
+    if skip("frames_counted_in_the_kernel_still_feed_the_flood_detector") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let lab = lab(
+        dir.path(),
+        "alert tcp any any -> any 9000 (msg:\"not in this traffic\"; content:\"no-such-marker\"; sid:8003;)\n",
+        "inspect_past_depth = false\n[behaviour]\nenabled = true\nwindow_s = 2\npackets_per_s = 3000\n",
+    );
+    let server = Command::new("ip")
+        .args(["netns", "exec", &lab.g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9000)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // 2 MiB (past the 1 MiB depth), then three seconds of 64-byte segments.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.g5, "python3", "-c", "import socket,time\nc=socket.create_connection(('10.96.0.6', 9000), timeout=10)\nc.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\nc.sendall(b'a' * (2 << 20))\nn=0\nend=time.time()+3\nwhile time.time() < end:\n    c.send(b'b' * 64); n += 1\nc.close()\nprint(n)"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.wait_with_output().unwrap();
+    let sent: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        sent > 20_000,
+        "the guest sent only {sent} segments: no flood to detect"
+    );
+
+    let flood = || {
+        stdout(&cli(dir.path(), &["alerts", "--json"]))
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|a| {
+                a["alert"]["gid"] == 9 && a["alert"]["signature_id"] == 4 && a["xen"]["domid"] == 5
+            })
+    };
+    let waited = std::time::Instant::now();
+    while flood().is_none() && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        flood().is_some(),
+        "no packet-flood alert for guest 5 ({sent} segments sent): {:#}\n{}",
+        status(dir.path()).unwrap_or_default(),
+        stdout(&cli(dir.path(), &["alerts", "--json"]))
+    );
+    let a = flood().unwrap();
+    assert_eq!(a["src_ip"], "10.96.0.5", "{a}");
+    assert_eq!(a["dest_port"], 9000, "{a}");
+    let s = status(dir.path()).unwrap();
+    let v5 = &s["inspection"]["vif5.0"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    // The flood was counted, not copied: the workers saw a small share of it.
+    assert!(
+        n(&v5["uncopied"]) > 6000 && n(&v5["frames"]) < n(&v5["uncopied"]) / 4,
+        "{s:#}"
+    );
 }

@@ -826,7 +826,7 @@ fn print_status(s: &serde_json::Value) {
     if !cf.is_null() {
         if cf["loaded"].as_bool() == Some(true) {
             println!(
-                "capture filter: loaded, {} directions bypassed, {} given back, {} not bypassed (map full)",
+                "capture filter: loaded, {} directions handed to the kernel, {} given back, {} not handed over (map full)",
                 cf["bypassed"], cf["restored"], cf["map_full"]
             );
         } else {
@@ -840,13 +840,14 @@ fn print_status(s: &serde_json::Value) {
         return;
     };
     println!(
-        "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>8} {:>9} {:>8} {:>8} {:>7}  per worker",
+        "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>12} {:>8} {:>9} {:>8} {:>8} {:>7}  per worker",
         "VIF",
         "DOMID",
         "MODE",
         "ATTACHED",
         "FRAMES",
         "TRIMMED",
+        "UNCOPIED",
         "LOST",
         "FLOWS",
         "EVICTED",
@@ -867,7 +868,7 @@ fn print_status(s: &serde_json::Value) {
             .map(|w| n(w).to_string())
             .collect();
         println!(
-            "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>8} {:>9} {:>8} {:>8} {:>7}  {}",
+            "{:<12} {:>5} {:<8} {:<8} {:>12} {:>10} {:>12} {:>8} {:>9} {:>8} {:>8} {:>7}  {}",
             name,
             n(&v["domid"]),
             v["mode"].as_str().unwrap_or("?"),
@@ -878,6 +879,7 @@ fn print_status(s: &serde_json::Value) {
             },
             n(&v["frames"]),
             n(&v["trimmed"]),
+            n(&v["uncopied"]),
             lost,
             n(&v["flows"]),
             n(&v["flows_evicted"]),

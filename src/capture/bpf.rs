@@ -1,33 +1,44 @@
-//! Trimming capture in the kernel: an eBPF socket filter on every passive ring copies only the
-//! headers of frames whose payload the inspector will not read.
+//! Trimming and counting capture in the kernel: an eBPF socket filter on every passive ring
+//! copies only the headers of frames whose payload the inspector will not read, and does not
+//! copy at all (counts) the frames that carry nothing for it.
 //!
 //! Why: a passive ring costs the guest nothing in user space, but the kernel copies each frame
 //! into the ring on the guest's own path (the sender's softirq on a veth or netback vif). With
 //! 64 KiB GSO super-frames that copy is most of what passive inspection costs a guest: on the
 //! 16-core machine, passive with stream bypass used 21% of a core in user space and still cut
-//! guest-to-guest throughput to 0.6× (docs/performance.md). The payload is copied for nothing
-//! in two cases, and this filter returns a header-only snap length (`HEADER_SNAP`) for them:
+//! guest-to-guest throughput to 0.6× (docs/performance.md). After trimming, what was left was
+//! the per-frame cost of the copy itself (ring lock, header copy, the worker reading it): a
+//! bulk transfer's ACKs and trimmed segments are as many frames as its data. So:
 //!
 //! - **guest-to-guest frames at the receiving vif**: a frame leaving the host towards a guest
 //!   (`PACKET_OUTGOING`) whose source MAC is another local, inspected guest's was inspected at
-//!   the sender's vif (anti-spoofing makes the source MAC proof of the sender). The receiver
-//!   still gets the headers: flow state (`flow:established`) follows both directions.
-//! - **bypassed TCP directions** (`inspect_past_depth = false`): once a direction passed the
-//!   stream depth, the worker adds it (interface, addresses, ports) to a hash map; its frames
-//!   arrive with headers only. SYN, FIN and RST segments always arrive whole, and a SYN removes
-//!   its direction from the map in the kernel, so a new connection reusing the 5-tuple is
-//!   inspected from its first byte (no user-space race). The worker removes a direction when
-//!   its flow leaves the table, when the rules are reloaded and when it stops.
+//!   the sender's vif (anti-spoofing makes the source MAC proof of the sender): headers only,
+//!   so that flow state (`flow:established`) follows both directions.
+//! - **handed-over directions**: the workers put TCP directions (interface, addresses, ports)
+//!   in a hash map, in one of two modes. *All*: a direction past the stream depth when
+//!   `inspect_past_depth = false`, or another local guest's direction at the receiving vif once
+//!   its flow is established and busy; none of its frames is copied. *Empty*: the other
+//!   direction of those, and both directions of any established flow after
+//!   `inspect::HANDOVER_AFTER` packets; its segments without payload (pure ACKs) are not
+//!   copied, segments with data are. Frames not copied are counted per interface in a second
+//!   map (frames and bytes, from and to the guest): the workers add them to the vif's counters
+//!   and the guest's frames to its packet-flood detector. One frame a second per direction
+//!   still reaches the worker (headers only), so a long transfer's flow never looks idle.
 //!
-//! Anything else (IPv4 fragments, VLAN tags, IPv6 extension headers, short frames) is copied
-//! whole: the filter only ever trims what it positively recognises. Frames are never dropped
-//! by it (a trimmed frame still counts for behaviour detection and flow state).
+//! SYN, FIN and RST segments are always copied; a SYN removes its direction from the map in the
+//! kernel, so a new connection reusing the 5-tuple is inspected from its first byte (no
+//! user-space race), and a FIN or RST makes the worker give both directions back. The worker
+//! also removes a direction when its flow leaves the table, when the rules are reloaded and
+//! when it stops. Anything else (IPv4 fragments, VLAN tags, IPv6 extension headers, short
+//! frames, interfaces no worker counts on) is copied whole: the filter only ever trims or
+//! counts what it positively recognises.
 //!
-//! The program is eBPF assembled here (a few dozen instructions, legacy `LD_ABS`/`LD_IND`
-//! packet loads, which the kernel bounds-checks at run time) rather than compiled C: no clang,
-//! libbpf or BTF at build or run time, and the whole filter is readable in one function. Where
-//! the kernel has no eBPF (or the service lacks CAP_BPF/CAP_SYS_ADMIN) capture works as before,
-//! untrimmed, and `virtsec status` says so.
+//! The program is eBPF assembled here (about a hundred instructions; `bpf_skb_load_bytes`
+//! copies the headers to the stack in two calls) rather than compiled C: no clang, libbpf or
+//! BTF at build or run time, and the whole filter is readable in one function. Its answers on
+//! literal frames are tested through `BPF_PROG_TEST_RUN`. Where the kernel has no eBPF (or the
+//! service lacks CAP_BPF/CAP_SYS_ADMIN) capture works as before, untrimmed, and `virtsec
+//! status` says so.
 
 use std::collections::HashSet;
 use std::io;
@@ -39,9 +50,20 @@ use std::sync::Mutex;
 /// Bytes copied of a trimmed frame: Ethernet + IPv4 with options (60) + TCP with options (60),
 /// or IPv6 (40) + TCP (60), with room to spare.
 pub const HEADER_SNAP: u32 = 192;
-/// Key of the bypass map: source address words (16 bytes), destination address words (16),
-/// ports (4), ifindex (4), family (4).
+/// Key of the direction map: source address (16 bytes, network order; IPv4 in the first
+/// four), destination address (16), source and destination ports (network order), ifindex
+/// (host order), family (4 or 6, host order).
 const KEY: usize = 44;
+/// Value of the direction map: the handover (`MODE_*`, u32), padding, and when the next
+/// sampled frame is due (u64, `ktime_get_ns`).
+const VALUE: usize = 16;
+/// Every frame of the direction is counted rather than copied (SYN, FIN, RST and the
+/// once-a-second sample excepted).
+const MODE_TRIM: u32 = 1;
+/// Segments without payload (pure ACKs) are counted rather than copied.
+const MODE_EMPTY: u32 = 2;
+/// Value of the counts map (key: ifindex): frames and bytes from the guest, then to it.
+const COUNTS: usize = 32;
 
 /// Errors loading the filter.
 #[derive(Debug, thiserror::Error)]
@@ -66,16 +88,12 @@ pub struct DirKey {
     pub dport: u16,
 }
 
-/// An address as the filter's `LD_ABS` loads store it: 32-bit words in host order.
-fn addr_words(a: IpAddr, out: &mut [u8]) {
+/// An address as the program copies it from the frame: network order, IPv4 in the first four
+/// bytes.
+fn addr_bytes(a: IpAddr, out: &mut [u8]) {
     match a {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&u32::from_be_bytes(v4.octets()).to_ne_bytes()),
-        IpAddr::V6(v6) => {
-            for (i, c) in v6.octets().chunks_exact(4).enumerate() {
-                let w = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-                out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-        }
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out[..16].copy_from_slice(&v6.octets()),
     }
 }
 
@@ -93,10 +111,10 @@ impl DirKey {
 
     fn bytes(&self) -> [u8; KEY] {
         let mut k = [0u8; KEY];
-        addr_words(self.src, &mut k[0..16]);
-        addr_words(self.dst, &mut k[16..32]);
-        let ports = (u32::from(self.sport) << 16) | u32::from(self.dport);
-        k[32..36].copy_from_slice(&ports.to_ne_bytes());
+        addr_bytes(self.src, &mut k[0..16]);
+        addr_bytes(self.dst, &mut k[16..32]);
+        k[32..34].copy_from_slice(&self.sport.to_be_bytes());
+        k[34..36].copy_from_slice(&self.dport.to_be_bytes());
         k[36..40].copy_from_slice(&self.ifindex.to_ne_bytes());
         let family: u32 = if self.src.is_ipv4() { 4 } else { 6 };
         k[40..44].copy_from_slice(&family.to_ne_bytes());
@@ -104,16 +122,18 @@ impl DirKey {
     }
 }
 
-/// A MAC as the filter loads it (`LD_ABS` word at 6, half-word at 10).
+/// A MAC as the program keys it: its six bytes, two zero bytes.
 fn mac_key(m: &[u8; 6]) -> [u8; 8] {
-    let v = m.iter().fold(0u64, |v, b| (v << 8) | u64::from(*b));
-    v.to_ne_bytes()
+    let mut k = [0u8; 8];
+    k[..6].copy_from_slice(m);
+    k
 }
 
 /// Counters of the filter's maps.
 #[derive(Debug, Default)]
 pub struct FilterStats {
-    /// Directions handed to the kernel to trim.
+    /// Directions handed to the kernel (counted instead of copied, whole or their segments
+    /// without payload).
     pub bypassed: AtomicU64,
     /// Directions given back (flow gone or reused, rules reloaded, worker stopped).
     pub restored: AtomicU64,
@@ -121,11 +141,21 @@ pub struct FilterStats {
     pub map_full: AtomicU64,
 }
 
-/// The loaded program and its two maps, shared by every passive worker of the service.
+/// What the kernel counted without copying, on one interface (see [`CaptureFilter::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    pub from_guest_frames: u64,
+    pub from_guest_bytes: u64,
+    pub to_guest_frames: u64,
+    pub to_guest_bytes: u64,
+}
+
+/// The loaded program and its three maps, shared by every passive worker of the service.
 pub struct CaptureFilter {
     prog: OwnedFd,
     flows: OwnedFd,
     macs: OwnedFd,
+    counts: OwnedFd,
     mac_set: Mutex<HashSet<[u8; 6]>>,
     pub stats: FilterStats,
 }
@@ -139,6 +169,11 @@ const PROG_LOAD: libc::c_long = 5;
 const MAP_TYPE_HASH: u32 = 1;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const PROG_TYPE_SOCKET_FILTER: u32 = 1;
+// Helper functions (enum bpf_func_id).
+const HELPER_MAP_LOOKUP: i32 = 1;
+const HELPER_MAP_DELETE: i32 = 3;
+const HELPER_KTIME_NS: i32 = 5;
+const HELPER_SKB_LOAD_BYTES: i32 = 26;
 const SO_ATTACH_BPF: libc::c_int = 50;
 
 /// `union bpf_attr`, as bytes: every command's fields are at fixed offsets and the rest must
@@ -178,13 +213,13 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     }
 }
 
-fn map_create(key_size: u32, max_entries: u32) -> Result<OwnedFd, BpfError> {
+fn map_create(key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd, BpfError> {
     // Entries are allocated as directions are bypassed, not all up front (a preallocated
     // 65,536-entry map would pin ~6 MiB of kernel memory for a mostly empty table).
     let mut a = Attr::new()
         .u32(0, MAP_TYPE_HASH)
         .u32(4, key_size)
-        .u32(8, 1)
+        .u32(8, value_size)
         .u32(12, max_entries)
         .u32(16, BPF_F_NO_PREALLOC);
     let fd = bpf(MAP_CREATE, &mut a).map_err(|source| BpfError::Sys {
@@ -199,14 +234,31 @@ fn map_elem(
     cmd: libc::c_long,
     map: &OwnedFd,
     key: &[u8],
-    value: Option<&mut u8>,
+    value: Option<&mut [u8]>,
 ) -> io::Result<()> {
-    let vp = value.map_or(0, |v| v as *mut u8 as u64);
+    let vp = value.map_or(0, |v| v.as_mut_ptr() as u64);
     let mut a = Attr::new()
         .u32(0, map.as_raw_fd() as u32)
         .u64(8, key.as_ptr() as u64)
         .u64(16, vp);
     bpf(cmd, &mut a).map(|_| ())
+}
+
+/// Puts `value` under `key`; true when the key is new (false: it replaced a value).
+fn map_put(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    const NOEXIST: u64 = 1;
+    let mut a = Attr::new()
+        .u32(0, map.as_raw_fd() as u32)
+        .u64(8, key.as_ptr() as u64)
+        .u64(16, value.as_mut_ptr() as u64)
+        .u64(24, NOEXIST);
+    match bpf(MAP_UPDATE_ELEM, &mut a) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            map_elem(MAP_UPDATE_ELEM, map, key, Some(value)).map(|_| false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A tiny eBPF assembler: instructions with symbolic jump targets.
@@ -223,6 +275,8 @@ mod asm {
     pub const R0: u8 = 0;
     pub const R1: u8 = 1;
     pub const R2: u8 = 2;
+    pub const R3: u8 = 3;
+    pub const R4: u8 = 4;
     pub const R6: u8 = 6;
     pub const R7: u8 = 7;
     pub const R8: u8 = 8;
@@ -275,8 +329,41 @@ mod asm {
         pub fn lshi(&mut self, dst: u8, imm: i32) -> &mut Prog {
             self.raw(0x67, dst, 0, 0, imm)
         }
+        pub fn rshi(&mut self, dst: u8, imm: i32) -> &mut Prog {
+            self.raw(0x77, dst, 0, 0, imm)
+        }
+        pub fn ori(&mut self, dst: u8, imm: i32) -> &mut Prog {
+            self.raw(0x47, dst, 0, 0, imm)
+        }
         pub fn or(&mut self, dst: u8, src: u8) -> &mut Prog {
             self.raw(0x4f, dst, src, 0, 0)
+        }
+        pub fn sub(&mut self, dst: u8, src: u8) -> &mut Prog {
+            self.raw(0x1f, dst, src, 0, 0)
+        }
+        /// dst = the low 16 bits of dst in network order, as a number (host order).
+        pub fn be16(&mut self, dst: u8) -> &mut Prog {
+            self.raw(0xdc, dst, 0, 0, 16)
+        }
+        /// dst = *(u8 *)(src + off)
+        pub fn ldxb(&mut self, dst: u8, src: u8, off: i16) -> &mut Prog {
+            self.raw(0x71, dst, src, off, 0)
+        }
+        /// dst = *(u16 *)(src + off)
+        pub fn ldxh(&mut self, dst: u8, src: u8, off: i16) -> &mut Prog {
+            self.raw(0x69, dst, src, off, 0)
+        }
+        /// dst = *(u64 *)(src + off)
+        pub fn ldxdw(&mut self, dst: u8, src: u8, off: i16) -> &mut Prog {
+            self.raw(0x79, dst, src, off, 0)
+        }
+        /// *(u16 *)(dst + off) = src
+        pub fn stxh(&mut self, dst: u8, off: i16, src: u8) -> &mut Prog {
+            self.raw(0x6b, dst, src, off, 0)
+        }
+        /// Atomically *(u64 *)(dst + off) += src.
+        pub fn xadd(&mut self, dst: u8, off: i16, src: u8) -> &mut Prog {
+            self.raw(0xdb, dst, src, off, 0)
         }
         /// dst = *(u32 *)(src + off)
         pub fn ldxw(&mut self, dst: u8, src: u8, off: i16) -> &mut Prog {
@@ -297,14 +384,6 @@ mod asm {
         /// *(u64 *)(dst + off) = imm
         pub fn stdw(&mut self, dst: u8, off: i16, imm: i32) -> &mut Prog {
             self.raw(0x7a, dst, 0, off, imm)
-        }
-        /// r0 = packet bytes at `off` (size 4, 2 or 1), network to host order.
-        pub fn ldabs(&mut self, size: u8, off: i32) -> &mut Prog {
-            self.raw(0x20 | sz(size), 0, 0, 0, off)
-        }
-        /// r0 = packet bytes at `src + off`.
-        pub fn ldind(&mut self, size: u8, src: u8, off: i32) -> &mut Prog {
-            self.raw(0x40 | sz(size), 0, src, 0, off)
         }
         /// dst = the map with this file descriptor (a two-slot instruction).
         pub fn ldmap(&mut self, dst: u8, fd: i32) -> &mut Prog {
@@ -328,8 +407,12 @@ mod asm {
         pub fn jlti(&mut self, dst: u8, imm: i32, to: &'static str) -> &mut Prog {
             self.jump(0xa5, dst, 0, imm, to)
         }
-        pub fn jgt(&mut self, dst: u8, src: u8, to: &'static str) -> &mut Prog {
-            self.jump(0x2d, dst, src, 0, to)
+        pub fn jne(&mut self, dst: u8, src: u8, to: &'static str) -> &mut Prog {
+            self.jump(0x5d, dst, src, 0, to)
+        }
+        /// Unsigned dst >= src.
+        pub fn jge(&mut self, dst: u8, src: u8, to: &'static str) -> &mut Prog {
+            self.jump(0x3d, dst, src, 0, to)
         }
         pub fn jseti(&mut self, dst: u8, imm: i32, to: &'static str) -> &mut Prog {
             self.jump(0x45, dst, 0, imm, to)
@@ -349,78 +432,132 @@ mod asm {
             Ok(self.insns)
         }
     }
-
-    fn sz(size: u8) -> u8 {
-        match size {
-            4 => 0x00,
-            2 => 0x08,
-            _ => 0x10,
-        }
-    }
 }
 
-/// The filter program (see the module documentation). Returns the snap length.
-fn program(flows: i32, macs: i32) -> Result<Vec<asm::Insn>, String> {
+// Stack layout of the program (offsets from r10, the frame pointer). The packet copy starts
+// 2 bytes off a 4-byte boundary, so that every IP field after the 14-byte Ethernet header is
+// naturally aligned (the verifier requires aligned stack loads).
+const PKT: i16 = -126; // 54 bytes: Ethernet + IPv4 (no options) or Ethernet + IPv6
+const MACK: i16 = -72; // 8 bytes: a MAC key
+const TCPB: i16 = -64; // 16 bytes: the TCP header's first 16 bytes
+const KEYO: i16 = -48; // 44 bytes: the direction key
+const IPPL: i16 = -4; // 4 bytes: IP payload length (TCP header + data)
+/// Bits of r8 besides the TCP flags.
+const LOCAL: i32 = 0x100;
+const EMPTY: i32 = 0x200;
+/// A counted frame's sample interval: a handed-over direction still reaches the worker
+/// (headers only) once a second, so its flow stays fresh in the table.
+const SAMPLE_NS: i32 = 1_000_000_000;
+
+/// The filter program (see the module documentation). Returns the snap length: whole, headers
+/// only, or 0 (not copied; counted in the `counts` map).
+fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String> {
     use asm::*;
     const FULL: i32 = 0x7fff_ffff;
+    const OUTGOING: i32 = libc::PACKET_OUTGOING as i32;
     // struct __sk_buff: len at 0, pkt_type at 4, ifindex at 40.
     let mut p = Prog::new();
-    p.mov(R6, R1).ldxw(R9, R6, 0); // r9 = frame length
-                                   // Guest-to-guest at the receiver: outgoing, from a local inspected guest's MAC.
-    p.ldxw(R0, R6, 4)
-        .jnei(R0, libc::PACKET_OUTGOING as i32, "ip");
-    p.jlti(R9, 14, "full");
-    p.ldabs(4, 6)
-        .mov(R7, R0)
-        .lshi(R7, 16)
-        .ldabs(2, 10)
-        .or(R7, R0);
-    p.stxdw(R10, -56, R7)
-        .ldmap(R1, macs)
+    p.mov(R6, R1).ldxw(R9, R6, 0).movi(R8, 0);
+    // Every frame this filter acts on is at least Ethernet + IPv4 + TCP.
+    p.jlti(R9, 54, "full");
+    p.mov(R1, R6)
+        .movi(R2, 0)
+        .mov(R3, R10)
+        .addi(R3, PKT.into())
+        .movi(R4, 54)
+        .call(HELPER_SKB_LOAD_BYTES)
+        .jnei(R0, 0, "full");
+    // Guest-to-guest at the receiver: outgoing, from a local inspected guest's MAC.
+    p.ldxw(R0, R6, 4).jnei(R0, OUTGOING, "ip");
+    p.stdw(R10, MACK, 0)
+        .ldxw(R0, R10, PKT + 6)
+        .stxw(R10, MACK, R0)
+        .ldxh(R0, R10, PKT + 10)
+        .stxh(R10, MACK + 4, R0);
+    p.ldmap(R1, macs)
         .mov(R2, R10)
-        .addi(R2, -56)
-        .call(1);
-    p.jnei(R0, 0, "snap");
-    // The bypass key at r10-48 (44 bytes, zeroed first).
+        .addi(R2, MACK.into())
+        .call(HELPER_MAP_LOOKUP)
+        .jeqi(R0, 0, "ip")
+        .ori(R8, LOCAL);
+    // The direction key (zeroed first): addresses, ports, ifindex, family.
     p.label("ip");
     for off in [-48, -40, -32, -24, -16, -8] {
         p.stdw(R10, off, 0);
     }
-    p.ldxw(R0, R6, 40).stxw(R10, -12, R0);
-    p.jlti(R9, 34, "full").ldabs(2, 12);
-    p.jeqi(R0, 0x0800, "v4").jeqi(R0, 0x86dd, "v6").ja("full");
-    // IPv4 without fragmentation; r7 = header length.
+    p.ldxw(R0, R6, 40).stxw(R10, KEYO + 36, R0);
+    // Ether types as little-endian loads of network-order bytes.
+    p.ldxh(R0, R10, PKT + 12);
+    p.jeqi(R0, 0x0008, "v4").jeqi(R0, 0xdd86, "v6").ja("other");
+    // IPv4, TCP, not a fragment; r7 = header length.
     p.label("v4");
-    p.ldabs(1, 23).jnei(R0, 6, "full");
-    p.ldabs(2, 20).jseti(R0, 0x3fff, "full");
-    p.ldabs(1, 14).andi(R0, 0xf).lshi(R0, 2).mov(R7, R0);
-    p.mov(R1, R7).addi(R1, 14 + 20).jgt(R1, R9, "full");
-    p.ldabs(4, 26).stxw(R10, -48, R0);
-    p.ldabs(4, 30).stxw(R10, -32, R0);
-    p.stw(R10, -8, 4).ja("l4");
-    // IPv6 with TCP as the next header (extension headers: copied whole).
+    p.ldxb(R0, R10, PKT + 23).jnei(R0, 6, "other");
+    p.ldxh(R0, R10, PKT + 20)
+        .andi(R0, 0xff3f)
+        .jnei(R0, 0, "other");
+    p.ldxb(R7, R10, PKT + 14).andi(R7, 0xf).lshi(R7, 2);
+    p.jlti(R7, 20, "other");
+    p.ldxh(R0, R10, PKT + 16)
+        .be16(R0)
+        .sub(R0, R7)
+        .stxw(R10, IPPL, R0);
+    p.ldxw(R0, R10, PKT + 26).stxw(R10, KEYO, R0);
+    p.ldxw(R0, R10, PKT + 30).stxw(R10, KEYO + 16, R0);
+    p.stw(R10, KEYO + 40, 4).ja("l4");
+    // IPv6 with TCP as the next header (extension headers: not acted on).
     p.label("v6");
-    p.jlti(R9, 14 + 40 + 20, "full");
-    p.ldabs(1, 20).jnei(R0, 6, "full");
-    for (i, off) in (22..54).step_by(4).enumerate() {
-        let slot = if i < 4 {
-            -48 + 4 * i as i16
-        } else {
-            -32 + 4 * (i as i16 - 4)
-        };
-        p.ldabs(4, off).stxw(R10, slot, R0);
+    p.jlti(R9, 14 + 40 + 20, "other");
+    p.ldxb(R0, R10, PKT + 20).jnei(R0, 6, "other");
+    p.ldxh(R0, R10, PKT + 18).be16(R0).stxw(R10, IPPL, R0);
+    for i in 0..8i16 {
+        p.ldxw(R0, R10, PKT + 22 + 4 * i)
+            .stxw(R10, KEYO + 4 * i, R0);
     }
-    p.stw(R10, -8, 6).movi(R7, 40);
-    // TCP ports and flags.
+    p.stw(R10, KEYO + 40, 6).movi(R7, 40);
+    // TCP: ports into the key; r8 gets the flags and EMPTY when the segment has no payload.
     p.label("l4");
-    p.ldind(2, R7, 14).mov(R8, R0).lshi(R8, 16);
-    p.ldind(2, R7, 16).or(R8, R0).stxw(R10, -16, R8);
-    p.ldind(1, R7, 14 + 13).mov(R8, R0);
-    p.ldmap(R1, flows).mov(R2, R10).addi(R2, -48);
-    p.jseti(R8, 0x02, "del").jseti(R8, 0x05, "full");
-    p.call(1).jnei(R0, 0, "snap").ja("full");
-    // A SYN starts a connection: never trim it, and forget the tuple's bypass.
-    p.label("del").call(3);
+    p.mov(R1, R6)
+        .mov(R2, R7)
+        .addi(R2, 14)
+        .mov(R3, R10)
+        .addi(R3, TCPB.into())
+        .movi(R4, 16)
+        .call(HELPER_SKB_LOAD_BYTES)
+        .jnei(R0, 0, "other");
+    p.ldxw(R0, R10, TCPB).stxw(R10, KEYO + 32, R0);
+    p.ldxb(R0, R10, TCPB + 12).rshi(R0, 4).lshi(R0, 2);
+    p.ldxw(R1, R10, IPPL).jne(R1, R0, "flags").ori(R8, EMPTY);
+    p.label("flags");
+    p.ldxb(R0, R10, TCPB + 13).or(R8, R0);
+    p.ldmap(R1, flows).mov(R2, R10).addi(R2, KEYO.into());
+    // A SYN starts a connection: never counted, and the tuple's handover is forgotten.
+    p.jseti(R8, 0x02, "del");
+    // FIN and RST end one: always copied.
+    p.jseti(R8, 0x05, "other");
+    p.call(HELPER_MAP_LOOKUP).jeqi(R0, 0, "other").mov(R7, R0);
+    p.ldxw(R0, R7, 0).jeqi(R0, MODE_TRIM as i32, "count");
+    p.jseti(R8, EMPTY, "count").ja("other");
+    // Handed over: sampled once a second (headers only), else counted and not copied.
+    p.label("count");
+    p.call(HELPER_KTIME_NS)
+        .ldxdw(R1, R7, 8)
+        .jge(R0, R1, "sample");
+    p.ldmap(R1, counts)
+        .mov(R2, R10)
+        .addi(R2, (KEYO + 36).into())
+        .call(HELPER_MAP_LOOKUP)
+        .jeqi(R0, 0, "snap");
+    p.movi(R1, 1).ldxw(R2, R6, 4).jeqi(R2, OUTGOING, "to_guest");
+    p.xadd(R0, 0, R1).xadd(R0, 8, R9).ja("drop");
+    p.label("to_guest").xadd(R0, 16, R1).xadd(R0, 24, R9);
+    p.label("drop").movi(R0, 0).exit();
+    p.label("sample")
+        .addi(R0, SAMPLE_NS)
+        .stxdw(R7, 8, R0)
+        .ja("snap");
+    p.label("del").call(HELPER_MAP_DELETE);
+    // Not acted on: a local guest's frame is still headers only, anything else whole.
+    p.label("other").jseti(R8, LOCAL, "snap");
     p.label("full").movi(R0, FULL).exit();
     p.label("snap").movi(R0, HEADER_SNAP as i32).exit();
     p.finish()
@@ -429,9 +566,11 @@ fn program(flows: i32, macs: i32) -> Result<Vec<asm::Insn>, String> {
 impl CaptureFilter {
     /// Creates the maps (`max_bypassed` directions) and loads the program.
     pub fn load(max_bypassed: u32) -> Result<CaptureFilter, BpfError> {
-        let flows = map_create(KEY as u32, max_bypassed.max(1))?;
-        let macs = map_create(8, 4096)?;
-        let insns = program(flows.as_raw_fd(), macs.as_raw_fd()).map_err(BpfError::Verifier)?;
+        let flows = map_create(KEY as u32, VALUE as u32, max_bypassed.max(1))?;
+        let macs = map_create(8, 1, 4096)?;
+        let counts = map_create(4, COUNTS as u32, 4096)?;
+        let insns = program(flows.as_raw_fd(), macs.as_raw_fd(), counts.as_raw_fd())
+            .map_err(BpfError::Verifier)?;
         let license = c"GPL";
         let mut log = vec![0u8; 64 * 1024];
         let attr = |level: u32, log: &mut Vec<u8>| {
@@ -476,6 +615,7 @@ impl CaptureFilter {
             prog: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
             flows,
             macs,
+            counts,
             mac_set: Mutex::new(HashSet::new()),
             stats: FilterStats::default(),
         })
@@ -510,7 +650,7 @@ impl CaptureFilter {
             let _ = map_elem(MAP_DELETE_ELEM, &self.macs, &mac_key(m), None);
         }
         for m in want.difference(&cur) {
-            let mut one = 1u8;
+            let mut one = [1u8];
             if let Err(e) = map_elem(MAP_UPDATE_ELEM, &self.macs, &mac_key(m), Some(&mut one)) {
                 log::warn!("capture filter: cannot add a local MAC: {e}");
             }
@@ -518,12 +658,19 @@ impl CaptureFilter {
         *cur = want.clone();
     }
 
-    /// Trims this direction from now on. False when the map is full (it stays whole).
-    pub fn bypass(&self, k: &DirKey) -> bool {
-        let mut one = 1u8;
-        match map_elem(MAP_UPDATE_ELEM, &self.flows, &k.bytes(), Some(&mut one)) {
-            Ok(()) => {
-                self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+    /// Hands a direction to the kernel: from now on its frames (`all`), or its segments
+    /// without payload (not `all`), are counted instead of copied. False when the map is full
+    /// (the direction stays copied: safe, only slower).
+    pub fn bypass(&self, k: &DirKey, all: bool) -> bool {
+        // A mode change keeps the entry (and its count of directions handed over).
+        let mut v = [0u8; VALUE];
+        let mode = if all { MODE_TRIM } else { MODE_EMPTY };
+        v[..4].copy_from_slice(&mode.to_ne_bytes());
+        match map_put(&self.flows, &k.bytes(), &mut v) {
+            Ok(new) => {
+                if new {
+                    self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+                }
                 true
             }
             Err(_) => {
@@ -533,22 +680,137 @@ impl CaptureFilter {
         }
     }
 
-    /// Copies this direction whole again (if the kernel did not already forget it on a SYN).
+    /// Copies this direction again (if the kernel did not already forget it on a SYN).
     pub fn restore(&self, k: &DirKey) {
         let _ = map_elem(MAP_DELETE_ELEM, &self.flows, &k.bytes(), None);
         self.stats.restored.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether the kernel currently trims this direction.
-    pub fn is_bypassed(&self, k: &DirKey) -> bool {
-        let mut v = 0u8;
-        map_elem(MAP_LOOKUP_ELEM, &self.flows, &k.bytes(), Some(&mut v)).is_ok()
+    /// How the kernel handles this direction: `Some(true)` every frame counted, `Some(false)`
+    /// its segments without payload, `None` copied.
+    pub fn bypassed(&self, k: &DirKey) -> Option<bool> {
+        let mut v = [0u8; VALUE];
+        map_elem(MAP_LOOKUP_ELEM, &self.flows, &k.bytes(), Some(&mut v)).ok()?;
+        Some(u32::from_ne_bytes([v[0], v[1], v[2], v[3]]) == MODE_TRIM)
+    }
+
+    /// Starts counting on an interface: until this, nothing there is left uncopied.
+    pub fn watch(&self, ifindex: u32) -> io::Result<()> {
+        let mut v = [0u8; COUNTS];
+        map_elem(
+            MAP_UPDATE_ELEM,
+            &self.counts,
+            &ifindex.to_ne_bytes(),
+            Some(&mut v),
+        )
+    }
+
+    /// Stops counting on an interface (its frames are copied again).
+    pub fn unwatch(&self, ifindex: u32) {
+        let _ = map_elem(MAP_DELETE_ELEM, &self.counts, &ifindex.to_ne_bytes(), None);
+    }
+
+    /// What the kernel counted without copying on this interface since `watch`.
+    pub fn counts(&self, ifindex: u32) -> Option<KernelCounts> {
+        let mut v = [0u8; COUNTS];
+        map_elem(
+            MAP_LOOKUP_ELEM,
+            &self.counts,
+            &ifindex.to_ne_bytes(),
+            Some(&mut v),
+        )
+        .ok()?;
+        let w = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Some(KernelCounts {
+            from_guest_frames: w(0),
+            from_guest_bytes: w(1),
+            to_guest_frames: w(2),
+            to_guest_bytes: w(3),
+        })
+    }
+}
+
+#[cfg(test)]
+impl CaptureFilter {
+    /// Runs the program once on `frame` (BPF_PROG_TEST_RUN, as a frame received on `lo`);
+    /// returns its snap length.
+    fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
+        // The kernel consumes a first Ethernet header for a socket filter's test run; the
+        // program must see the whole frame, so it goes behind a throwaway one.
+        let mut data = vec![0u8; 12];
+        data.extend_from_slice(&[0x08, 0x00]);
+        data.extend_from_slice(frame);
+        let mut a = Attr::new()
+            .u32(0, self.prog.as_raw_fd() as u32)
+            .u32(8, data.len() as u32)
+            .u64(16, data.as_ptr() as u64)
+            .u32(32, 1);
+        bpf(10, &mut a)?;
+        Ok(u32::from_ne_bytes([a.0[4], a.0[5], a.0[6], a.0[7]]))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FULL: u32 = 0x7fff_ffff;
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+
+    /// An Ethernet frame with an IPv4 header (`ihl` words, `frag` = flags and offset) and a
+    /// TCP header (5 words), field by field: 10.0.0.1:40000 to 10.0.0.2:80 (`up`) or back.
+    fn v4(proto: u8, ihl: u8, frag: u16, up: bool, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let (a, b) = if up { (1, 2) } else { (2, 1) };
+        let (sport, dport) = if up { (40000, 80) } else { (80, 40000) };
+        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+        let ip_len = usize::from(ihl) * 4;
+        let total = (ip_len + 20 + payload.len()) as u16;
+        f.extend_from_slice(&[0x40 | ihl, 0]);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 1]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, a, 10, 0, 0, b]);
+        f.resize(14 + ip_len, 1); // options, if any
+        tcp(&mut f, sport, dport, flags, payload);
+        f
+    }
+
+    fn v6(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[6, 64]);
+        let (a, b): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+            ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        f.extend_from_slice(&a.octets());
+        f.extend_from_slice(&b.octets());
+        tcp(&mut f, sport, dport, flags, payload);
+        f
+    }
+
+    fn tcp(f: &mut Vec<u8>, sport: u16, dport: u16, flags: u8, payload: &[u8]) {
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+    }
+
+    fn key(src: &str, sport: u16, dst: &str, dport: u16) -> DirKey {
+        DirKey {
+            ifindex: 1, // the test run's frames arrive on `lo`
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
 
     #[test]
     fn keys_are_laid_out_as_the_program_loads_them() {
@@ -560,25 +822,96 @@ mod tests {
             dport: 80,
         }
         .bytes();
-        assert_eq!(&k[0..4], &0x0a00_0001u32.to_ne_bytes());
+        assert_eq!(&k[0..4], &[10, 0, 0, 1]);
         assert!(k[4..16].iter().all(|&b| b == 0));
-        assert_eq!(&k[16..20], &0x0a00_0002u32.to_ne_bytes());
-        assert_eq!(&k[32..36], &0x1234_0050u32.to_ne_bytes());
+        assert_eq!(&k[16..20], &[10, 0, 0, 2]);
+        assert_eq!(&k[32..36], &[0x12, 0x34, 0, 80]);
         assert_eq!(&k[36..40], &7u32.to_ne_bytes());
         assert_eq!(&k[40..44], &4u32.to_ne_bytes());
         assert_eq!(
             mac_key(&[0x02, 0, 0, 0, 0x77, 0x01]),
-            0x0200_0000_7701u64.to_ne_bytes()
+            [0x02, 0, 0, 0, 0x77, 0x01, 0, 0]
         );
     }
 
     #[test]
     fn the_program_assembles() {
-        let p = program(3, 4).unwrap();
+        let p = program(3, 4, 5).unwrap();
         assert!(p.len() > 40 && p.len() < 200);
     }
 
-    /// The kernel's verifier accepts the program and the maps behave (needs root, as CI).
+    /// What the program answers for literal frames (needs root, as CI): copied whole,
+    /// headers only, or counted and not copied.
+    #[test]
+    fn frames_are_copied_trimmed_or_counted_as_handed_over() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let f = CaptureFilter::load(16).unwrap();
+        let data = v4(6, 5, 0, true, ACK, b"GET / HTTP/1.1\r\n");
+        let ack = v4(6, 5, 0, false, ACK, b"");
+        let fwd = key("10.0.0.1", 40000, "10.0.0.2", 80);
+        let rev = key("10.0.0.2", 80, "10.0.0.1", 40000);
+        // Nothing handed over: every frame whole.
+        assert_eq!(f.test_run(&data).unwrap(), FULL);
+        assert_eq!(f.test_run(&ack).unwrap(), FULL);
+
+        assert!(f.bypass(&fwd, true) && f.bypass(&rev, false));
+        assert_eq!(f.bypassed(&fwd), Some(true));
+        assert_eq!(f.bypassed(&rev), Some(false));
+        // The first frame of a handed-over direction is the second's sample (headers only);
+        // without counting on the interface nothing is left uncopied.
+        assert_eq!(f.test_run(&data).unwrap(), HEADER_SNAP);
+        assert_eq!(f.test_run(&data).unwrap(), HEADER_SNAP);
+        f.watch(1).unwrap();
+        assert_eq!(f.test_run(&data).unwrap(), 0);
+        assert_eq!(f.test_run(&data).unwrap(), 0);
+        // The reverse direction: its pure ACKs are counted, a segment with data is copied.
+        assert_eq!(f.test_run(&ack).unwrap(), HEADER_SNAP); // its sample
+        assert_eq!(f.test_run(&ack).unwrap(), 0);
+        let reply = v4(6, 5, 0, false, ACK, b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(f.test_run(&reply).unwrap(), FULL);
+        let c = f.counts(1).unwrap();
+        assert_eq!(c.from_guest_frames, 3);
+        assert_eq!(c.from_guest_bytes, 2 * data.len() as u64 + ack.len() as u64);
+        assert_eq!(c.to_guest_frames, 0);
+        // FIN and RST are always copied, and whole.
+        assert_eq!(
+            f.test_run(&v4(6, 5, 0, true, ACK | FIN, b"")).unwrap(),
+            FULL
+        );
+        assert_eq!(f.test_run(&v4(6, 5, 0, true, RST, b"")).unwrap(), FULL);
+        // Not TCP, a fragment, a frame too short: whole, and nothing counted.
+        assert_eq!(f.test_run(&v4(17, 5, 0, true, ACK, b"x")).unwrap(), FULL);
+        assert_eq!(
+            f.test_run(&v4(6, 5, 0x2000, true, ACK, b"x")).unwrap(),
+            FULL
+        );
+        assert_eq!(f.test_run(&data[..50]).unwrap(), FULL);
+        assert_eq!(f.counts(1).unwrap(), c);
+        // IPv4 options move the TCP header: still the same direction.
+        assert_eq!(f.test_run(&v4(6, 6, 0, true, ACK, b"x")).unwrap(), 0);
+        // A SYN on the tuple (a new connection) is copied and forgets the handover.
+        assert_eq!(f.test_run(&v4(6, 5, 0, true, SYN, b"")).unwrap(), FULL);
+        assert_eq!(f.bypassed(&fwd), None);
+        assert_eq!(f.test_run(&data).unwrap(), FULL);
+        // IPv6.
+        let k6 = key("fd00::1", 5000, "fd00::2", 22);
+        assert!(f.bypass(&k6, true));
+        let d6 = v6(5000, 22, ACK, b"ssh data");
+        assert_eq!(f.test_run(&d6).unwrap(), HEADER_SNAP);
+        assert_eq!(f.test_run(&d6).unwrap(), 0);
+        assert_eq!(f.test_run(&v6(5000, 23, ACK, b"x")).unwrap(), FULL);
+        // Given back: copied again; not counted any more once unwatched.
+        f.restore(&rev);
+        assert_eq!(f.test_run(&ack).unwrap(), FULL);
+        f.unwatch(1);
+        assert!(f.counts(1).is_none());
+        assert_eq!(f.test_run(&d6).unwrap(), HEADER_SNAP);
+    }
+
+    /// The maps behave as the data plane relies on (needs root, as CI).
     #[test]
     fn loads_and_keeps_directions() {
         if !nix::unistd::geteuid().is_root() {
@@ -593,15 +926,15 @@ mod tests {
             dst: "fe80::2".parse().unwrap(),
             dport: 22,
         };
-        assert!(f.bypass(&k(1)));
-        assert!(f.is_bypassed(&k(1)) && !f.is_bypassed(&k(2)));
+        assert!(f.bypass(&k(1), true));
+        assert!(f.bypassed(&k(1)).is_some() && f.bypassed(&k(2)).is_none());
         f.restore(&k(1));
-        assert!(!f.is_bypassed(&k(1)));
+        assert!(f.bypassed(&k(1)).is_none());
         // Full map: refused and counted, never an error for the caller.
         for p in 10..14 {
-            assert!(f.bypass(&k(p)));
+            assert!(f.bypass(&k(p), false));
         }
-        assert!(!f.bypass(&k(99)));
+        assert!(!f.bypass(&k(99), true));
         assert_eq!(f.stats.map_full.load(Ordering::Relaxed), 1);
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         f.attach(&socket).unwrap();

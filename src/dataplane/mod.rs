@@ -22,6 +22,7 @@ mod passive;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,14 +30,14 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
-use crate::capture::bpf::{CaptureFilter, DirKey};
+use crate::capture::bpf::{CaptureFilter, DirKey, KernelCounts};
 use crate::config::{InlineConfig, Mode};
 use crate::decode;
 use crate::detect::behaviour::{Behaviour, BehaviourConfig};
 use crate::detect::matcher::Backend;
 use crate::detect::rules::Rule;
 use crate::detect::Detector;
-use crate::flow::FlowLimits;
+use crate::flow::{FlowLimits, Handed};
 use crate::inspect::eve::{alert_value, XenIdentity};
 use crate::inspect::{Engine, Verdict};
 use crate::inventory::Guests;
@@ -68,6 +69,10 @@ pub struct VifCounters {
     /// Passive: frames the kernel copied headers-only (`capture::bpf`: another local guest's
     /// frame, or a bypassed direction past the stream depth).
     pub trimmed: AtomicU64,
+    /// Passive: frames (and their bytes) the kernel counted without copying them
+    /// (`capture::bpf`: segments of busy established flows that carry nothing to inspect).
+    pub uncopied: AtomicU64,
+    pub uncopied_bytes: AtomicU64,
     /// Flows tracked by the vif's workers (gauge, the sum of the workers' tables).
     pub flows: AtomicU64,
     /// Flows evicted because a worker's table was full (the flow-table cap at work).
@@ -111,6 +116,10 @@ pub struct VifStatus {
     /// Frames copied headers-only by the kernel (their payload is inspected elsewhere or
     /// bypassed past the stream depth).
     pub trimmed: u64,
+    /// Frames the kernel counted without copying (nothing in them to inspect here), and
+    /// their bytes: the vif carried `frames + uncopied` frames.
+    pub uncopied: u64,
+    pub uncopied_bytes: u64,
     /// Frames per worker thread (the fanout's balance).
     pub workers: Vec<u64>,
     /// Flows tracked now and evicted so far (table full).
@@ -276,6 +285,8 @@ struct Inspector {
     /// The capture filter this worker's ring has, and the ring's interface index: bypassed
     /// directions are handed to it.
     trim: Option<(Arc<CaptureFilter>, u32)>,
+    /// Worker 0 with a filter: what the kernel had counted at the last read, and when.
+    counted: (KernelCounts, Option<std::time::Instant>),
 }
 
 impl Inspector {
@@ -292,6 +303,7 @@ impl Inspector {
                 index: 0,
                 reported: (0, 0),
                 trim: None,
+                counted: (KernelCounts::default(), None),
             }),
             Err(e) => {
                 log::error!("{}: cannot build the matcher: {e}", vif.ifname);
@@ -331,18 +343,102 @@ impl Inspector {
     /// Uses the kernel-side capture filter attached to the ring with this interface index:
     /// directions past the stream depth (when not inspected there) are trimmed.
     fn use_filter(&mut self, filter: Arc<CaptureFilter>, ifindex: u32) {
+        // One worker per vif has the kernel count its frames (the count is per interface).
+        if self.index == 0 {
+            if let Err(e) = filter.watch(ifindex) {
+                log::warn!(
+                    "{}: capture filter cannot count frames, copying them all: {e}",
+                    self.vif.ifname
+                );
+            }
+        }
         self.trim = Some((filter, ifindex));
         self.engine.bypass = Some(Vec::new());
     }
 
-    /// Hands newly bypassed directions to the kernel and takes back those of flows gone.
+    /// Worker 0: adds what the kernel counted without copying since the last read (at most
+    /// ten reads a second) to the vif's counters, and the guest's frames among them to its
+    /// packet-flood detector.
+    fn poll_counts(&mut self) {
+        let Some((f, ifindex)) = &self.trim else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if self.index != 0
+            || self
+                .counted
+                .1
+                .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_millis(100))
+        {
+            return;
+        }
+        self.counted.1 = Some(now);
+        let Some(k) = f.counts(*ifindex) else {
+            return;
+        };
+        let last = std::mem::replace(&mut self.counted.0, k);
+        let from = k.from_guest_frames.saturating_sub(last.from_guest_frames);
+        let frames = from + k.to_guest_frames.saturating_sub(last.to_guest_frames);
+        let bytes = (k.from_guest_bytes + k.to_guest_bytes)
+            .saturating_sub(last.from_guest_bytes + last.to_guest_bytes);
+        let c = &self.vif.counters;
+        c.uncopied.fetch_add(frames, Ordering::Relaxed);
+        c.uncopied_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if from == 0 {
+            return;
+        }
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let (findings, last) = match self.vif.behaviour.lock() {
+            Ok(mut b) => {
+                let w = b.window_s();
+                let f: Vec<_> = b
+                    .on_uncopied(from, ts)
+                    .into_iter()
+                    .map(|f| f.rule(w))
+                    .collect();
+                (f, b.last_tcp())
+            }
+            Err(_) => return,
+        };
+        // Named by the guest's last TCP segment (the counted frames are TCP segments of its
+        // busy connections); the guest's identity is in the alert either way.
+        let unspecified = (IpAddr::from([0u8, 0, 0, 0]), 0);
+        let ((src, sport), (dst, dport)) = last.unwrap_or((unspecified, unspecified));
+        for rule in findings {
+            let a = crate::inspect::Alert {
+                ts_us: ts,
+                flow_id: 0,
+                rule: 0,
+                src,
+                sport,
+                dst,
+                dport,
+                proto: decode::Proto::Tcp,
+                to_server: true,
+            };
+            self.vif.emit(&a, &rule);
+        }
+    }
+
+    /// Passes the engine's handovers to the kernel and takes back those of flows gone.
     fn sync_filter(&mut self) {
         let Some((f, ifindex)) = &self.trim else {
             return;
         };
         if let Some(new) = self.engine.bypass.as_mut() {
-            for t in new.drain(..) {
-                f.bypass(&DirKey::new(*ifindex, t));
+            for (t, h) in new.drain(..) {
+                let k = DirKey::new(*ifindex, t);
+                match h {
+                    Handed::All => f.bypass(&k, true),
+                    Handed::Empty => f.bypass(&k, false),
+                    Handed::Copied => {
+                        f.restore(&k);
+                        true
+                    }
+                };
             }
         }
         for t in self.engine.flows.released.drain(..) {
@@ -350,9 +446,17 @@ impl Inspector {
         }
     }
 
-    /// Has the kernel copy every direction this worker bypassed whole again.
+    /// Has the kernel copy every direction this worker handed over again (and, worker 0,
+    /// stop counting on the interface).
     fn restore_all(&mut self) {
         restore_bypassed(&self.trim, &mut self.engine);
+        if self.index == 0 {
+            self.counted.1 = None;
+            self.poll_counts();
+            if let Some((f, ifindex)) = &self.trim {
+                f.unwatch(*ifindex);
+            }
+        }
     }
 
     /// Inspects one Ethernet frame. `from_guest`: sent by the guest (received on the vif).
@@ -931,6 +1035,8 @@ impl DataPlane {
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
                         trimmed: ld(&c.trimmed),
+                        uncopied: ld(&c.uncopied),
+                        uncopied_bytes: ld(&c.uncopied_bytes),
                         workers: c.worker_frames.iter().map(ld).collect(),
                         flows: ld(&c.flows),
                         flows_evicted: ld(&c.flows_evicted),

@@ -58,6 +58,7 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
             );
         });
         ins.sync_filter();
+        ins.poll_counts();
         if let Err(e) = res {
             log::error!("{}: capture failed: {e}", vif.ifname);
             break;

@@ -139,6 +139,9 @@ pub struct Behaviour {
     syns: u64,
     packets: u64,
     fired: [bool; 4],
+    /// The last TCP segment's endpoints (source, destination), to name a flood the kernel
+    /// counted (`on_uncopied`).
+    last_tcp: Option<((IpAddr, u16), (IpAddr, u16))>,
 }
 
 impl Behaviour {
@@ -151,19 +154,21 @@ impl Behaviour {
             syns: 0,
             packets: 0,
             fired: [false; 4],
+            last_tcp: None,
         }
+    }
+
+    /// The endpoints of the last TCP segment the guest sent.
+    pub fn last_tcp(&self) -> Option<((IpAddr, u16), (IpAddr, u16))> {
+        self.last_tcp
     }
 
     pub fn window_s(&self) -> u64 {
         self.cfg.window_s
     }
 
-    /// Notes one packet the guest sent at `ts_us`; returns what crossed a threshold.
-    pub fn on_packet(&mut self, p: &Packet<'_>, ts_us: u64) -> Vec<Finding> {
-        let mut out = Vec::new();
-        if !self.cfg.enabled {
-            return out;
-        }
+    /// Starts a new window if `ts_us` is past the current one.
+    fn roll(&mut self, ts_us: u64) {
         let win = self.cfg.window_s.max(1) * 1_000_000;
         if ts_us.saturating_sub(self.window_start) >= win {
             self.window_start = ts_us;
@@ -173,7 +178,43 @@ impl Behaviour {
             self.packets = 0;
             self.fired = [false; 4];
         }
+    }
+
+    /// Notes `n` packets the guest sent that only the kernel counted (segments of
+    /// established TCP flows handed to the capture filter: no SYN among them, so only the
+    /// packet-flood threshold can be crossed); returns what crossed it.
+    pub fn on_uncopied(&mut self, n: u64, ts_us: u64) -> Vec<Finding> {
+        let mut out = Vec::new();
+        if !self.cfg.enabled || n == 0 {
+            return out;
+        }
+        self.roll(ts_us);
+        self.packets += n;
+        self.check_packet_flood(&mut out);
+        out
+    }
+
+    fn check_packet_flood(&mut self, out: &mut Vec<Finding>) {
+        let secs = self.cfg.window_s.max(1);
+        if self.packets > self.cfg.packets_per_s * secs && !self.fired[3] {
+            self.fired[3] = true;
+            out.push(Finding::PacketFlood {
+                per_s: self.packets / secs,
+            });
+        }
+    }
+
+    /// Notes one packet the guest sent at `ts_us`; returns what crossed a threshold.
+    pub fn on_packet(&mut self, p: &Packet<'_>, ts_us: u64) -> Vec<Finding> {
+        let mut out = Vec::new();
+        if !self.cfg.enabled {
+            return out;
+        }
+        self.roll(ts_us);
         self.packets += 1;
+        if p.proto == Proto::Tcp {
+            self.last_tcp = Some(((p.src, p.sport), (p.dst, p.dport)));
+        }
         let probe = match (p.proto, p.tcp) {
             (Proto::Tcp, Some(t)) if t.syn && !t.ack_flag => {
                 self.syns += 1;
@@ -214,12 +255,7 @@ impl Behaviour {
                 per_s: self.syns / secs,
             });
         }
-        if self.packets > self.cfg.packets_per_s * secs && !self.fired[3] {
-            self.fired[3] = true;
-            out.push(Finding::PacketFlood {
-                per_s: self.packets / secs,
-            });
-        }
+        self.check_packet_flood(&mut out);
         out
     }
 }
@@ -308,5 +344,28 @@ mod tests {
             .sum();
         assert_eq!(n, 1);
         assert_eq!(Finding::SynFlood { per_s: 1 }.rule(1).gid, 9);
+    }
+
+    #[test]
+    fn frames_counted_in_the_kernel_feed_the_packet_flood() {
+        let cfg = BehaviourConfig {
+            enabled: true,
+            window_s: 2,
+            packets_per_s: 1000,
+            ..BehaviourConfig::default()
+        };
+        let mut b = Behaviour::new(cfg);
+        // 1,500 packets in the window: under 1,000/s over 2 s.
+        assert!(b.on_uncopied(1500, 1_000_000).is_empty());
+        assert!(b.on_packet(&syn("10.0.0.1", 80), 1_100_000).is_empty());
+        // 600 more: 2,101 > 2,000.
+        let f = b.on_uncopied(600, 1_200_000);
+        assert!(
+            matches!(f.as_slice(), [Finding::PacketFlood { per_s: 1050 }]),
+            "{f:?}"
+        );
+        // Once per window; a new window starts from zero.
+        assert!(b.on_uncopied(5000, 1_300_000).is_empty());
+        assert!(b.on_uncopied(10, 3_500_000).is_empty());
     }
 }

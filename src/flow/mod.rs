@@ -98,11 +98,28 @@ pub struct Flow<T> {
     /// The client's initial sequence number, once its SYN was seen.
     client_isn: Option<u32>,
     pub established: bool,
-    /// Per direction: the capture trims this direction's payload in the kernel (set by the
-    /// data plane, `capture::bpf`); given back through [`FlowTable::released`] when the flow
-    /// leaves the table.
+    /// Per direction: past the stream depth and not inspected there
+    /// (`inspect_past_depth = false`).
     pub bypassed: [bool; 2],
+    /// Per direction: what the capture's kernel filter counts instead of copying (set by the
+    /// engine for live capture, `capture::bpf`); given back through [`FlowTable::released`]
+    /// when the flow leaves the table.
+    pub handed: [Handed; 2],
+    /// A FIN or RST was seen: the flow is ending (nothing more is handed to the kernel).
+    pub closing: bool,
     pub user: T,
+}
+
+/// What the capture's kernel filter does with a direction's frames (`capture::bpf`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Handed {
+    /// Copied to the worker (the default).
+    #[default]
+    Copied,
+    /// Segments without payload are counted in the kernel, not copied.
+    Empty,
+    /// Every frame is counted in the kernel (SYN, FIN, RST and a sample a second excepted).
+    All,
 }
 
 /// One direction of a flow: (source, destination) endpoints.
@@ -150,8 +167,8 @@ pub struct FlowTable<T> {
     rng: u64,
     pub limits: FlowLimits,
     pub stats: FlowStats,
-    /// Bypassed directions of flows that left the table (expired, evicted, reused): the data
-    /// plane drains this and has the kernel copy them whole again.
+    /// Handed-over directions of flows that left the table (expired, evicted, reused): the
+    /// data plane drains this and has the kernel copy them again.
     pub released: Vec<DirTuple>,
 }
 
@@ -185,6 +202,8 @@ impl<T: Default> Flow<T> {
             client_isn: None,
             established: p.proto != Proto::Tcp,
             bypassed: [false; 2],
+            handed: [Handed::Copied; 2],
+            closing: false,
             user: T::default(),
         }
     }
@@ -304,6 +323,9 @@ impl<T: Default> FlowTable<T> {
                 // Picked up midstream: both sides talking counts as established.
                 flow.established = true;
             }
+            if t.fin || t.rst {
+                flow.closing = true;
+            }
         }
         Some(Seen {
             flow,
@@ -368,7 +390,7 @@ impl<T: Default> FlowTable<T> {
                     s.release(&mut self.stats.stream);
                 }
                 for dir in 0..2 {
-                    if f.bypassed[dir] {
+                    if f.handed[dir] != Handed::Copied {
                         self.released.push(f.dir_tuple(dir));
                     }
                 }

@@ -21,6 +21,7 @@ use crate::detect::matcher::Backend;
 use crate::detect::rules::{Action, Rule, RuleSet, Vars};
 use crate::detect::{Ctx, Detector, DirState};
 use crate::flow::stream::StreamStats;
+use crate::flow::{DirTuple, Flow, Handed};
 use crate::flow::{FlowLimits, FlowStats, FlowTable};
 
 /// Errors of `virtsec inspect`.
@@ -72,6 +73,49 @@ pub struct Alert {
     pub to_server: bool,
 }
 
+/// Packets a TCP flow carries before the kernel counts its segments without payload rather
+/// than copying them: short connections never touch the kernel's map.
+pub const HANDOVER_AFTER: u64 = 64;
+
+/// Hands direction `dir` of a live TCP flow to the capture's kernel filter as `want` says
+/// (`All`: every frame; `Empty`: segments without payload), and the other direction's
+/// segments without payload with it, once the flow is established and has carried
+/// `HANDOVER_AFTER` packets; gives both back when the flow ends (FIN or RST), so that its
+/// last segments and any reuse of the tuple are copied. Records changes in `out`.
+fn handover(
+    out: &mut Vec<(DirTuple, Handed)>,
+    flow: &mut Flow<FlowDetect>,
+    dir: usize,
+    want: Handed,
+) {
+    if flow.key.proto != Proto::Tcp {
+        return;
+    }
+    if flow.closing {
+        for d in 0..2 {
+            if flow.handed[d] != Handed::Copied {
+                flow.handed[d] = Handed::Copied;
+                out.push((flow.dir_tuple(d), Handed::Copied));
+            }
+        }
+        return;
+    }
+    // A direction past the stream depth goes at once; otherwise only busy established flows.
+    let ready = (want == Handed::All && flow.bypassed[dir])
+        || (flow.established && flow.packets[0] + flow.packets[1] >= HANDOVER_AFTER);
+    if !ready {
+        return;
+    }
+    for (d, h) in [(dir, want), (1 - dir, Handed::Empty)] {
+        // `All` is never taken back to `Empty` (only given back whole).
+        if flow.handed[d] == Handed::Copied || (h == Handed::All && flow.handed[d] == Handed::Empty)
+        {
+            flow.handed[d] = h;
+            out.push((flow.dir_tuple(d), h));
+        }
+    }
+}
+
 /// The inspection engine for one thread.
 pub struct Engine {
     pub detector: Detector,
@@ -79,10 +123,10 @@ pub struct Engine {
     pub decode: DecodeStats,
     pub alerts: u64,
     pub payload_bytes: u64,
-    /// Live capture with kernel trimming: directions newly past the stream depth (with
-    /// `inspect_past_depth = false`) for the data plane to hand to the kernel. `None`
+    /// Live capture with a kernel filter (`capture::bpf`): directions whose handling in the
+    /// kernel changed, for the data plane to pass on (`Handed::Copied`: give it back). `None`
     /// (offline, inline): not recorded.
-    pub bypass: Option<Vec<crate::flow::DirTuple>>,
+    pub bypass: Option<Vec<(crate::flow::DirTuple, Handed)>>,
     fired: Vec<u32>,
 }
 
@@ -116,6 +160,9 @@ impl Engine {
         };
         let flow = seen.flow;
         let dir = seen.dir;
+        if let Some(out) = self.bypass.as_mut() {
+            handover(out, flow, dir, Handed::Empty);
+        }
         let stream_stats = seen.stream;
         let ctx = Ctx {
             proto: p.proto,
@@ -146,11 +193,9 @@ impl Engine {
                 }
                 if flow.tcp[dir].delivered() >= stream_limits.depth {
                     if !stream_limits.inspect_past_depth {
+                        flow.bypassed[dir] = true;
                         if let Some(out) = self.bypass.as_mut() {
-                            if !flow.bypassed[dir] {
-                                flow.bypassed[dir] = true;
-                                out.push(flow.dir_tuple(dir));
-                            }
+                            handover(out, flow, dir, Handed::All);
                         }
                         return Verdict::Pass;
                     }
@@ -212,19 +257,24 @@ impl Engine {
     }
 
     /// Follows a packet's flow state (handshake, timeouts) without inspecting its payload:
-    /// for frames inspected elsewhere (a local guest's frame at the sender's vif).
+    /// for frames inspected elsewhere (a local guest's frame at the sender's vif). Once the
+    /// flow is established and busy, the kernel counts that direction instead of copying it.
     pub fn track(&mut self, p: &Packet<'_>, ts_us: u64) {
-        let _ = self.flows.track(p, ts_us);
+        if let Some(seen) = self.flows.track(p, ts_us) {
+            if let Some(out) = self.bypass.as_mut() {
+                handover(out, seen.flow, seen.dir, Handed::All);
+            }
+        }
     }
 
-    /// Every direction this engine had the kernel trim (live flows and released ones), for
+    /// Every direction this engine handed to the kernel (live flows and released ones), for
     /// giving them back when the engine is replaced or stops.
     pub fn take_bypassed(&mut self) -> Vec<crate::flow::DirTuple> {
         let mut all = std::mem::take(&mut self.flows.released);
         self.flows.for_each(|f| {
             for dir in 0..2 {
-                if f.bypassed[dir] {
-                    f.bypassed[dir] = false;
+                if f.handed[dir] != Handed::Copied {
+                    f.handed[dir] = Handed::Copied;
                     all.push(f.dir_tuple(dir));
                 }
             }
