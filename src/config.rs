@@ -85,6 +85,12 @@ pub struct InspectConfig {
     /// Passive mode: kernel ring memory per worker, MiB (pinned; what absorbs bursts).
     #[serde(deserialize_with = "mib_1_to_1024")]
     pub ring_mib: usize,
+    /// Passive mode: a partly filled ring block reaches the worker after this long, ms. What
+    /// an alert on a quiet vif may wait; each expiry is a kernel timer on the guests' CPUs
+    /// (1 ms cost guest-to-guest throughput 15-20% on 2 vCPUs, 20 ms nothing measurable:
+    /// docs/performance.md).
+    #[serde(deserialize_with = "ms_1_to_1000")]
+    pub block_timeout_ms: u32,
     /// Past the 1 MiB stream depth of a connection direction: keep inspecting each packet
     /// (true) or stop inspecting that direction (false, Suricata's stream bypass).
     pub inspect_past_depth: bool,
@@ -103,6 +109,7 @@ impl Default for InspectConfig {
             max_flows: 1 << 18,
             flow_table_full: crate::flow::WhenFull::Open,
             ring_mib: 16,
+            block_timeout_ms: 20,
             inspect_past_depth: true,
             inline: InlineConfig::default(),
         }
@@ -196,6 +203,17 @@ fn mib_1_to_1024<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     } else {
         Err(serde::de::Error::custom(format!(
             "{v} is out of range: expected 1 to 1024 MiB"
+        )))
+    }
+}
+
+fn ms_1_to_1000<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if (1..=1000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is out of range: expected 1 to 1000 ms"
         )))
     }
 }

@@ -249,6 +249,7 @@ impl Daemon {
                     workers_per_vif: cfg.inspect.workers_per_vif,
                     inline: cfg.inspect.inline.clone(),
                     ring_mib: cfg.inspect.ring_mib,
+                    block_timeout_ms: cfg.inspect.block_timeout_ms,
                     max_flows: cfg.inspect.max_flows,
                     flow_table_full: cfg.inspect.flow_table_full,
                     inspect_past_depth: cfg.inspect.inspect_past_depth,

@@ -137,7 +137,7 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
     )
     .unwrap();
     let extra = format!(
-        "[inspect]\nrules = [{:?}]\neve = {:?}\n[enforce]\nantispoof = true\n[quarantine]\nstate_dir = {:?}\nauto = true\nladder = [\"isolate\"]\nmin_step_interval_ms = 0\n",
+        "[inspect]\nrules = [{:?}]\neve = {:?}\nblock_timeout_ms = 1\n[enforce]\nantispoof = true\n[quarantine]\nstate_dir = {:?}\nauto = true\nladder = [\"isolate\"]\nmin_step_interval_ms = 0\n",
         rules.display().to_string(),
         h.dir.path().join("eve.json").display().to_string(),
         h.dir.path().join("state").display().to_string()

@@ -617,6 +617,8 @@ pub struct DataPlaneOptions {
     pub inline: InlineConfig,
     /// Passive ring per worker, MiB.
     pub ring_mib: usize,
+    /// Passive ring block timeout, ms (`[inspect] block_timeout_ms`).
+    pub block_timeout_ms: u32,
     /// Flows one worker tracks.
     pub max_flows: usize,
     /// What a worker's full flow table does with a new flow.
@@ -804,7 +806,7 @@ impl DataPlane {
                 // One fanout group per vif (ids are per network namespace).
                 self.fanout_seq = self.fanout_seq.wrapping_add(1);
                 let group = (n > 1).then_some(self.fanout_seq);
-                let ring_mib = self.opts.ring_mib;
+                let ring = (self.opts.ring_mib, self.opts.block_timeout_ms);
                 let past = self.flow_limits();
                 for i in 0..n {
                     let (rules, backend, sh) =
@@ -814,7 +816,7 @@ impl DataPlane {
                         .spawn(move || {
                             if let Some(mut ins) = Inspector::new(&rules, backend, past, sh) {
                                 ins.index = i;
-                                passive::run(ins, group, ring_mib);
+                                passive::run(ins, group, ring);
                             }
                         });
                     match h {

@@ -11,14 +11,16 @@ use crate::capture::{CaptureError, Ring, RingConfig};
 /// how many blocks (kernel memory pinned per worker).
 const BLOCK: usize = 256 << 10;
 
-pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, ring_mib: usize) {
+/// `ring`: its size (MiB) and block timeout (ms).
+pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, (ring_mib, block_ms): (usize, u32)) {
     let vif = ins.vif.clone();
     let cfg = RingConfig {
         block_size: BLOCK,
         blocks: (ring_mib << 20) / BLOCK,
-        // A partly filled block reaches the worker within 1 ms: detection (and so quarantine)
-        // latency on a quiet vif is bounded by this, not by traffic filling the block.
-        retire_ms: 1,
+        // A partly filled block reaches the worker after `block_ms`: detection (and so
+        // quarantine) latency on a quiet vif is bounded by this, not by traffic filling the
+        // block; each expiry costs a timer on the guests' CPUs.
+        retire_ms: block_ms,
         fanout,
     };
     // netback creates the netdev after the backend appears in XenStore: wait for it.
