@@ -158,6 +158,25 @@ mod forge {
         f
     }
 
+    /// A TCP segment (the anti-spoofing fast path's traffic) from `src`.
+    pub fn tcp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2(MAC, [0xff; 6])
+            .ipv4(src, dst, 64)
+            .tcp(4000, 80, 1, 64240);
+        let mut f = Vec::new();
+        b.write(&mut f, b"forged").unwrap();
+        f
+    }
+
+    pub fn tcp6(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2(MAC, [0x33, 0x33, 0, 0, 0, 1])
+            .ipv6(src.octets(), dst.octets(), 64)
+            .tcp(4000, 80, 1, 64240);
+        let mut f = Vec::new();
+        b.write(&mut f, b"forged").unwrap();
+        f
+    }
+
     pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
         let b = etherparse::PacketBuilder::ethernet2(MAC, [0x33, 0x33, 0, 0, 0, 1])
             .ipv6(src.octets(), dst.octets(), 64)
@@ -283,6 +302,15 @@ fn every_kind_of_forgery_is_dropped_and_counted_real_ipv4_and_ipv6_pass() {
                 "2001:db8:94::1".parse().unwrap(),
                 4000,
                 4000,
+            ),
+        ),
+        // TCP from another address: not taken by the TCP fast path.
+        ("spoof-ip4", forge::tcp4([10, 94, 0, 66], [10, 94, 0, 1])),
+        (
+            "spoof-ip6",
+            forge::tcp6(
+                "2001:db8:94::66".parse().unwrap(),
+                "2001:db8:94::1".parse().unwrap(),
             ),
         ),
         (

@@ -156,6 +156,8 @@ pub struct CaptureFilter {
     flows: OwnedFd,
     macs: OwnedFd,
     counts: OwnedFd,
+    /// Possible CPUs: a per-CPU map's value, from user space, is one value per CPU.
+    cpus: usize,
     mac_set: Mutex<HashSet<[u8; 6]>>,
     pub stats: FilterStats,
 }
@@ -167,6 +169,9 @@ const MAP_UPDATE_ELEM: libc::c_long = 2;
 const MAP_DELETE_ELEM: libc::c_long = 3;
 const PROG_LOAD: libc::c_long = 5;
 const MAP_TYPE_HASH: u32 = 1;
+/// One value per CPU: the counters are added to without atomics or cache-line traffic
+/// between the CPUs of a guest's two directions.
+const MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const PROG_TYPE_SOCKET_FILTER: u32 = 1;
 // Helper functions (enum bpf_func_id).
@@ -213,11 +218,16 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     }
 }
 
-fn map_create(key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd, BpfError> {
+fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Result<OwnedFd, BpfError> {
     // Entries are allocated as directions are bypassed, not all up front (a preallocated
     // 65,536-entry map would pin ~6 MiB of kernel memory for a mostly empty table).
     let mut a = Attr::new()
-        .u32(0, MAP_TYPE_HASH)
+        .u32(0, map_type)
         .u32(4, key_size)
         .u32(8, value_size)
         .u32(12, max_entries)
@@ -258,6 +268,25 @@ fn map_put(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
             map_elem(MAP_UPDATE_ELEM, map, key, Some(value)).map(|_| false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. "0-3" or "0,2-5":
+/// the highest listed, plus one), as per-CPU maps size their values; the configured CPUs if
+/// that file cannot be read.
+fn possible_cpus() -> usize {
+    let parsed = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .filter_map(|r| r.rsplit('-').next()?.trim().parse::<usize>().ok())
+                .max()
+        });
+    match parsed {
+        Some(n) => n + 1,
+        // SAFETY: sysconf has no preconditions.
+        None => (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).max(1) as usize,
     }
 }
 
@@ -437,7 +466,7 @@ mod asm {
 // Stack layout of the program (offsets from r10, the frame pointer). The packet copy starts
 // 2 bytes off a 4-byte boundary, so that every IP field after the 14-byte Ethernet header is
 // naturally aligned (the verifier requires aligned stack loads).
-const PKT: i16 = -126; // 54 bytes: Ethernet + IPv4 (no options) or Ethernet + IPv6
+const PKT: i16 = -126; // 54 bytes: Ethernet + IPv4 + TCP (no options), or Ethernet + IPv6
 const MACK: i16 = -72; // 8 bytes: a MAC key
 const TCPB: i16 = -64; // 16 bytes: the TCP header's first 16 bytes
 const KEYO: i16 = -48; // 44 bytes: the direction key
@@ -503,7 +532,10 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
         .stxw(R10, IPPL, R0);
     p.ldxw(R0, R10, PKT + 26).stxw(R10, KEYO, R0);
     p.ldxw(R0, R10, PKT + 30).stxw(R10, KEYO + 16, R0);
-    p.stw(R10, KEYO + 40, 4).ja("l4");
+    p.stw(R10, KEYO + 40, 4).jnei(R7, 20, "l4");
+    // Without IP options the first load holds the TCP fields already: no second copy.
+    p.ldxw(R0, R10, PKT + 34).stxw(R10, TCPB, R0);
+    p.ldxh(R0, R10, PKT + 46).stxh(R10, TCPB + 12, R0).ja("tcp");
     // IPv6 with TCP as the next header (extension headers: not acted on).
     p.label("v6");
     p.jlti(R9, 14 + 40 + 20, "other");
@@ -524,6 +556,7 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
         .movi(R4, 16)
         .call(HELPER_SKB_LOAD_BYTES)
         .jnei(R0, 0, "other");
+    p.label("tcp");
     p.ldxw(R0, R10, TCPB).stxw(R10, KEYO + 32, R0);
     p.ldxb(R0, R10, TCPB + 12).rshi(R0, 4).lshi(R0, 2);
     p.ldxw(R1, R10, IPPL).jne(R1, R0, "flags").ori(R8, EMPTY);
@@ -566,9 +599,9 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
 impl CaptureFilter {
     /// Creates the maps (`max_bypassed` directions) and loads the program.
     pub fn load(max_bypassed: u32) -> Result<CaptureFilter, BpfError> {
-        let flows = map_create(KEY as u32, VALUE as u32, max_bypassed.max(1))?;
-        let macs = map_create(8, 1, 4096)?;
-        let counts = map_create(4, COUNTS as u32, 4096)?;
+        let flows = map_create(MAP_TYPE_HASH, KEY as u32, VALUE as u32, max_bypassed.max(1))?;
+        let macs = map_create(MAP_TYPE_HASH, 8, 1, 4096)?;
+        let counts = map_create(MAP_TYPE_PERCPU_HASH, 4, COUNTS as u32, 4096)?;
         let insns = program(flows.as_raw_fd(), macs.as_raw_fd(), counts.as_raw_fd())
             .map_err(BpfError::Verifier)?;
         let license = c"GPL";
@@ -616,6 +649,7 @@ impl CaptureFilter {
             flows,
             macs,
             counts,
+            cpus: possible_cpus(),
             mac_set: Mutex::new(HashSet::new()),
             stats: FilterStats::default(),
         })
@@ -696,7 +730,7 @@ impl CaptureFilter {
 
     /// Starts counting on an interface: until this, nothing there is left uncopied.
     pub fn watch(&self, ifindex: u32) -> io::Result<()> {
-        let mut v = [0u8; COUNTS];
+        let mut v = vec![0u8; COUNTS * self.cpus];
         map_elem(
             MAP_UPDATE_ELEM,
             &self.counts,
@@ -712,7 +746,7 @@ impl CaptureFilter {
 
     /// What the kernel counted without copying on this interface since `watch`.
     pub fn counts(&self, ifindex: u32) -> Option<KernelCounts> {
-        let mut v = [0u8; COUNTS];
+        let mut v = vec![0u8; COUNTS * self.cpus];
         map_elem(
             MAP_LOOKUP_ELEM,
             &self.counts,
@@ -720,10 +754,15 @@ impl CaptureFilter {
             Some(&mut v),
         )
         .ok()?;
+        // The sum over the CPUs' values.
         let w = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v[i * 8..i * 8 + 8]);
-            u64::from_ne_bytes(b)
+            v.chunks_exact(COUNTS)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&c[i * 8..i * 8 + 8]);
+                    u64::from_ne_bytes(b)
+                })
+                .fold(0u64, u64::wrapping_add)
         };
         Some(KernelCounts {
             from_guest_frames: w(0),

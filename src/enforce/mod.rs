@@ -101,6 +101,21 @@ pub fn vif_rules(p: &VifPolicy) -> Vec<String> {
         .filter(|a| a.is_ipv6())
         .map(|a| a.to_string())
         .collect();
+    // Fast path: TCP from the guest's own address (its MAC was checked above) is what most
+    // frames are, and none of the rules below can drop it (they are about UDP, ICMPv6, ARP
+    // and other source addresses): accept it after two rules instead of ten.
+    if !v4.is_empty() {
+        r.push(format!(
+            "ether type ip ip saddr {{ {} }} ip protocol tcp accept",
+            v4.join(", ")
+        ));
+    }
+    if !v6.is_empty() {
+        r.push(format!(
+            "ether type ip6 ip6 saddr {{ fe80::/10, {} }} meta l4proto tcp accept",
+            v6.join(", ")
+        ));
+    }
     // A guest never answers as a DHCP server or a router.
     r.push("ether type ip udp sport 67 counter drop comment \"dhcp-server\"".into());
     r.push("ether type ip6 udp sport 547 counter drop comment \"dhcp6-server\"".into());
@@ -380,6 +395,16 @@ mod tests {
         assert!(r.contains("ether saddr != 00:16:3e:00:05:00 counter drop comment \"spoof-mac\""));
         assert!(r.contains("ip saddr != { 192.0.2.5 }"));
         assert!(r.contains("ip6 saddr != { fe80::/10, 2001:db8::5 }"));
+        // The TCP fast path sits right after the MAC checks, before any other rule.
+        let rules = vif_rules(&p);
+        assert_eq!(
+            rules[2],
+            "ether type ip ip saddr { 192.0.2.5 } ip protocol tcp accept"
+        );
+        assert_eq!(
+            rules[3],
+            "ether type ip6 ip6 saddr { fe80::/10, 2001:db8::5 } meta l4proto tcp accept"
+        );
         // SLAAC and neighbour advertisements.
         assert_eq!(
             eui64(MacAddr::parse("00:16:3e:00:05:00").unwrap()),
