@@ -112,7 +112,8 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
     while !vif.stopping() {
         ins.maybe_reload();
         let spinning = last_active.is_some_and(|t| t.elapsed() < spin);
-        let ready = match wait_readable(&fds, if spinning { 0 } else { 100 }) {
+        let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
+        let ready = match wait_readable(&fds, if spinning { 0 } else { idle_ms }) {
             Ok(r) => r,
             Err(e) => {
                 log::error!("{name}: poll failed: {e}");
