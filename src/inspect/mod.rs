@@ -719,6 +719,85 @@ mod tests {
         );
     }
 
+    /// One segment between 10.0.0.1:40000 (client) and 10.0.0.2:8080, `up` from the client.
+    fn seg(up: bool, syn: bool, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let (src, dst, sport, dport) = if up {
+            ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 8080)
+        } else {
+            ([10, 0, 0, 2], [10, 0, 0, 1], 8080, 40000)
+        };
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, if up { 1000 } else { 5000 }, 65535);
+        let b = match (syn, up) {
+            (true, true) => b.syn(),
+            (true, false) => b.syn().ack(1001),
+            _ => b.ack(1),
+        };
+        let b = if fin { b.fin() } else { b };
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("builds");
+        out
+    }
+
+    /// Live capture with the kernel filter: a busy established connection has its segments
+    /// without payload handed to the kernel (both directions), a connection inspected at the
+    /// other guest's vif has that direction handed whole, and a FIN gives both back.
+    #[test]
+    fn busy_established_flows_are_handed_over_and_given_back_at_fin() {
+        let up: DirTuple = (
+            ("10.0.0.1".parse().unwrap(), 40000),
+            ("10.0.0.2".parse().unwrap(), 8080),
+        );
+        let down: DirTuple = (up.1, up.0);
+        for elsewhere in [false, true] {
+            let det = Detector::new(Vec::new(), Backend::Ac).expect("matcher");
+            let mut e = Engine::new(det, FlowLimits::default());
+            e.bypass = Some(Vec::new());
+            let feed = |e: &mut Engine, f: Vec<u8>, up: bool| {
+                let mut st = DecodeStats::default();
+                let p = decode::decode_ethernet(&f, &mut st).expect("decodes");
+                if elsewhere && up {
+                    // The client is another local guest: its frames were inspected at its vif.
+                    e.track(&p, 1);
+                } else {
+                    e.packet(&p, 1, &mut |_, _| {});
+                }
+            };
+            feed(&mut e, seg(true, true, false, b""), true);
+            feed(&mut e, seg(false, true, false, b""), false);
+            for i in 2..HANDOVER_AFTER - 1 {
+                feed(&mut e, seg(i % 2 == 0, false, false, b"data"), i % 2 == 0);
+            }
+            assert_eq!(e.bypass.as_deref(), Some(&[][..]), "not busy yet");
+            // The 64th packet (from the client).
+            feed(&mut e, seg(true, false, false, b"data"), true);
+            let want = if elsewhere {
+                Handed::All
+            } else {
+                Handed::Empty
+            };
+            assert_eq!(
+                e.bypass.as_deref(),
+                Some(&[(up, want), (down, Handed::Empty)][..]),
+                "elsewhere: {elsewhere}"
+            );
+            e.bypass.as_mut().unwrap().clear();
+            feed(&mut e, seg(false, false, false, b"more"), false);
+            assert!(e.bypass.as_ref().unwrap().is_empty(), "nothing changed");
+            // The connection ends: both directions come back, and stay back.
+            feed(&mut e, seg(true, false, true, b""), true);
+            assert_eq!(
+                e.bypass.as_deref(),
+                Some(&[(up, Handed::Copied), (down, Handed::Copied)][..])
+            );
+            e.bypass.as_mut().unwrap().clear();
+            feed(&mut e, seg(false, false, false, b"late"), false);
+            assert!(e.bypass.as_ref().unwrap().is_empty());
+            assert!(e.take_bypassed().is_empty());
+        }
+    }
+
     proptest! {
         #[test]
         fn arbitrary_frames_never_panic(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
