@@ -941,9 +941,11 @@ impl DataPlane {
     /// Writes the data plane's Prometheus families.
     pub fn metrics(&self, e: &mut crate::metrics::Exposition) {
         type Get = fn(&VifCounters) -> u64;
-        let fams: [(&str, &str, &str, Get); 8] = [
+        let fams: [(&str, &str, &str, Get); 10] = [
             ("virtsec_vif_frames_total", "counter", "Frames seen on a vif.", |c| c.frames()),
             ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
+            ("virtsec_vif_uncopied_frames_total", "counter", "Frames the capture filter counted on a vif without copying them (nothing in them to inspect there).", |c| c.uncopied.load(Ordering::Relaxed)),
+            ("virtsec_vif_uncopied_bytes_total", "counter", "Bytes of the frames counted without copying.", |c| c.uncopied_bytes.load(Ordering::Relaxed)),
             ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
                 [&c.ring_drops, &c.overload_drops, &c.truncated, &c.send_errors]
                     .iter()
