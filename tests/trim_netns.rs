@@ -53,16 +53,30 @@ fn sids(dir: &std::path::Path) -> Vec<u64> {
 }
 
 /// Two guests on a simulated backend domain and virtsecd inspecting them with anti-spoofing,
-/// two workers per vif and `extra` configuration; panics if the capture filter did not load.
+/// two workers per vif, `rules` and `extra` configuration (fields drop in order: the
+/// service, the namespaces, the log on panic, the directory, the test lock).
 struct Lab {
     g5: String,
     g6: String,
     _d: Proc,
     _xs: Proc,
     _ns: Netns,
+    _log: LogOnPanic,
+    dir: tempfile::TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
-fn lab(dir: &std::path::Path, rules: &str, extra: &str) -> Lab {
+/// `None` (the test reports itself skipped) without root or nft; panics if the capture
+/// filter did not load.
+fn lab(test: &str, rules: &str, extra: &str) -> Option<Lab> {
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("SKIPPED {test}: needs root and nft");
+        return None;
+    }
+    let serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let log = LogOnPanic(tmp.path().to_path_buf());
+    let dir = tmp.path();
     let id = std::process::id();
     let (dd, g5, g6) = (format!("vtd{id}"), format!("vtg5{id}"), format!("vtg6{id}"));
     bridge_domain(&dd, None);
@@ -98,38 +112,29 @@ fn lab(dir: &std::path::Path, rules: &str, extra: &str) -> Lab {
         // Not a pass: the kernel refused eBPF, so there is nothing to check here.
         panic!("the capture filter did not load: {}", s["capture_filter"]);
     }
-    Lab {
+    Some(Lab {
         g5,
         g6,
         _d: d,
         _xs: xs,
         _ns: ns,
-    }
-}
-
-fn skip(name: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
-        eprintln!("SKIPPED {name}: needs root and nft");
-        return true;
-    }
-    false
+        _log: log,
+        dir: tmp,
+        _serial: serial,
+    })
 }
 
 #[test]
 fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
-    if skip("trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples") {
-        return;
-    }
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let _log = LogOnPanic(dir.path().to_path_buf());
-    let lab = lab(
-        dir.path(),
+    let Some(lab) = lab(
+        "trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples",
         "alert tcp any any -> any 9000 (msg:\"marker on a reused tuple\"; flow:established,to_server; content:\"reused-tuple-marker\"; sid:8001;)\n\
          alert tcp any 9000 -> any any (msg:\"server reply\"; flow:established,to_client; content:\"server-reply-marker\"; sid:8002;)\n",
         "inspect_past_depth = false\n",
-    );
-    let (g5, g6) = (&lab.g5, &lab.g6);
+    ) else {
+        return;
+    };
+    let (g5, g6, dir) = (&lab.g5, &lab.g6, &lab.dir);
 
     let server = Command::new("ip")
         .args(["netns", "exec", g6, "python3", "-c", SERVER])
@@ -246,17 +251,14 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
 /// and does not copy) is reported as a packet flood, with its identity.
 #[test]
 fn frames_counted_in_the_kernel_still_feed_the_flood_detector() {
-    if skip("frames_counted_in_the_kernel_still_feed_the_flood_detector") {
-        return;
-    }
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let _log = LogOnPanic(dir.path().to_path_buf());
-    let lab = lab(
-        dir.path(),
+    let Some(lab) = lab(
+        "frames_counted_in_the_kernel_still_feed_the_flood_detector",
         "alert tcp any any -> any 9000 (msg:\"not in this traffic\"; content:\"no-such-marker\"; sid:8003;)\n",
         "inspect_past_depth = false\n[behaviour]\nenabled = true\nwindow_s = 2\npackets_per_s = 3000\n",
-    );
+    ) else {
+        return;
+    };
+    let dir = &lab.dir;
     let server = Command::new("ip")
         .args(["netns", "exec", &lab.g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9000)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
         .spawn()
