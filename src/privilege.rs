@@ -4,7 +4,8 @@
 //! root's) but needs only a few capabilities for what it does after start: nftables and links
 //! (`CAP_NET_ADMIN`), AF_PACKET sockets for vifs that appear later (`CAP_NET_RAW`), pinned
 //! capture rings (`CAP_IPC_LOCK`) and libxenctrl's privcmd hypercalls for `pause`
-//! (`CAP_SYS_ADMIN`). Every other capability is removed from the bounding, permitted,
+//! (`CAP_SYS_ADMIN`). `CAP_SYS_NICE` is used once, before the drop, for `[inspect] nice`.
+//! Every other capability is removed from the bounding, permitted,
 //! effective and inheritable sets, so neither the service nor the `nft`/`ip`/`xl` commands it
 //! runs can regain them (for root, exec grants at most the bounding set). `no_new_privs` is set
 //! too. The [`KEEP`] list is the whole contract; `tests/privilege.rs` reads it back from
@@ -19,6 +20,18 @@ pub const KEEP: [Capability; 4] = [
     Capability::CAP_IPC_LOCK,
     Capability::CAP_SYS_ADMIN,
 ];
+
+/// Sets the calling thread's nice value, which the threads it starts afterwards inherit (on
+/// Linux the nice value is per thread). Below 0 it needs CAP_SYS_NICE, so the service does it
+/// before [`drop_to_service_set`].
+pub fn set_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes no pointers; `0` is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, nice) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Errors dropping capabilities.
 #[derive(Debug, thiserror::Error)]

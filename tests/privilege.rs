@@ -40,6 +40,15 @@ fn the_running_service_keeps_only_its_capabilities() {
     }
     assert_eq!(field(&status, "CapInh"), 0);
     assert_eq!(field(&status, "NoNewPrivs"), 1);
+    // The default `[inspect] nice = -10`, set before the drop (field 19 of /proc/<pid>/stat).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+    let after_comm = stat.rsplit(')').next().unwrap_or_default();
+    let nice: i64 = after_comm
+        .split_whitespace()
+        .nth(16)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(nice, -10, "{stat}");
     // Still serving.
     assert!(status_ok(dir.path()));
 }

@@ -123,8 +123,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.log.syslog_format == config::SyslogFormat::Rfc5424,
     );
     let control = cfg.control.socket.clone();
+    let nice = cfg.inspect.nice;
     let daemon = virtsec::daemon::Daemon::new(cfg)
         .with_context(|| format!("cannot start (control socket {})", control.display()))?;
+    // Before the drop (below 0 needs CAP_SYS_NICE); the threads started later inherit it.
+    if nice != 0 {
+        match virtsec::privilege::set_nice(nice) {
+            Ok(()) => log::info!("nice {nice}: inspection runs before ordinary work"),
+            Err(e) => log::warn!(
+                "cannot set nice {nice} ({e}); inspection runs at the default priority and may lose frames when CPUs are busy"
+            ),
+        }
+    }
     // Setup is done (sockets bound, state loaded): keep only what the running service uses.
     // Threads started from here on (the data-plane workers) inherit the reduced sets.
     match virtsec::privilege::drop_to_service_set() {
