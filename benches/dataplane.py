@@ -202,6 +202,17 @@ def ping(count):
 
 
 def sockperf(secs):
+    """TCP ping-pong round trip (p50, p99) in µs, or None when sockperf failed three times (a
+    failed run is left out of the medians, never counted as 0)."""
+    for _ in range(3):
+        r = sockperf_once(secs)
+        if r:
+            return r
+        time.sleep(1)
+    return None
+
+
+def sockperf_once(secs):
     # A fresh server each time: a connection cut by a previous configuration (inline restore,
     # a service stop) must not leave the next measurement talking to a stuck server.
     srv = subprocess.Popen(["ip", "netns", "exec", G[1], "sockperf", "server", "--tcp", "-i", ADDR[1],
@@ -218,8 +229,10 @@ def sockperf(secs):
         srv.wait()
     p50 = re.search(r"percentile 50\.000 =\s+([\d.]+)", out)
     p99 = re.search(r"percentile 99\.000 =\s+([\d.]+)", out)
+    if not (p50 and p99):
+        return None
     # sockperf reports half the round trip (latency = RTT/2); report the round trip.
-    return (2 * float(p50.group(1)) if p50 else 0.0, 2 * float(p99.group(1)) if p99 else 0.0)
+    return (2 * float(p50.group(1)), 2 * float(p99.group(1)))
 
 
 def med(xs):
@@ -288,11 +301,13 @@ def main():
                 else:
                     lost, seen = 0, 0
                 r = res[c]
-                r["g1"].append(g1); r["g4"].append(g4); r["ping"].append(p); r["rr"].append(rr)
+                r["g1"].append(g1); r["g4"].append(g4); r["ping"].append(p)
+                if rr:
+                    r["rr"].append(rr)
                 r["cpu"].append((c1 - c0) / (t1 - t0) * 100 if svc else 0.0)
                 r["lost"].append(lost); r["seen"].append(seen)
                 print(f"round {rnd + 1} {c:>12}: {g1:6.2f} / {g4:6.2f} Gbit/s, ping p50 {p[0]:.0f} us, "
-                      f"RR p50 {rr[0]:.0f} us, cpu {r['cpu'][-1]:.0f}%, lost {lost}/{seen}", flush=True)
+                      f"RR p50 {f'{rr[0]:.0f} us' if rr else 'failed'}, cpu {r['cpu'][-1]:.0f}%, lost {lost}/{seen}", flush=True)
     finally:
         for s in srv:
             s.terminate()
@@ -306,13 +321,14 @@ def main():
         r = res[c]
         g1, g4 = med(r["g1"]), med(r["g4"])
         p50, p99 = med([p[0] for p in r["ping"]]), med([p[1] for p in r["ping"]])
-        rr50, rr99 = med([x[0] for x in r["rr"]]), med([x[1] for x in r["rr"]])
+        rr = (f"{med([x[0] for x in r['rr']]):.0f} / {med([x[1] for x in r['rr']]):.0f}"
+              if r["rr"] else "n/a (sockperf failed)")
         cpu = med(r["cpu"])
         gbps_avg = (g1 + g4) / 2
         lost, seen = sum(r["lost"]), sum(r["seen"])
         rows.append(
             f"| {c} | {g1:.2f} / {g4:.2f} | {g1 / b1:.2f}x / {g4 / b4:.2f}x | {p50:.0f} / {p99:.0f} | "
-            f"{p50 - bp:+.0f} | {rr50:.0f} / {rr99:.0f} | "
+            f"{p50 - bp:+.0f} | {rr} | "
             + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
             + " |")
