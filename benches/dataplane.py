@@ -94,6 +94,9 @@ class Virtsec:
             f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
             f'[inspect]\nrules = [{rule_files}]\neve = "{work}/eve.json"\nmode = "passive"\n'
             f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n'
+            # Here the guests share the service's CPUs (on Xen they have their own vCPUs): the
+            # workers get them first, as they would get dom0's (docs/configuration.md, `nice`).
+            f'nice = -10\n'
             f'[enforce]\nantispoof = true\n'
             # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
             # vif2.0 stays passive (still inspected).

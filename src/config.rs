@@ -92,9 +92,10 @@ pub struct InspectConfig {
     #[serde(deserialize_with = "ms_1_to_1000")]
     pub block_timeout_ms: u32,
     /// The service's nice value, set at start before capabilities are dropped and inherited
-    /// by every thread: the inspection workers run before ordinary work on contended CPUs
-    /// (2 vCPUs shared with the guests: passive lost 1.3-1.6% of frames at 0, 0.06-0.13% at
-    /// -10). 0 leaves it alone. -20 to 19.
+    /// by every thread: below 0 the inspection workers run before ordinary work on contended
+    /// CPUs (2 vCPUs shared with the guests: passive lost 1.3-1.6% of frames at 0,
+    /// 0.06-0.13% at -10), and before the toolstack and device models too, so it is the
+    /// operator's choice. 0 (the default) leaves it alone. -20 to 19.
     #[serde(deserialize_with = "nice_range")]
     pub nice: i32,
     /// Past the 1 MiB stream depth of a connection direction: keep inspecting each packet
@@ -116,7 +117,7 @@ impl Default for InspectConfig {
             flow_table_full: crate::flow::WhenFull::Open,
             ring_mib: 16,
             block_timeout_ms: 20,
-            nice: -10,
+            nice: 0,
             inspect_past_depth: true,
             inline: InlineConfig::default(),
         }

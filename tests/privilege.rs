@@ -27,7 +27,11 @@ fn the_running_service_keeps_only_its_capabilities() {
     let dir = tempfile::tempdir().unwrap();
     let _log = LogOnPanic(dir.path().to_path_buf());
     let _xs = lab_xenstored(dir.path(), &[]);
-    let d = virtsecd_with(dir.path(), None, "");
+    let extra = format!(
+        "[inspect]\nnice = -7\neve = {:?}\n",
+        dir.path().join("eve.json").display().to_string()
+    );
+    let d = virtsecd_with(dir.path(), None, &extra);
     std::thread::sleep(Duration::from_millis(100));
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
     let want: u64 = virtsec::privilege::KEEP
@@ -40,7 +44,7 @@ fn the_running_service_keeps_only_its_capabilities() {
     }
     assert_eq!(field(&status, "CapInh"), 0);
     assert_eq!(field(&status, "NoNewPrivs"), 1);
-    // The default `[inspect] nice = -10`, set before the drop (field 19 of /proc/<pid>/stat).
+    // `[inspect] nice`, set before the drop (field 19 of /proc/<pid>/stat).
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
     let after_comm = stat.rsplit(')').next().unwrap_or_default();
     let nice: i64 = after_comm
@@ -48,7 +52,7 @@ fn the_running_service_keeps_only_its_capabilities() {
         .nth(16)
         .and_then(|v| v.parse().ok())
         .unwrap();
-    assert_eq!(nice, -10, "{stat}");
+    assert_eq!(nice, -7, "{stat}");
     // Still serving.
     assert!(status_ok(dir.path()));
 }

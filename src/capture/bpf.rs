@@ -471,8 +471,7 @@ const MACK: i16 = -72; // 8 bytes: a MAC key
 const TCPB: i16 = -64; // 16 bytes: the TCP header's first 16 bytes
 const KEYO: i16 = -48; // 44 bytes: the direction key
 const IPPL: i16 = -4; // 4 bytes: IP payload length (TCP header + data)
-/// Bits of r8 besides the TCP flags.
-const LOCAL: i32 = 0x100;
+/// A bit of r8 besides the TCP flags: the segment carries no payload.
 const EMPTY: i32 = 0x200;
 /// A counted frame's sample interval: a handed-over direction still reaches the worker
 /// (headers only) once a second, so its flow stays fresh in the table.
@@ -496,21 +495,7 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
         .movi(R4, 54)
         .call(HELPER_SKB_LOAD_BYTES)
         .jnei(R0, 0, "full");
-    // Guest-to-guest at the receiver: outgoing, from a local inspected guest's MAC.
-    p.ldxw(R0, R6, 4).jnei(R0, OUTGOING, "ip");
-    p.stdw(R10, MACK, 0)
-        .ldxw(R0, R10, PKT + 6)
-        .stxw(R10, MACK, R0)
-        .ldxh(R0, R10, PKT + 10)
-        .stxh(R10, MACK + 4, R0);
-    p.ldmap(R1, macs)
-        .mov(R2, R10)
-        .addi(R2, MACK.into())
-        .call(HELPER_MAP_LOOKUP)
-        .jeqi(R0, 0, "ip")
-        .ori(R8, LOCAL);
     // The direction key (zeroed first): addresses, ports, ifindex, family.
-    p.label("ip");
     for off in [-48, -40, -32, -24, -16, -8] {
         p.stdw(R10, off, 0);
     }
@@ -589,8 +574,20 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
         .stxdw(R7, 8, R0)
         .ja("snap");
     p.label("del").call(HELPER_MAP_DELETE);
-    // Not acted on: a local guest's frame is still headers only, anything else whole.
-    p.label("other").jseti(R8, LOCAL, "snap");
+    // Not counted. Guest-to-guest at the receiver (outgoing, from a local inspected guest's
+    // MAC): headers only; anything else whole. (Looked up only here: most frames of a busy
+    // connection never get this far.)
+    p.label("other").ldxw(R0, R6, 4).jnei(R0, OUTGOING, "full");
+    p.stdw(R10, MACK, 0)
+        .ldxw(R0, R10, PKT + 6)
+        .stxw(R10, MACK, R0)
+        .ldxh(R0, R10, PKT + 10)
+        .stxh(R10, MACK + 4, R0);
+    p.ldmap(R1, macs)
+        .mov(R2, R10)
+        .addi(R2, MACK.into())
+        .call(HELPER_MAP_LOOKUP)
+        .jnei(R0, 0, "snap");
     p.label("full").movi(R0, FULL).exit();
     p.label("snap").movi(R0, HEADER_SNAP as i32).exit();
     p.finish()
