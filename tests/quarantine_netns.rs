@@ -2,7 +2,7 @@
 //! lab XenStore as the toolstack's truth, real nftables.
 //!
 //! - An attack from one guest (a priority-1 signature) isolates it through the policy ladder;
-//!   the time from the attack packet to the first dropped packet is measured over 20 attacks
+//!   the time from the attack packet to the first dropped packet is measured over 100 attacks
 //!   (p99 ≤ 10 ms) while another guest keeps talking, and each release restores traffic and
 //!   writes an audit record.
 //! - A guest isolated by an operator stays cut off across a SIGKILL and restart of the
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use virtsec::lab::toolstack::{GuestSpec, Toolstack};
 use virtsec::xenstore::Client;
+
+/// Attacks whose isolation latency is measured.
+const ATTACKS: usize = 100;
 
 fn usable(name: &str) -> bool {
     let ok = nix::unistd::geteuid().is_root()
@@ -166,8 +169,10 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
         ping(&g5, &["10.95.0.6"]) && ping(&g7, &["10.95.0.6"])
     });
 
+    // 100 attacks, so that the p99 is a p99 (over 20 it was the maximum: one scheduling
+    // hiccup of this shared 2-vCPU machine, 10.3-11.2 ms in 2 of 5 runs, failed it).
     let mut latencies_ms = Vec::new();
-    for round in 0..20 {
+    for round in 0..ATTACKS {
         let rx = receiver(&g6, 9998, 300, 5);
         std::thread::sleep(Duration::from_millis(150));
         let offsets = sender(&g5, "10.95.0.6", true, 300, 200);
@@ -205,7 +210,7 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
     let p50 = latencies_ms[latencies_ms.len() / 2];
     let p99 = latencies_ms[(latencies_ms.len() * 99).div_ceil(100) - 1];
     eprintln!(
-        "isolation latency over 20 attacks: p50 {p50:.2} ms, p99 {p99:.2} ms, all {latencies_ms:?}"
+        "isolation latency over {ATTACKS} attacks: p50 {p50:.2} ms, p99 {p99:.2} ms, all {latencies_ms:?}"
     );
     assert!(
         p99 <= 10.0,
