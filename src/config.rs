@@ -163,8 +163,8 @@ pub struct InlineConfig {
     /// millisecond answers the next frame's wake-up tens of microseconds sooner than one left
     /// in deep idle (ping p50 +38 µs instead of +59 µs on 2 vCPUs); at 1 ms an idle inline
     /// worker uses ~2% of a core there. 1–1000.
-    #[serde(deserialize_with = "ms_1_to_1000_u64")]
-    pub idle_wake_ms: u64,
+    #[serde(deserialize_with = "ms_1_to_1000")]
+    pub idle_wake_ms: u32,
 }
 
 impl Default for InlineConfig {
@@ -178,85 +178,49 @@ impl Default for InlineConfig {
     }
 }
 
-fn spin_range<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = u64::deserialize(d)?;
-    if v <= 10_000 {
+/// A value within `lo..=hi`, else "<v> is out of range: expected <lo> to <hi> <unit>" (the
+/// parser adds the file and line).
+fn in_range<'de, D, T>(d: D, lo: T, hi: T, unit: &str) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialOrd + std::fmt::Display,
+{
+    let v = T::deserialize(d)?;
+    if lo <= v && v <= hi {
         Ok(v)
     } else {
         Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 0 to 10000 microseconds"
+            "{v} is out of range: expected {lo} to {hi} {unit}"
         )))
     }
+}
+
+fn spin_range<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, 0, 10_000, "microseconds")
 }
 
 fn micros_1_to_10s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = u64::deserialize(d)?;
-    if (1..=10_000_000).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 1 to 10000000 microseconds"
-        )))
-    }
+    in_range(d, 1, 10_000_000, "microseconds")
 }
 
 fn flows_range<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let v = usize::deserialize(d)?;
-    if (16..=1 << 24).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 16 to 16777216 flows"
-        )))
-    }
+    in_range(d, 16, 1 << 24, "flows")
 }
 
 fn mib_1_to_1024<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let v = usize::deserialize(d)?;
-    if (1..=1024).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 1 to 1024 MiB"
-        )))
-    }
+    in_range(d, 1, 1024, "MiB")
 }
 
 fn ms_1_to_1000<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let v = u32::deserialize(d)?;
-    if (1..=1000).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 1 to 1000 ms"
-        )))
-    }
+    in_range(d, 1, 1000, "ms")
 }
 
 fn nice_range<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-    let v = i32::deserialize(d)?;
-    if (-20..=19).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected a nice value from -20 to 19"
-        )))
-    }
-}
-
-fn ms_1_to_1000_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    ms_1_to_1000(d).map(u64::from)
+    in_range(d, -20, 19, "(a nice value)")
 }
 
 fn workers_1_to_64<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let v = usize::deserialize(d)?;
-    if (1..=64).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 1 to 64 workers"
-        )))
-    }
+    in_range(d, 1, 64, "workers")
 }
 
 /// `[inspect] matcher`.
@@ -389,14 +353,7 @@ impl Default for LogConfig {
 }
 
 fn millis_1_to_600000<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let v = u64::deserialize(d)?;
-    if (1..=600_000).contains(&v) {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{v} is out of range: expected 1 to 600000 milliseconds"
-        )))
-    }
+    in_range(d, 1, 600_000, "milliseconds")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -109,10 +109,10 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
     let c = &vif.counters;
     let spin = Duration::from_micros(cfg.spin_us);
     let mut last_active: Option<Instant> = None;
+    let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
     while !vif.stopping() {
         ins.maybe_reload();
         let spinning = last_active.is_some_and(|t| t.elapsed() < spin);
-        let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
         let ready = match wait_readable(&fds, if spinning { 0 } else { idle_ms }) {
             Ok(r) => r,
             Err(e) => {

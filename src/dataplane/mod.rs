@@ -215,6 +215,29 @@ impl VifShared {
         self.stop.load(Ordering::Relaxed) != RUN
     }
 
+    /// Emits a finding that belongs to the guest rather than to a flow (behaviour detectors,
+    /// a full flow table), named by the endpoints of the frame that triggered it.
+    fn emit_finding(
+        &self,
+        ts_us: u64,
+        ((src, sport), (dst, dport)): crate::flow::DirTuple,
+        proto: decode::Proto,
+        r: &Rule,
+    ) {
+        let a = crate::inspect::Alert {
+            ts_us,
+            flow_id: 0,
+            rule: 0,
+            src,
+            sport,
+            dst,
+            dport,
+            proto,
+            to_server: true,
+        };
+        self.emit(&a, r);
+    }
+
     fn emit(&self, a: &crate::inspect::Alert, r: &Rule) {
         self.counters.alerts.fetch_add(1, Ordering::Relaxed);
         let id = self.ident.lock().map(|i| i.clone()).unwrap_or_default();
@@ -406,20 +429,9 @@ impl Inspector {
         // Named by the guest's last TCP segment (the counted frames are TCP segments of its
         // busy connections); the guest's identity is in the alert either way.
         let unspecified = (IpAddr::from([0u8, 0, 0, 0]), 0);
-        let ((src, sport), (dst, dport)) = last.unwrap_or((unspecified, unspecified));
+        let ends = last.unwrap_or((unspecified, unspecified));
         for rule in findings {
-            let a = crate::inspect::Alert {
-                ts_us: ts,
-                flow_id: 0,
-                rule: 0,
-                src,
-                sport,
-                dst,
-                dport,
-                proto: decode::Proto::Tcp,
-                to_server: true,
-            };
-            self.vif.emit(&a, &rule);
+            self.vif.emit_finding(ts, ends, decode::Proto::Tcp, &rule);
         }
     }
 
@@ -432,13 +444,12 @@ impl Inspector {
             for (t, h) in new.drain(..) {
                 let k = DirKey::new(*ifindex, t);
                 match h {
-                    Handed::All => f.bypass(&k, true),
-                    Handed::Empty => f.bypass(&k, false),
-                    Handed::Copied => {
-                        f.restore(&k);
-                        true
+                    // A full map is counted by the filter; the direction stays copied.
+                    Handed::All | Handed::Empty => {
+                        f.bypass(&k, h == Handed::All);
                     }
-                };
+                    Handed::Copied => f.restore(&k),
+                }
             }
         }
         for t in self.engine.flows.released.drain(..) {
@@ -509,18 +520,8 @@ impl Inspector {
                 Err(_) => Vec::new(),
             };
             for rule in findings {
-                let a = crate::inspect::Alert {
-                    ts_us: ts,
-                    flow_id: 0,
-                    rule: 0,
-                    src: p.src,
-                    sport: p.sport,
-                    dst: p.dst,
-                    dport: p.dport,
-                    proto: p.proto,
-                    to_server: true,
-                };
-                self.vif.emit(&a, &rule);
+                self.vif
+                    .emit_finding(ts, ((p.src, p.sport), (p.dst, p.dport)), p.proto, &rule);
             }
         }
         let vif = &self.vif;
@@ -551,18 +552,8 @@ impl Inspector {
             refused: c.flows_refused.load(Ordering::Relaxed),
         }
         .rule(10);
-        let a = crate::inspect::Alert {
-            ts_us,
-            flow_id: 0,
-            rule: 0,
-            src: p.src,
-            sport: p.sport,
-            dst: p.dst,
-            dport: p.dport,
-            proto: p.proto,
-            to_server: true,
-        };
-        self.vif.emit(&a, &rule);
+        self.vif
+            .emit_finding(ts_us, ((p.src, p.sport), (p.dst, p.dport)), p.proto, &rule);
     }
 
     /// A frame towards this guest from another local guest was inspected when it left that
