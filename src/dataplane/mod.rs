@@ -669,23 +669,18 @@ impl DataPlane {
             log::warn!("{w}");
         }
         log::info!("inspection: {}", rs.summary());
-        // It trims only frames seen elsewhere (needs anti-spoofing) and bypassed directions:
-        // without either it would only add a program run per frame. Room for every flow
-        // direction of every worker is not needed: a direction that does not fit stays
-        // copied whole (counted).
-        let filter = if opts.dedupe_local || !opts.inspect_past_depth {
-            let f = CaptureFilter::load(1 << 16)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
-            match &f {
-                Ok(_) => log::info!("capture: kernel-side trimming filter loaded"),
-                Err(e) => log::warn!("capture: {e}"),
-            }
-            f
-        } else {
-            log::info!("capture: no kernel-side trimming (anti-spoofing off, inspect_past_depth = true: nothing to trim)");
-            Err("not needed: anti-spoofing is off and inspect_past_depth = true, so nothing can be trimmed".into())
-        };
+        // Loaded in every configuration: besides frames inspected elsewhere (anti-spoofing
+        // on) and directions past the stream depth (`inspect_past_depth = false`), it counts
+        // the pure ACKs of every busy established connection instead of copying them, which
+        // is about half the frames of a bulk transfer. Room for every flow direction of every
+        // worker is not needed: a direction that does not fit stays copied whole (counted).
+        let filter = CaptureFilter::load(1 << 16)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        match &filter {
+            Ok(_) => log::info!("capture: kernel-side trimming filter loaded"),
+            Err(e) => log::warn!("capture: {e}"),
+        }
         let eve = match &opts.eve {
             Some(p) => {
                 if let Some(d) = p.parent() {
