@@ -261,6 +261,10 @@ pub struct XenstoreConfig {
     pub reconnect_max_ms: u64,
     /// Watch each guest's frontend tree to count (never trust) what the guest writes there.
     pub watch_frontends: bool,
+    /// Publish each vif's counters at `/local/domain/<self>/virtsec/vif/<vif>` at most this
+    /// often (seconds; only what changed is written). 0: not published.
+    #[serde(deserialize_with = "seconds_0_to_3600")]
+    pub counters_interval_s: u64,
 }
 
 impl Default for XenstoreConfig {
@@ -272,6 +276,7 @@ impl Default for XenstoreConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             watch_frontends: true,
+            counters_interval_s: 10,
         }
     }
 }
@@ -350,6 +355,10 @@ impl Default for LogConfig {
             syslog_format: SyslogFormat::Rfc5424,
         }
     }
+}
+
+fn seconds_0_to_3600<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, 0, 3600, "seconds")
 }
 
 fn millis_1_to_600000<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

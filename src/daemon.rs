@@ -170,6 +170,11 @@ struct State {
     ready_sent: bool,
     last_status_publish: Instant,
     last_status_body: Option<String>,
+    last_counters_publish: Instant,
+    /// Per-vif counters as last written to XenStore on this connection, by node path;
+    /// `None` until the first publication, which starts by removing what an earlier run or
+    /// connection left.
+    published_counters: Option<std::collections::BTreeMap<String, String>>,
     /// XenStore quarantine requests being read: (value, permissions) per id.
     #[allow(clippy::type_complexity)]
     requests: std::collections::HashMap<
@@ -298,6 +303,8 @@ impl Daemon {
                 ready_sent: false,
                 last_status_publish: now,
                 last_status_body: None,
+                last_counters_publish: now,
+                published_counters: None,
                 requests: Default::default(),
                 violation_base: None,
                 last_violation_check: now,
@@ -754,10 +761,105 @@ impl State {
         self.last_status_body = Some(body);
     }
 
+    /// Publishes each inspected vif's counters for other tools, at
+    /// `/local/domain/<self>/virtsec/vif/<domid>/<devid>` (the emulated twin of an HVM NIC at
+    /// `<devid>-emu`), mirroring the toolstack's `backend/vif/<domid>/<devid>`: a JSON object
+    /// with the guest's identity, the data plane's counters and the vif's anti-spoofing drops.
+    /// Every `counters_interval_s` at most, only the nodes that changed; a vif that goes away
+    /// has its node removed. (Netdev names cannot be node names: XenStore has no `.`.)
+    fn publish_counters(&mut self) {
+        let every = self.cfg.xenstore.counters_interval_s;
+        let Some(d) = self.self_domid else { return };
+        if every == 0
+            || !matches!(self.link, Link::Up(_))
+            || self.last_counters_publish.elapsed() < Duration::from_secs(every)
+        {
+            return;
+        }
+        self.last_counters_publish = Instant::now();
+        let Some(dp) = &self.dataplane else { return };
+        let stats = dp.status();
+        let mut now = std::collections::BTreeMap::new();
+        for g in self.inventory.values() {
+            for v in g.vifs.values() {
+                let names = std::iter::once((v.ifname.as_str(), String::new()))
+                    .chain(v.emu_ifname.as_deref().map(|e| (e, "-emu".to_string())));
+                for (ifname, suffix) in names {
+                    let Some(st) = stats.get(ifname) else {
+                        continue;
+                    };
+                    let spoof: u64 = self
+                        .violations
+                        .iter()
+                        .flatten()
+                        .filter(|((i, _), _)| i == ifname)
+                        .map(|(_, n)| n)
+                        .sum();
+                    let body = serde_json::json!({
+                        "vif": ifname,
+                        "domid": g.domid,
+                        "uuid": g.uuid,
+                        "name": g.name,
+                        "mode": st.mode,
+                        "attached": st.attached,
+                        "frames": st.frames + st.uncopied,
+                        "bytes": st.bytes + st.uncopied_bytes,
+                        "inspected_frames": st.frames,
+                        "lost": st.ring_drops
+                            + st.inline.as_ref().map_or(0, |i| i.overload_drops),
+                        "alerts": st.alerts,
+                        "antispoof_drops": spoof,
+                    })
+                    .to_string();
+                    let path = format!(
+                        "/local/domain/{d}/virtsec/vif/{}/{}{suffix}",
+                        g.domid, v.devid
+                    );
+                    now.insert(path, body);
+                }
+            }
+        }
+        let dir = format!("/local/domain/{d}/virtsec/vif");
+        let before = match self.published_counters.take() {
+            Some(b) => b,
+            None => {
+                // Vifs of an earlier run may be gone: start from an empty directory (made
+                // first so that removing it cannot fail on a fresh xenstored).
+                self.submit(Request::Mkdir(dir.clone()), Op::Publish(dir.clone()));
+                self.submit(Request::Rm(dir.clone()), Op::Publish(dir.clone()));
+                Default::default()
+            }
+        };
+        for (path, body) in &now {
+            if before.get(path) != Some(body) {
+                self.submit(
+                    Request::Write(path.clone(), body.clone().into_bytes()),
+                    Op::Publish(path.clone()),
+                );
+            }
+        }
+        // A guest gone entirely takes its directory along, else only the vif's node goes.
+        let guest_dir = |p: &str| {
+            p.rsplit_once('/')
+                .map_or(String::new(), |(g, _)| g.to_string())
+        };
+        let live: BTreeSet<String> = now.keys().map(|p| guest_dir(p)).collect();
+        let mut gone = BTreeSet::new();
+        for path in before.keys().filter(|p| !now.contains_key(*p)) {
+            let g = guest_dir(path);
+            gone.insert(if live.contains(&g) { path.clone() } else { g });
+        }
+        for path in gone {
+            self.submit(Request::Rm(path.clone()), Op::Publish(path));
+        }
+        self.published_counters = Some(now);
+    }
+
     /// Reconnects when due and detects a xenstored that stopped answering.
     fn maintain(&mut self, poll: &Poll) {
         self.report_violations();
         self.publish_status();
+        self.publish_counters();
         let now = Instant::now();
         match &self.link {
             Link::Down { retry_at, backoff } if now >= *retry_at => {
@@ -834,6 +936,7 @@ impl State {
     fn disconnect(&mut self, poll: &Poll, err: &XsError) {
         // A new xenstored may have lost what was published.
         self.last_status_body = None;
+        self.published_counters = None;
         if let Some(fd) = self.registered_fd.take() {
             let _ = poll.registry().deregister(&mut SourceFd(&fd));
         }

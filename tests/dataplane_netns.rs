@@ -2,8 +2,9 @@
 //! (written as libxl does), a veth named vif5.0 in the service's "driver domain" namespace
 //! has the guest's namespace behind it. The service attaches inspection to vif5.0 by itself,
 //! a content rule fires on a payload the guest splits across two TCP segments, and the alert
-//! names the guest (domid, uuid, name, vif) in `virtsec alerts` and the EVE file. When the
-//! guest is destroyed the vif is detached. Needs root; reports itself skipped otherwise.
+//! names the guest (domid, uuid, name, vif) in `virtsec alerts` and the EVE file; the vif's
+//! counters are published in XenStore for other tools. When the guest is destroyed the vif
+//! is detached and its counters' node removed. Needs root; reports itself skipped otherwise.
 
 mod common;
 
@@ -32,6 +33,10 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
     ts.init_host().unwrap();
+    // What an earlier run published for a vif that no longer exists.
+    let mut dom0 = Client::open(dir.path().join("xs.sock")).unwrap();
+    dom0.write("/local/domain/0/virtsec/vif/9/0", r#"{"vif":"vif9.0"}"#)
+        .unwrap();
     let rules = dir.path().join("live.rules");
     std::fs::write(
         &rules,
@@ -171,10 +176,36 @@ for p in range(9000, 9060):
     assert_eq!(scans[0]["xen"]["name"], "web");
     assert_eq!(scans[0]["src_ip"], "10.98.5.2");
 
+    // Other tools read the vif's counters from XenStore, where the toolstack's
+    // backend/vif/5/0 is mirrored (counters_interval_s = 1 in the tests).
+    let published = |xs: &mut Client| {
+        xs.read("/local/domain/0/virtsec/vif/5/0")
+            .ok()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+    };
+    wait_for(
+        "vif5.0's counters in XenStore",
+        Duration::from_secs(5),
+        || published(&mut dom0).is_some_and(|c| c["alerts"] == 2),
+    );
+    let c = published(&mut dom0).unwrap();
+    assert_eq!(c["vif"], "vif5.0", "{c}");
+    assert_eq!(c["domid"], 5, "{c}");
+    assert_eq!(c["name"], "web", "{c}");
+    assert_eq!(c["uuid"], web.uuid.as_str(), "{c}");
+    assert_eq!(c["mode"], "passive", "{c}");
+    assert!(c["frames"].as_u64().unwrap() >= 60, "{c}");
+    assert_eq!(c["lost"], 0, "{c}");
+    // The earlier run's node for a vif that is gone was removed.
+    assert!(dom0.read("/local/domain/0/virtsec/vif/9").is_err());
+
     ts.destroy(5).unwrap();
     wait_for("vif5.0 detached", Duration::from_secs(5), || {
         status(dir.path())
             .map(|s| s["inspection"].get("vif5.0").is_none())
             .unwrap_or(false)
+    });
+    wait_for("vif5.0's counters removed", Duration::from_secs(5), || {
+        dom0.read("/local/domain/0/virtsec/vif/5").is_err()
     });
 }

@@ -92,7 +92,7 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
     std::fs::write(
         &cfg,
         format!(
-            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n{extra}",
+            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\ncounters_interval_s = 1\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n{extra}",
             dir.join("xs.sock").display().to_string(),
             dir.join("control.sock").display().to_string()
         ),
