@@ -89,6 +89,49 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not ready"));
 
+    // XAPI's vif-hotplug hook, called as XAPI's vif script calls it (it names the VM, not the
+    // vif): the VM's vifs are in place; an unknown VM is reported, and so is a hostile UUID.
+    let hook = |vm: &str| {
+        Command::new("sh")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/xen-config/xapi/vif-hotplug"
+            ))
+            .args([
+                "-action",
+                "online",
+                "-vifuuid",
+                "0e0e0e0e-0000-4000-8000-000000000001",
+            ])
+            .args(["-vmuuid", vm])
+            .env("VIRTSEC", VIRTSEC)
+            .env("VIRTSEC_CONTROL_SOCKET", dir.path().join("control.sock"))
+            .env("VIRTSEC_ATTACH_TIMEOUT", "0.5")
+            .output()
+            .unwrap()
+    };
+    let out = hook(&web.uuid);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("vif 5/0 (vif5.0): policy in place"),
+        "{}",
+        stdout(&out)
+    );
+    let out = hook("0e0e0e0e-0000-4000-8000-0000000000ff");
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("not in virtsecd's inventory"),
+        "{}",
+        stdout(&out)
+    );
+    let out = hook("../../etc; reboot");
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("is not a VM UUID"),
+        "{}",
+        stdout(&out)
+    );
+
     let server = Command::new("ip")
         .args(["netns", "exec", &dd, "python3", "-c", "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.98.5.1', 8080)); s.listen(1); s.settimeout(8)\nc,_=s.accept()\nwhile c.recv(100): pass"])
         .stdout(Stdio::null())

@@ -50,8 +50,17 @@ enum Cmd {
     Attach {
         /// The vif's backend path (the hotplug script's XENBUS_PATH),
         /// /local/domain/<backend>/backend/vif/<domid>/<devid>.
-        #[arg(long, value_name = "PATH")]
-        backend: String,
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "vm",
+            conflicts_with = "vm"
+        )]
+        backend: Option<String>,
+        /// Every vif of the VM with this UUID (for XAPI's vif-hotplug hook, which names the VM
+        /// and not the vif).
+        #[arg(long, value_name = "UUID")]
+        vm: Option<String>,
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
     },
@@ -349,40 +358,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Attach { backend, timeout } => {
-            let parts: Vec<&str> = backend.trim_end_matches('/').rsplit('/').take(3).collect();
-            let (devid, domid) = match parts.as_slice() {
-                [devid, domid, "vif"] => (
-                    devid.parse::<u32>().with_context(|| format!("{backend}: bad devid"))?,
-                    domid.parse::<u32>().with_context(|| format!("{backend}: bad domid"))?,
-                ),
-                _ => bail!("{backend} is not a vif backend path (/local/domain/<b>/backend/vif/<domid>/<devid>)"),
+        Cmd::Attach {
+            backend,
+            vm,
+            timeout,
+        } => {
+            let wanted = match (&backend, &vm) {
+                (Some(b), _) => Attach::Vif(parse_backend(b)?),
+                (None, Some(u)) if virtsec::inventory::model::valid_uuid(u) => {
+                    Attach::Vm(u.clone())
+                }
+                (None, Some(u)) => bail!("{u:?} is not a VM UUID"),
+                (None, None) => bail!("--backend or --vm is required"),
             };
             let started = std::time::Instant::now();
             let deadline = started + Duration::from_secs_f64(timeout);
             let mut last;
             loop {
-                match control::call(
-                    &cli.control_socket,
-                    &ControlRequest::VifReady { domid, devid },
-                ) {
-                    Ok(r) if r["ready"] == true => {
+                match attach_ready(&cli.control_socket, &wanted) {
+                    Ok(Ok(ready)) => {
                         // The hotplug script runs once netback created the netdev: this
                         // wait is what the vif's creation-to-policy time adds to the guest.
                         println!(
-                            "vif {domid}/{devid} ({}): policy in place (waited {} ms)",
-                            r["ifname"].as_str().unwrap_or("?"),
+                            "{}: policy in place (waited {} ms)",
+                            ready.join(", "),
                             started.elapsed().as_millis()
                         );
                         return Ok(ExitCode::SUCCESS);
                     }
-                    Ok(r) => last = r.to_string(),
+                    Ok(Err(why)) => last = why,
                     Err(e) => last = e.to_string(),
                 }
                 if std::time::Instant::now() >= deadline {
-                    eprintln!(
-                        "virtsec attach: vif {domid}/{devid} not ready after {timeout} s: {last}"
-                    );
+                    eprintln!("virtsec attach: {wanted} not ready after {timeout} s: {last}");
                     return Ok(ExitCode::FAILURE);
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -888,6 +896,86 @@ fn print_status(s: &serde_json::Value) {
             workers.join("/")
         );
     }
+}
+
+/// What `virtsec attach` waits for.
+enum Attach {
+    /// One vif: (domid, devid).
+    Vif((u32, u32)),
+    /// Every vif of a VM, by UUID.
+    Vm(String),
+}
+
+impl std::fmt::Display for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attach::Vif((domid, devid)) => write!(f, "vif {domid}/{devid}"),
+            Attach::Vm(uuid) => write!(f, "VM {uuid}"),
+        }
+    }
+}
+
+/// (domid, devid) from a vif backend path, `/local/domain/<b>/backend/vif/<domid>/<devid>`.
+fn parse_backend(backend: &str) -> anyhow::Result<(u32, u32)> {
+    let parts: Vec<&str> = backend.trim_end_matches('/').rsplit('/').take(3).collect();
+    match parts.as_slice() {
+        [devid, domid, "vif"] => Ok((
+            domid
+                .parse::<u32>()
+                .with_context(|| format!("{backend}: bad domid"))?,
+            devid
+                .parse::<u32>()
+                .with_context(|| format!("{backend}: bad devid"))?,
+        )),
+        _ => bail!(
+            "{backend} is not a vif backend path (/local/domain/<b>/backend/vif/<domid>/<devid>)"
+        ),
+    }
+}
+
+/// One look: `Ok(names)` of the vifs in place when all are, `Err(why not)` otherwise.
+fn attach_ready(
+    socket: &std::path::Path,
+    wanted: &Attach,
+) -> anyhow::Result<Result<Vec<String>, String>> {
+    let vifs: Vec<(u32, u32)> = match wanted {
+        Attach::Vif(v) => vec![*v],
+        Attach::Vm(uuid) => {
+            let d = control::call(socket, &ControlRequest::Domains)?;
+            let guest = d
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["uuid"].as_str() == Some(uuid.as_str()));
+            let Some(g) = guest else {
+                return Ok(Err("not in virtsecd's inventory yet".into()));
+            };
+            let domid = g["domid"].as_u64().unwrap_or(0) as u32;
+            let devids: Vec<(u32, u32)> = g["vifs"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter_map(|v| v["devid"].as_u64())
+                .map(|devid| (domid, devid as u32))
+                .collect();
+            if devids.is_empty() {
+                return Ok(Err(format!("domain {domid} has no vif yet")));
+            }
+            devids
+        }
+    };
+    let mut ready = Vec::new();
+    for (domid, devid) in vifs {
+        let r = control::call(socket, &ControlRequest::VifReady { domid, devid })?;
+        if r["ready"] != true {
+            return Ok(Err(format!("vif {domid}/{devid}: {r}")));
+        }
+        ready.push(format!(
+            "vif {domid}/{devid} ({})",
+            r["ifname"].as_str().unwrap_or("?")
+        ));
+    }
+    Ok(Ok(ready))
 }
 
 fn print_domains(d: &serde_json::Value) {

@@ -42,7 +42,7 @@ fi
 list=$(rpm -qlp "$rpmf" 2>/dev/null)
 missing=""
 for f in /usr/sbin/virtsecd /usr/bin/virtsec /etc/virtsec/virtsecd.toml /usr/lib/systemd/system/virtsecd.service \
-         /etc/xen/scripts/vif-virtsec /etc/xen/scripts/vif-post.d/virtsec.hook /etc/xapi.d/plugins/virtsec \
+         /etc/xen/scripts/vif-virtsec /etc/xen/scripts/vif-post.d/virtsec.hook /etc/xapi.d/plugins/virtsec /etc/xapi.d/vif-hotplug \
          /etc/logrotate.d/virtsec /usr/share/man/man8/virtsecd.8.gz /usr/share/man/man1/virtsec.1.gz; do
     echo "$list" | grep -qx "$f" || missing="$missing $f"
 done
