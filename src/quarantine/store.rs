@@ -38,16 +38,9 @@ pub struct Store {
     dir: PathBuf,
 }
 
-/// A UUID as the file name: 8-4-4-4-12 hex digits, lower case. Anything else (from a hostile
-/// or broken source) is refused before it becomes a path.
-pub fn valid_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
+/// A UUID as the file name: 8-4-4-4-12 hex digits (callers lower-case it). Anything else
+/// (from a hostile or broken source) is refused before it becomes a path.
+pub use crate::inventory::model::valid_uuid;
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
