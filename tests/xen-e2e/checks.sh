@@ -84,7 +84,8 @@ cat > /run/e2e.rules <<'RULES'
 alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; content:"|00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00|"; sid:9001; rev:1;)
 RULES
 sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
-    -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+    -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' \
+    -e 's|^counters_interval_s = .*|counters_interval_s = 2|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
 
 # 1. The service starts in dom0 and connects to the real xenstored.
 start_virtsecd
@@ -126,6 +127,15 @@ if [ -n "$G1" ] && until_ms 30000 sh -c "[ -n \"\$(virtsec alerts --json | jq -c
     ok "a content rule fires on guest1's traffic on vif$G1.0 and the alert names the guest" "$(alert_for "$G1")"
 else
     notok "a content rule fires on guest1's traffic on vif${G1}.0" "alerts: $(virtsec alerts --json | head -3 | tr '\n' ' '); inspection: $(status | jq -c .inspection)"
+fi
+
+# 4c. The vif's counters are published in oxenstored, mirroring backend/vif/<domid>/0.
+counters() { xenstore-read "/local/domain/0/virtsec/vif/$1/0" 2>/dev/null; }
+if [ -n "$G1" ] && until_ms 10000 sh -c "xenstore-read /local/domain/0/virtsec/vif/$G1/0 | jq -e '.alerts >= 1'" \
+   && counters "$G1" | jq -e --argjson d "$G1" '.domid == $d and .name == "guest1" and .vif == "vif\($d).0" and .frames > 0 and .lost == 0' >/dev/null; then
+    ok "guest1's vif counters in XenStore (virtsec/vif/$G1/0)" "$(counters "$G1")"
+else
+    notok "guest1's vif counters in XenStore" "$(counters "$G1"); $(xenstore-ls /local/domain/0/virtsec 2>&1 | head -5 | tr '\n' ' ')"
 fi
 
 # 5. The guest writes nonsense into its own frontend nodes: nothing trusted changes.
@@ -342,6 +352,29 @@ if [ -n "$G2" ]; then
         notok "the guest's XenStore request refused" "result $(xenstore-read "/local/domain/$G2/data/request-result" 2>&1); response $(xenstore-read "/local/domain/0/virtsec/response/guest-$G2" 2>&1); quarantined $(virtsec quarantined --json | jq -c '.quarantined | length')"
     fi
     virtsec release guest2 --reason "e2e: requests done" >/dev/null 2>&1
+fi
+
+# 8e. Detach: the quarantine removes guest2's vif from the running guest (xl network-detach);
+#     the release lifts the record and leaves re-attaching to the operator.
+if [ -n "$G2" ]; then
+    t0=$(now_ms)
+    if virtsec quarantine guest2 --action detach --reason "e2e: detach" >/tmp/q.log 2>&1; then
+        took=$(( $(now_ms) - t0 ))
+        if until_ms 10000 sh -c "[ ! -e /sys/class/net/vif$G2.0 ] && ! xenstore-read $(be "$G2" 0)/state >/dev/null 2>&1" \
+           && until_ms 5000 sh -c "virtsec domains --json | jq -e --argjson d $G2 '.[] | select(.domid == \$d) | .vifs | length == 0'"; then
+            ok "quarantine --action detach: guest2's vif is gone (netdev, backend, inventory)" "the command took $took ms; xl network-list: $(xl network-list guest2 2>/dev/null | tail -n +2 | wc -l) vif(s)"
+        else
+            notok "quarantine --action detach removes guest2's vif" "took $took ms; $(ls /sys/class/net | tr '\n' ' '); $(doms | jq -c .)"
+        fi
+        virtsec release guest2 --reason "e2e: detach done" >>/tmp/q.log 2>&1
+        if virtsec quarantined --json | jq -e '.quarantined | length == 0' >/dev/null && [ ! -e "/sys/class/net/vif$G2.0" ]; then
+            ok "release of a detach lifts the record; the vif stays detached for the operator" "$(grep -c . /tmp/q.log) line(s) of output"
+        else
+            notok "release of a detach" "$(virtsec quarantined --json | jq -c .); $(cat /tmp/q.log | tr '\n' ' ')"
+        fi
+    else
+        notok "quarantine --action detach" "$(cat /tmp/q.log | tr '\n' ' ')"
+    fi
 fi
 
 # 9. xl destroy: the guest is gone within 1 s.
