@@ -168,16 +168,21 @@ const MAP_LOOKUP_ELEM: libc::c_long = 1;
 const MAP_UPDATE_ELEM: libc::c_long = 2;
 const MAP_DELETE_ELEM: libc::c_long = 3;
 const PROG_LOAD: libc::c_long = 5;
+const LINK_CREATE: libc::c_long = 28;
+/// `enum bpf_attach_type`: tcx ingress (Linux 6.6).
+const ATTACH_TCX_INGRESS: u32 = 46;
 const MAP_TYPE_HASH: u32 = 1;
 /// One value per CPU: the counters are added to without atomics or cache-line traffic
 /// between the CPUs of a guest's two directions.
 const MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const PROG_TYPE_SOCKET_FILTER: u32 = 1;
+const PROG_TYPE_SCHED_CLS: u32 = 3;
 // Helper functions (enum bpf_func_id).
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_MAP_DELETE: i32 = 3;
 const HELPER_KTIME_NS: i32 = 5;
+const HELPER_REDIRECT: i32 = 23;
 const HELPER_SKB_LOAD_BYTES: i32 = 26;
 const SO_ATTACH_BPF: libc::c_int = 50;
 
@@ -477,14 +482,15 @@ const EMPTY: i32 = 0x200;
 /// (headers only) once a second, so its flow stays fresh in the table.
 const SAMPLE_NS: i32 = 1_000_000_000;
 
-/// The filter program (see the module documentation). Returns the snap length: whole, headers
-/// only, or 0 (not copied; counted in the `counts` map).
-fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String> {
+/// Parses the frame in `ctx` (r1) as both programs need it: r6 = the `__sk_buff`, r9 = its
+/// length, the direction key at `KEYO` (addresses, ports, ifindex, family), the IP payload
+/// length at `IPPL`, the TCP flags in r8 plus `EMPTY` when the segment carries no payload.
+/// Jumps to `full` (too short, unreadable) or `other` (not TCP over IPv4/IPv6 without
+/// fragments or extension headers) otherwise; falls through with a TCP segment.
+fn parse_tcp(p: &mut asm::Prog) {
     use asm::*;
-    const FULL: i32 = 0x7fff_ffff;
-    const OUTGOING: i32 = libc::PACKET_OUTGOING as i32;
-    // struct __sk_buff: len at 0, pkt_type at 4, ifindex at 40.
-    let mut p = Prog::new();
+    // struct __sk_buff: len at 0, pkt_type at 4, ifindex at 40 (the same offsets for a
+    // socket filter and a tc program).
     p.mov(R6, R1).ldxw(R9, R6, 0).movi(R8, 0);
     // Every frame this filter acts on is at least Ethernet + IPv4 + TCP.
     p.jlti(R9, 54, "full");
@@ -547,6 +553,16 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
     p.ldxw(R1, R10, IPPL).jne(R1, R0, "flags").ori(R8, EMPTY);
     p.label("flags");
     p.ldxb(R0, R10, TCPB + 13).or(R8, R0);
+}
+
+/// The filter program (see the module documentation). Returns the snap length: whole, headers
+/// only, or 0 (not copied; counted in the `counts` map).
+fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String> {
+    use asm::*;
+    const FULL: i32 = 0x7fff_ffff;
+    const OUTGOING: i32 = libc::PACKET_OUTGOING as i32;
+    let mut p = Prog::new();
+    parse_tcp(&mut p);
     p.ldmap(R1, flows).mov(R2, R10).addi(R2, KEYO.into());
     // A SYN starts a connection: never counted, and the tuple's handover is forgotten.
     p.jseti(R8, 0x02, "del");
@@ -593,6 +609,89 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
     p.finish()
 }
 
+/// The inline fast path's tc program on one side of an inline splice (see [`FastPath`]):
+/// a frame of a direction handed over whole, or a segment without payload of a direction
+/// handed over `Empty`, is redirected out of interface `to` (the other side); anything else,
+/// SYN, FIN and RST included, continues to the worker. These are exactly the frames the
+/// capture filter on the worker's socket does not copy (or copies as a header-only sample,
+/// which the worker inspects and does not forward).
+fn fast_path_program(flows: i32, to: u32) -> Result<Vec<asm::Insn>, String> {
+    use asm::*;
+    const TC_PASS: i32 = 0;
+    let mut p = Prog::new();
+    parse_tcp(&mut p);
+    p.jseti(R8, 0x07, "pass");
+    p.ldmap(R1, flows)
+        .mov(R2, R10)
+        .addi(R2, KEYO.into())
+        .call(HELPER_MAP_LOOKUP)
+        .jeqi(R0, 0, "pass");
+    p.ldxw(R1, R0, 0).jeqi(R1, MODE_TRIM as i32, "redirect");
+    p.jseti(R8, EMPTY, "redirect").ja("pass");
+    // bpf_redirect(to, 0): out of `to` (egress); returns TC_ACT_REDIRECT.
+    p.label("redirect")
+        .movi(R1, to as i32)
+        .movi(R2, 0)
+        .call(HELPER_REDIRECT)
+        .exit();
+    p.label("full").label("other").label("pass");
+    p.movi(R0, TC_PASS).exit();
+    p.finish()
+}
+
+/// Loads a program of `prog_type`; a refusal carries the verifier's last words.
+fn load_program(
+    prog_type: u32,
+    insns: &[asm::Insn],
+    what: &'static str,
+) -> Result<OwnedFd, BpfError> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let attr = |level: u32, log: &mut Vec<u8>| {
+        Attr::new()
+            .u32(0, prog_type)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, level)
+            .u32(28, if level > 0 { log.len() as u32 } else { 0 })
+            .u64(
+                32,
+                if level > 0 {
+                    log.as_mut_ptr() as u64
+                } else {
+                    0
+                },
+            )
+    };
+    match bpf(PROG_LOAD, &mut attr(0, &mut log)) {
+        // SAFETY: a new file descriptor from the kernel, owned by nothing else.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EACCES) =>
+        {
+            // Load again with the verifier's log, to say why.
+            let _ = bpf(PROG_LOAD, &mut attr(1, &mut log));
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            Err(BpfError::Verifier(format!("{e}: {}", tail.join(" / "))))
+        }
+        Err(source) => Err(BpfError::Sys { what, source }),
+    }
+}
+
+/// The inline fast path of one spliced vif: two tc programs (tcx ingress), one on the vif
+/// and one on its inline port, forward the frames of handed-over directions straight to the
+/// other side, so a connection past the stream depth (`inspect_past_depth = false`) and the
+/// pure ACKs of busy connections no longer cross user space. Dropping it (the worker stops,
+/// the service dies) detaches both: every frame then reaches the worker again, or with no
+/// worker, the splice's drop rule (fail closed).
+pub struct FastPath {
+    _progs: [OwnedFd; 2],
+    _links: [OwnedFd; 2],
+}
+
 impl CaptureFilter {
     /// Creates the maps (`max_bypassed` directions) and loads the program.
     pub fn load(max_bypassed: u32) -> Result<CaptureFilter, BpfError> {
@@ -601,48 +700,13 @@ impl CaptureFilter {
         let counts = map_create(MAP_TYPE_PERCPU_HASH, 4, COUNTS as u32, 4096)?;
         let insns = program(flows.as_raw_fd(), macs.as_raw_fd(), counts.as_raw_fd())
             .map_err(BpfError::Verifier)?;
-        let license = c"GPL";
-        let mut log = vec![0u8; 64 * 1024];
-        let attr = |level: u32, log: &mut Vec<u8>| {
-            Attr::new()
-                .u32(0, PROG_TYPE_SOCKET_FILTER)
-                .u32(4, insns.len() as u32)
-                .u64(8, insns.as_ptr() as u64)
-                .u64(16, license.as_ptr() as u64)
-                .u32(24, level)
-                .u32(28, if level > 0 { log.len() as u32 } else { 0 })
-                .u64(
-                    32,
-                    if level > 0 {
-                        log.as_mut_ptr() as u64
-                    } else {
-                        0
-                    },
-                )
-        };
-        let fd = match bpf(PROG_LOAD, &mut attr(0, &mut log)) {
-            Ok(fd) => fd,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINVAL)
-                    || e.raw_os_error() == Some(libc::EACCES) =>
-            {
-                // Load again with the verifier's log, to say why.
-                let _ = bpf(PROG_LOAD, &mut attr(1, &mut log));
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                let text = String::from_utf8_lossy(&log[..end]);
-                let tail: Vec<&str> = text.lines().rev().take(3).collect();
-                return Err(BpfError::Verifier(format!("{e}: {}", tail.join(" / "))));
-            }
-            Err(source) => {
-                return Err(BpfError::Sys {
-                    what: "loading the eBPF capture filter",
-                    source,
-                })
-            }
-        };
+        let prog = load_program(
+            PROG_TYPE_SOCKET_FILTER,
+            &insns,
+            "loading the eBPF capture filter",
+        )?;
         Ok(CaptureFilter {
-            // SAFETY: a new file descriptor from the kernel, owned by nothing else.
-            prog: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+            prog,
             flows,
             macs,
             counts,
@@ -669,6 +733,33 @@ impl CaptureFilter {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Starts the inline fast path between interfaces `a` (the vif) and `b` (its inline port):
+    /// handed-over frames arriving on either leave by the other. Needs tcx (Linux 6.6): on an
+    /// older kernel this fails and the worker forwards everything itself, as without it.
+    pub fn fast_path(&self, a: u32, b: u32) -> Result<FastPath, BpfError> {
+        let side = |on: u32, to: u32| -> Result<(OwnedFd, OwnedFd), BpfError> {
+            let insns =
+                fast_path_program(self.flows.as_raw_fd(), to).map_err(BpfError::Verifier)?;
+            let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "loading the inline fast path")?;
+            let mut attr = Attr::new()
+                .u32(0, prog.as_raw_fd() as u32)
+                .u32(4, on)
+                .u32(8, ATTACH_TCX_INGRESS);
+            let link = bpf(LINK_CREATE, &mut attr).map_err(|source| BpfError::Sys {
+                what: "attaching the inline fast path (tcx, Linux 6.6 or later)",
+                source,
+            })?;
+            // SAFETY: a new file descriptor from the kernel, owned by nothing else.
+            Ok((prog, unsafe { OwnedFd::from_raw_fd(link as RawFd) }))
+        };
+        let (pa, la) = side(a, b)?;
+        let (pb, lb) = side(b, a)?;
+        Ok(FastPath {
+            _progs: [pa, pb],
+            _links: [la, lb],
+        })
     }
 
     /// Sets the MACs of the local guests whose vifs are inspected (their frames are trimmed
@@ -780,14 +871,20 @@ impl CaptureFilter {
         let mut data = vec![0u8; 12];
         data.extend_from_slice(&[0x08, 0x00]);
         data.extend_from_slice(frame);
-        let mut a = Attr::new()
-            .u32(0, self.prog.as_raw_fd() as u32)
-            .u32(8, data.len() as u32)
-            .u64(16, data.as_ptr() as u64)
-            .u32(32, 1);
-        bpf(10, &mut a)?;
-        Ok(u32::from_ne_bytes([a.0[4], a.0[5], a.0[6], a.0[7]]))
+        test_run(&self.prog, &data)
     }
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` on `data` (arriving on `lo`): the program's return value.
+#[cfg(test)]
+fn test_run(prog: &OwnedFd, data: &[u8]) -> io::Result<u32> {
+    let mut a = Attr::new()
+        .u32(0, prog.as_raw_fd() as u32)
+        .u32(8, data.len() as u32)
+        .u64(16, data.as_ptr() as u64)
+        .u32(32, 1);
+    bpf(10, &mut a)?;
+    Ok(u32::from_ne_bytes([a.0[4], a.0[5], a.0[6], a.0[7]]))
 }
 
 #[cfg(test)]
@@ -945,6 +1042,53 @@ mod tests {
         f.unwatch(1);
         assert!(f.counts(1).is_none());
         assert_eq!(f.test_run(&d6).unwrap(), HEADER_SNAP);
+    }
+
+    /// The inline fast path's tc program on literal frames (needs root, as CI): it redirects
+    /// exactly what the filter leaves uncopied for a handed-over direction, and lets
+    /// everything else continue to the worker.
+    #[test]
+    fn the_fast_path_forwards_what_the_filter_leaves_uncopied() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        const PASS: u32 = 0;
+        const REDIRECT: u32 = 7; // TC_ACT_REDIRECT, from bpf_redirect
+        let f = CaptureFilter::load(16).unwrap();
+        let insns = fast_path_program(f.flows.as_raw_fd(), 7).unwrap();
+        let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
+        // A tc program's test run sees the frame from its Ethernet header.
+        let run = |frame: &[u8]| test_run(&prog, frame).unwrap();
+        let data = v4(6, 5, 0, true, ACK, b"GET / HTTP/1.1\r\n");
+        let ack = v4(6, 5, 0, false, ACK, b"");
+        let reply = v4(6, 5, 0, false, ACK, b"HTTP/1.1 200 OK\r\n");
+        let fwd = key("10.0.0.1", 40000, "10.0.0.2", 80);
+        let rev = key("10.0.0.2", 80, "10.0.0.1", 40000);
+        for fr in [&data, &ack, &reply] {
+            assert_eq!(run(fr), PASS);
+        }
+        assert!(f.bypass(&fwd, true) && f.bypass(&rev, false));
+        // Handed over whole: every segment; `Empty`: its pure ACKs only.
+        assert_eq!(run(&data), REDIRECT);
+        assert_eq!(run(&v4(6, 6, 0, true, ACK, b"x")), REDIRECT);
+        assert_eq!(run(&ack), REDIRECT);
+        assert_eq!(run(&reply), PASS);
+        // SYN, FIN and RST always reach the worker, as do other protocols, fragments and
+        // short frames.
+        for flags in [SYN, ACK | FIN, RST] {
+            assert_eq!(run(&v4(6, 5, 0, true, flags, b"")), PASS);
+        }
+        assert_eq!(run(&v4(17, 5, 0, true, ACK, b"x")), PASS);
+        assert_eq!(run(&v4(6, 5, 0x2000, true, ACK, b"x")), PASS);
+        assert_eq!(run(&data[..50]), PASS);
+        let k6 = key("fd00::1", 5000, "fd00::2", 22);
+        assert!(f.bypass(&k6, true));
+        assert_eq!(run(&v6(5000, 22, ACK, b"ssh data")), REDIRECT);
+        assert_eq!(run(&v6(5000, 23, ACK, b"x")), PASS);
+        // Given back: to the worker again.
+        f.restore(&fwd);
+        assert_eq!(run(&data), PASS);
     }
 
     /// The maps behave as the data plane relies on (needs root, as CI).

@@ -77,6 +77,13 @@ impl VnetHdr {
 pub struct VnetPort {
     fd: OwnedFd,
     iface: String,
+    ifindex: u32,
+}
+
+impl AsRawFd for VnetPort {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 impl VnetPort {
@@ -100,6 +107,7 @@ impl VnetPort {
         Ok(VnetPort {
             fd,
             iface: iface.into(),
+            ifindex,
         })
     }
 
@@ -109,6 +117,10 @@ impl VnetPort {
 
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
     }
 
     /// Reads up to `bufs.len()` frames in one system call (`recvmmsg`) without blocking;

@@ -58,12 +58,19 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
             }
         }
     };
+    let mut inspectors = inspectors;
+    // Held until the workers have stopped: dropping it detaches the kernel's forwarding.
+    let fast = fast_path(&mut inspectors, &ports);
+    vif.counters
+        .fast_path
+        .store(fast.is_some(), Ordering::Relaxed);
     vif.counters.attached.store(true, Ordering::Relaxed);
     log::info!(
-        "{name}: inspection attached (inline via {} on {}, {n} worker(s), fail {:?})",
+        "{name}: inspection attached (inline via {} on {}, {n} worker(s), fail {:?}, kernel fast path {})",
         splice.bport,
         splice.bridge,
-        cfg.fail
+        cfg.fail,
+        if fast.is_some() { "on" } else { "off" }
     );
     std::thread::scope(|s| {
         let mut work = inspectors.into_iter().zip(ports);
@@ -80,6 +87,8 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
             forward(ins, &guest, &sw, cfg);
         }
     });
+    drop(fast);
+    vif.counters.fast_path.store(false, Ordering::Relaxed);
     vif.counters.attached.store(false, Ordering::Relaxed);
     let why = vif.stop.load(Ordering::Relaxed);
     if why == DETACH || cfg.fail == FailMode::Open {
@@ -93,6 +102,54 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
             "{name}: left spliced out of {} (fail closed)",
             splice.bridge
         );
+    }
+}
+
+/// Starts the kernel fast path (`capture::bpf::FastPath`) between the vif and its inline port
+/// and the capture filter on every worker's ports, and has the workers hand directions to
+/// them. All or nothing: a port without the filter would forward frames the kernel forwards
+/// too. `None` (everything crosses the workers, as before) without the filter or tcx.
+fn fast_path(
+    inspectors: &mut [Inspector],
+    ports: &[(VnetPort, VnetPort)],
+) -> Option<crate::capture::bpf::FastPath> {
+    let first = inspectors.first()?;
+    let name = first.vif.ifname.clone();
+    let filter = first.vif.filter.clone()?;
+    let (vif_index, port_index) = ports.first().map(|(g, s)| (g.ifindex(), s.ifindex()))?;
+    let fast = match filter.fast_path(vif_index, port_index) {
+        Ok(f) => f,
+        Err(e) => {
+            log::info!("{name}: no inline fast path, every frame crosses the worker: {e}");
+            return None;
+        }
+    };
+    for (guest, sw) in ports {
+        if let Err(e) = filter.attach(guest).and_then(|()| filter.attach(sw)) {
+            log::warn!("{name}: no inline fast path (capture filter not attached: {e})");
+            return None;
+        }
+    }
+    for ins in inspectors.iter_mut() {
+        ins.use_filter(filter.clone(), vif_index, Some(port_index));
+    }
+    Some(fast)
+}
+
+/// A frame the capture filter copied headers-only (a handed-over direction's once-a-second
+/// sample, forwarded by the kernel itself): shorter than its IP header says.
+fn cut_short(frame: &[u8]) -> bool {
+    let be16 = |i: usize| {
+        frame
+            .get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    match be16(12) {
+        // IPv4 total length (0: a BIG TCP super-frame, length not in the header).
+        Some(0x0800) => be16(16).is_some_and(|l| l != 0 && frame.len() < 14 + l),
+        // IPv6 payload length after the 40-byte header.
+        Some(0x86dd) => be16(18).is_some_and(|l| l != 0 && frame.len() < 54 + l),
+        _ => false,
     }
 }
 
@@ -112,6 +169,8 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
     let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
     while !vif.stopping() {
         ins.maybe_reload();
+        // (at most ten times a second, busy or idle: what the kernel forwarded is counted)
+        ins.poll_counts();
         let spinning = last_active.is_some_and(|t| t.elapsed() < spin);
         let ready = match wait_readable(&fds, if spinning { 0 } else { idle_ms }) {
             Ok(r) => r,
@@ -146,6 +205,12 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
                     c.truncated.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                let frame = &bufs[i][VNET_HDR_LEN..r.len];
+                if ins.trim.is_some() && cut_short(frame) {
+                    // The kernel forwarded it; its headers keep the flow fresh here.
+                    ins.frame(frame, r.ts_ns, from_guest, true);
+                    continue;
+                }
                 let late = r.ts_ns != 0 && now.saturating_sub(r.ts_ns) > max_wait;
                 if late {
                     match cfg.fail {
@@ -157,9 +222,7 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
                             continue;
                         }
                     }
-                } else if ins.frame(&bufs[i][VNET_HDR_LEN..r.len], r.ts_ns, from_guest, false)
-                    == Verdict::Drop
-                {
+                } else if ins.frame(frame, r.ts_ns, from_guest, false) == Verdict::Drop {
                     c.verdict_drops.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -171,8 +234,13 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
                 c.send_errors
                     .fetch_add((frames.len() - sent) as u64, Ordering::Relaxed);
             }
+            // Handed to the kernel after this batch left, so that a direction's frames the
+            // kernel forwards from now on do not overtake it.
+            ins.sync_filter();
         }
     }
+    // The kernel forwards nothing this worker handed over any more.
+    ins.restore_all();
 }
 
 enum Retry {

@@ -57,6 +57,8 @@ pub struct VifCounters {
     pub ring_drops: AtomicU64,
     /// Inline: frames dropped by a `drop`/`reject` rule.
     pub verdict_drops: AtomicU64,
+    /// Inline: the kernel forwards handed-over directions itself (`capture::bpf::FastPath`).
+    pub fast_path: AtomicBool,
     /// Inline: frames forwarded uninspected because of overload (fail open).
     pub overload_bypassed: AtomicU64,
     /// Inline: frames dropped because of overload (fail closed), too long to read, or refused
@@ -133,6 +135,9 @@ pub struct VifStatus {
 /// Inline counters.
 #[derive(Clone, Debug, Serialize)]
 pub struct InlineStatus {
+    /// Handed-over directions (past the stream depth, pure ACKs of busy connections) are
+    /// forwarded by the kernel, counted in `uncopied`.
+    pub fast_path: bool,
     pub verdict_drops: u64,
     pub overload_bypassed: u64,
     pub overload_drops: u64,
@@ -305,11 +310,27 @@ struct Inspector {
     index: usize,
     /// What this worker last added to the vif's flow gauges (flows, evicted).
     reported: (u64, u64),
-    /// The capture filter this worker's ring has, and the ring's interface index: bypassed
-    /// directions are handed to it.
-    trim: Option<(Arc<CaptureFilter>, u32)>,
-    /// Worker 0 with a filter: what the kernel had counted at the last read, and when.
-    counted: (KernelCounts, Option<std::time::Instant>),
+    /// The capture filter this worker's sockets have: bypassed directions are handed to it.
+    trim: Option<Trim>,
+    /// Worker 0 with a filter: what the kernel had counted at the last read (on the vif, on
+    /// the inline port), and when.
+    counted: ([KernelCounts; 2], Option<std::time::Instant>),
+}
+
+/// Where a worker's handovers go: the filter, the vif's interface index and, inline, the
+/// inline port's (a direction is handed over on both: the kernel forwards it either way).
+struct Trim {
+    filter: Arc<CaptureFilter>,
+    ifindex: u32,
+    port: Option<u32>,
+}
+
+impl Trim {
+    fn keys(&self, t: crate::flow::DirTuple) -> impl Iterator<Item = DirKey> + '_ {
+        std::iter::once(self.ifindex)
+            .chain(self.port)
+            .map(move |i| DirKey::new(i, t))
+    }
 }
 
 impl Inspector {
@@ -326,7 +347,7 @@ impl Inspector {
                 index: 0,
                 reported: (0, 0),
                 trim: None,
-                counted: (KernelCounts::default(), None),
+                counted: (Default::default(), None),
             }),
             Err(e) => {
                 log::error!("{}: cannot build the matcher: {e}", vif.ifname);
@@ -363,19 +384,27 @@ impl Inspector {
         self.reported = (flows, evicted);
     }
 
-    /// Uses the kernel-side capture filter attached to the ring with this interface index:
-    /// directions past the stream depth (when not inspected there) are trimmed.
-    fn use_filter(&mut self, filter: Arc<CaptureFilter>, ifindex: u32) {
+    /// Uses the kernel-side capture filter attached to the sockets on interface `ifindex`
+    /// (and, inline, on the inline port `port`, with the fast path forwarding what it does
+    /// not copy): directions past the stream depth (when not inspected there) and pure ACKs
+    /// of busy connections are handed to the kernel.
+    fn use_filter(&mut self, filter: Arc<CaptureFilter>, ifindex: u32, port: Option<u32>) {
         // One worker per vif has the kernel count its frames (the count is per interface).
         if self.index == 0 {
-            if let Err(e) = filter.watch(ifindex) {
-                log::warn!(
-                    "{}: capture filter cannot count frames, copying them all: {e}",
-                    self.vif.ifname
-                );
+            for i in std::iter::once(ifindex).chain(port) {
+                if let Err(e) = filter.watch(i) {
+                    log::warn!(
+                        "{}: capture filter cannot count frames, copying them all: {e}",
+                        self.vif.ifname
+                    );
+                }
             }
         }
-        self.trim = Some((filter, ifindex));
+        self.trim = Some(Trim {
+            filter,
+            ifindex,
+            port,
+        });
         self.engine.bypass = Some(Vec::new());
     }
 
@@ -383,7 +412,7 @@ impl Inspector {
     /// ten reads a second) to the vif's counters, and the guest's frames among them to its
     /// packet-flood detector.
     fn poll_counts(&mut self) {
-        let Some((f, ifindex)) = &self.trim else {
+        let Some(trim) = &self.trim else {
             return;
         };
         let now = std::time::Instant::now();
@@ -396,17 +425,24 @@ impl Inspector {
             return;
         }
         self.counted.1 = Some(now);
-        let Some(k) = f.counts(*ifindex) else {
-            return;
-        };
-        let last = std::mem::replace(&mut self.counted.0, k);
-        let from = k.from_guest_frames.saturating_sub(last.from_guest_frames);
-        let frames = from + k.to_guest_frames.saturating_sub(last.to_guest_frames);
-        let bytes = (k.from_guest_bytes + k.to_guest_bytes)
-            .saturating_sub(last.from_guest_bytes + last.to_guest_bytes);
         let c = &self.vif.counters;
-        c.uncopied.fetch_add(frames, Ordering::Relaxed);
-        c.uncopied_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut from = 0;
+        for (n, i) in std::iter::once(trim.ifindex).chain(trim.port).enumerate() {
+            let Some(k) = trim.filter.counts(i) else {
+                continue;
+            };
+            let last = std::mem::replace(&mut self.counted.0[n], k);
+            let got = k.from_guest_frames.saturating_sub(last.from_guest_frames);
+            let frames = got + k.to_guest_frames.saturating_sub(last.to_guest_frames);
+            let bytes = (k.from_guest_bytes + k.to_guest_bytes)
+                .saturating_sub(last.from_guest_bytes + last.to_guest_bytes);
+            c.uncopied.fetch_add(frames, Ordering::Relaxed);
+            c.uncopied_bytes.fetch_add(bytes, Ordering::Relaxed);
+            // What arrives on the inline port comes from the bridge, towards the guest.
+            if n == 0 {
+                from = got;
+            }
+        }
         if from == 0 {
             return;
         }
@@ -437,23 +473,27 @@ impl Inspector {
 
     /// Passes the engine's handovers to the kernel and takes back those of flows gone.
     fn sync_filter(&mut self) {
-        let Some((f, ifindex)) = &self.trim else {
+        let Some(trim) = &self.trim else {
             return;
         };
+        let f = &trim.filter;
         if let Some(new) = self.engine.bypass.as_mut() {
             for (t, h) in new.drain(..) {
-                let k = DirKey::new(*ifindex, t);
-                match h {
-                    // A full map is counted by the filter; the direction stays copied.
-                    Handed::All | Handed::Empty => {
-                        f.bypass(&k, h == Handed::All);
+                for k in trim.keys(t) {
+                    match h {
+                        // A full map is counted by the filter; the direction stays copied.
+                        Handed::All | Handed::Empty => {
+                            f.bypass(&k, h == Handed::All);
+                        }
+                        Handed::Copied => f.restore(&k),
                     }
-                    Handed::Copied => f.restore(&k),
                 }
             }
         }
         for t in self.engine.flows.released.drain(..) {
-            f.restore(&DirKey::new(*ifindex, t));
+            for k in trim.keys(t) {
+                f.restore(&k);
+            }
         }
     }
 
@@ -464,8 +504,10 @@ impl Inspector {
         if self.index == 0 {
             self.counted.1 = None;
             self.poll_counts();
-            if let Some((f, ifindex)) = &self.trim {
-                f.unwatch(*ifindex);
+            if let Some(trim) = &self.trim {
+                for i in std::iter::once(trim.ifindex).chain(trim.port) {
+                    trim.filter.unwatch(i);
+                }
             }
         }
     }
@@ -574,10 +616,12 @@ impl Inspector {
 }
 
 /// Has the kernel copy every direction `engine` bypassed whole again.
-fn restore_bypassed(trim: &Option<(Arc<CaptureFilter>, u32)>, engine: &mut Engine) {
-    if let Some((f, ifindex)) = trim {
+fn restore_bypassed(trim: &Option<Trim>, engine: &mut Engine) {
+    if let Some(trim) = trim {
         for t in engine.take_bypassed() {
-            f.restore(&DirKey::new(*ifindex, t));
+            for k in trim.keys(t) {
+                trim.filter.restore(&k);
+            }
         }
     }
 }
@@ -1032,6 +1076,7 @@ impl DataPlane {
                         flows_evicted: ld(&c.flows_evicted),
                         flows_refused: ld(&c.flows_refused),
                         inline: (w.mode == Mode::Inline).then(|| InlineStatus {
+                            fast_path: c.fast_path.load(Ordering::Relaxed),
                             verdict_drops: ld(&c.verdict_drops),
                             overload_bypassed: ld(&c.overload_bypassed),
                             overload_drops: ld(&c.overload_drops),

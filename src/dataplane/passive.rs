@@ -39,7 +39,7 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, (ring_mib, block_ms):
     };
     if let Some(f) = &vif.filter {
         match f.attach(&ring) {
-            Ok(()) => ins.use_filter(f.clone(), ring.ifindex()),
+            Ok(()) => ins.use_filter(f.clone(), ring.ifindex(), None),
             Err(e) => log::warn!(
                 "{}: capture filter not attached, copying whole frames: {e}",
                 vif.ifname
