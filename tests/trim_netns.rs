@@ -66,6 +66,18 @@ struct Lab {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+impl Lab {
+    /// A server in guest 6 on port 9000 that reads one connection to its end, listening.
+    fn sink(&self) -> std::process::Child {
+        let server = Command::new("ip")
+            .args(["netns", "exec", &self.g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9000)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        server
+    }
+}
+
 /// `None` (the test reports itself skipped) without root or nft; panics if the capture
 /// filter did not load.
 fn lab(test: &str, antispoof: bool, rules: &str, extra: &str) -> Option<Lab> {
@@ -261,11 +273,7 @@ fn frames_counted_in_the_kernel_still_feed_the_flood_detector() {
         return;
     };
     let dir = &lab.dir;
-    let server = Command::new("ip")
-        .args(["netns", "exec", &lab.g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9000)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let server = lab.sink();
     // 2 MiB (past the 1 MiB depth), then three seconds of 64-byte segments.
     let out = Command::new("ip")
         .args(["netns", "exec", &lab.g5, "python3", "-c", "import socket,time\nc=socket.create_connection(('10.96.0.6', 9000), timeout=10)\nc.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\nc.sendall(b'a' * (2 << 20))\nn=0\nend=time.time()+3\nwhile time.time() < end:\n    c.send(b'b' * 64); n += 1\nc.close()\nprint(n)"])
@@ -331,11 +339,7 @@ fn pure_acks_are_counted_with_every_byte_inspected() {
         return;
     };
     let dir = &lab.dir;
-    let server = Command::new("ip")
-        .args(["netns", "exec", &lab.g6, "python3", "-c", "import socket\ns=socket.socket(); s.bind(('10.96.0.6', 9000)); s.listen(1); s.settimeout(20)\nc,_=s.accept()\nwhile c.recv(1 << 16): pass"])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let server = lab.sink();
     let client = Command::new("ip")
         .args(["netns", "exec", &lab.g5, "python3", "-c", "import socket\nc=socket.create_connection(('10.96.0.6', 9000), timeout=10)\nc.sendall(b'a' * (16 << 20) + b'end-of-upload-marker')\nc.close()"])
         .status()
