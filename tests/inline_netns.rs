@@ -173,6 +173,11 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
             })
         },
     );
+    let human = stdout(&cli(dir.path(), &["status"]));
+    assert!(
+        human.contains("inline kernel fast path: vif5.0 on"),
+        "{human}"
+    );
 
     // A drop rule on a payload split over two segments: the rest of the flow is dropped.
     let srv = sink(&g6, 8080, 3);

@@ -896,6 +896,18 @@ fn print_status(s: &serde_json::Value) {
             workers.join("/")
         );
     }
+    let fast: Vec<String> = vifs
+        .iter()
+        .filter(|(_, v)| v["inline"].is_object())
+        .map(|(name, v)| {
+            let on = v["inline"]["fast_path"].as_bool() == Some(true);
+            format!("{name} {}", if on { "on" } else { "OFF" })
+        })
+        .collect();
+    if !fast.is_empty() {
+        // OFF: every frame crosses the worker (Linux < 6.6 or no capture filter; the log says).
+        println!("inline kernel fast path: {}", fast.join(", "));
+    }
 }
 
 /// What `virtsec attach` waits for.
