@@ -165,6 +165,9 @@ pub struct InlineConfig {
     /// worker uses ~2% of a core there. 1–1000.
     #[serde(deserialize_with = "ms_1_to_1000")]
     pub idle_wake_ms: u32,
+    /// Let the kernel forward the directions there is nothing left to inspect in (past the
+    /// stream depth when not inspected there, pure ACKs of busy connections): Linux >= 6.6.
+    pub fast_path: bool,
 }
 
 impl Default for InlineConfig {
@@ -174,6 +177,7 @@ impl Default for InlineConfig {
             max_wait_us: 2000,
             spin_us: 50,
             idle_wake_ms: 1,
+            fast_path: true,
         }
     }
 }

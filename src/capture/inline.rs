@@ -57,6 +57,9 @@ pub struct Splice {
     pub iport: String,
 }
 
+/// The address netback gives every vif (never a bridge's lowest port address).
+const NETBACK_MAC: &str = "fe:ff:ff:ff:ff:ff";
+
 /// The inline port names of a vif: `(bridge side, inspector side)`.
 pub fn port_names(vif: &str) -> Option<(String, String)> {
     let rest = vif.strip_prefix("vif").unwrap_or(vif);
@@ -163,8 +166,25 @@ pub fn prepare(vif: &str) -> Result<Splice, TopologyError> {
         run(&["ip", "link", "del", &bport])?;
     }
     let mtu = mtu.to_string();
+    // The bridge-side port gets netback's vif address, fe:ff:ff:ff:ff:ff, for netback's
+    // reason: a Linux bridge without an assigned address takes its lowest port's, and a
+    // random one here could become the bridge's, changing the host's address under every
+    // guest's ARP cache (the real-Xen harness lost dom0's connectivity that way).
     run(&[
-        "ip", "link", "add", &bport, "mtu", &mtu, "type", "veth", "peer", "name", &iport, "mtu",
+        "ip",
+        "link",
+        "add",
+        &bport,
+        "address",
+        NETBACK_MAC,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &iport,
+        "mtu",
         &mtu,
     ])?;
     // The vif's name in the port's alias: `virtsec inline restore` finds it from the kernel.

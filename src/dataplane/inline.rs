@@ -60,7 +60,11 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
     };
     let mut inspectors = inspectors;
     // Held until the workers have stopped: dropping it detaches the kernel's forwarding.
-    let fast = fast_path(&mut inspectors, &ports);
+    let fast = if cfg.fast_path {
+        fast_path(&mut inspectors, &ports)
+    } else {
+        None
+    };
     vif.counters
         .fast_path
         .store(fast.is_some(), Ordering::Relaxed);

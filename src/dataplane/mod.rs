@@ -363,8 +363,9 @@ impl Inspector {
             let mut old = std::mem::replace(&mut self.engine, e);
             // The new engine starts its flows afresh: it must see their payload again.
             restore_bypassed(&self.trim, &mut old);
-            if self.trim.is_some() {
+            if let Some(trim) = &self.trim {
                 self.engine.bypass = Some(Vec::new());
+                self.engine.hand_empty = trim.port.is_none();
             }
         }
         // Flow-table use and evictions, as deltas so a vif's workers add up.
@@ -400,6 +401,7 @@ impl Inspector {
                 }
             }
         }
+        self.engine.hand_empty = port.is_none();
         self.trim = Some(Trim {
             filter,
             ifindex,

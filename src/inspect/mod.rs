@@ -82,11 +82,13 @@ pub const HANDOVER_AFTER: u64 = 64;
 /// segments without payload with it, once the flow is established and has carried
 /// `HANDOVER_AFTER` packets; gives both back when the flow ends (FIN or RST), so that its
 /// last segments and any reuse of the tuple are copied. Records changes in `out`.
+/// With `empty` false (inline) nothing is handed over `Empty`: only directions whole.
 fn handover(
     out: &mut Vec<(DirTuple, Handed)>,
     flow: &mut Flow<FlowDetect>,
     dir: usize,
     want: Handed,
+    empty: bool,
 ) {
     if flow.key.proto != Proto::Tcp {
         return;
@@ -107,6 +109,9 @@ fn handover(
         return;
     }
     for (d, h) in [(dir, want), (1 - dir, Handed::Empty)] {
+        if h == Handed::Empty && !empty {
+            continue;
+        }
         // `All` is never taken back to `Empty` (only given back whole).
         if flow.handed[d] == Handed::Copied || (h == Handed::All && flow.handed[d] == Handed::Empty)
         {
@@ -127,6 +132,11 @@ pub struct Engine {
     /// kernel changed, for the data plane to pass on (`Handed::Copied`: give it back). `None`
     /// (offline, inline): not recorded.
     pub bypass: Option<Vec<(crate::flow::DirTuple, Handed)>>,
+    /// Whether segments without payload may be handed over (`Handed::Empty`). Inline mode
+    /// hands over whole directions only: with the kernel forwarding the pure ACKs of busy
+    /// connections, one in four bulk transfers over four inline workers stalled (cause not
+    /// isolated; docs/inline.md).
+    pub hand_empty: bool,
     fired: Vec<u32>,
 }
 
@@ -139,6 +149,7 @@ impl Engine {
             alerts: 0,
             payload_bytes: 0,
             bypass: None,
+            hand_empty: true,
             fired: Vec::new(),
         }
     }
@@ -161,7 +172,7 @@ impl Engine {
         let flow = seen.flow;
         let dir = seen.dir;
         if let Some(out) = self.bypass.as_mut() {
-            handover(out, flow, dir, Handed::Empty);
+            handover(out, flow, dir, Handed::Empty, self.hand_empty);
         }
         let stream_stats = seen.stream;
         let ctx = Ctx {
@@ -195,7 +206,7 @@ impl Engine {
                     if !stream_limits.inspect_past_depth {
                         flow.bypassed[dir] = true;
                         if let Some(out) = self.bypass.as_mut() {
-                            handover(out, flow, dir, Handed::All);
+                            handover(out, flow, dir, Handed::All, self.hand_empty);
                         }
                         return Verdict::Pass;
                     }
@@ -262,7 +273,7 @@ impl Engine {
     pub fn track(&mut self, p: &Packet<'_>, ts_us: u64) {
         if let Some(seen) = self.flows.track(p, ts_us) {
             if let Some(out) = self.bypass.as_mut() {
-                handover(out, seen.flow, seen.dir, Handed::All);
+                handover(out, seen.flow, seen.dir, Handed::All, self.hand_empty);
             }
         }
     }

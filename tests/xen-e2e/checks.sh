@@ -354,6 +354,47 @@ if [ -n "$G2" ]; then
     virtsec release guest2 --reason "e2e: requests done" >/dev/null 2>&1
 fi
 
+# 8d2. Inline on netback: with an inline policy guest2's vif is spliced out of xenbr0 and
+#      virtsecd forwards its frames (PACKET_VNET_HDR, the guest's offloads on); its pings to
+#      dom0 still arrive; an inline drop rule then stops them at the splice. Fail open, so the
+#      stop that follows puts the vif back on its bridge for the checks after this one.
+vif_master() { ip -j link show dev "$1" 2>/dev/null | jq -r '.[0].master // "none"'; }
+if [ -n "$G2" ]; then
+    kill "$(cat /run/virtsecd.pid)"; sleep 0.5
+    cp /run/e2e.toml /run/e2e-passive.toml; cp /run/e2e.rules /run/e2e-passive.rules
+    sed -i 's|^fail = "closed"|fail = "open"|' /run/e2e.toml
+    printf '\n[[policy]]\nname = "guest2"\nmode = "inline"\n' >> /run/e2e.toml
+    start_virtsecd
+    if until_ms 20000 sh -c "virtsec status --json | jq -e '.inspection[\"vif$G2.0\"] | .mode == \"inline\" and .attached'" \
+       && [ "$(vif_master "vif$G2.0")" = none ] && [ "$(vif_master "vsb$G2.0")" = xenbr0 ]; then
+        e0=$(in_echos)
+        if until_ms 10000 sh -c "[ \$(awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if (\$i == \"InEchos\") c = i; h = 1 } else print \$c }' /proc/net/snmp) -gt $((e0 + 2)) ]"; then
+            ok "inline on netback: vif$G2.0 spliced out of xenbr0 (vsb$G2.0 in its place), guest2's pings cross the worker" "InEchos $e0 -> $(in_echos); $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v] | {frames, inline}')"
+        else
+            notok "inline on netback: guest2's pings cross the worker" "InEchos $e0 -> $(in_echos); $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v]'); $(for i in vif$G2.0 vsi$G2.0 vsb$G2.0 xenbr0; do echo "$i rx $(cat /sys/class/net/$i/statistics/rx_packets) tx $(cat /sys/class/net/$i/statistics/tx_packets) txdrop $(cat /sys/class/net/$i/statistics/tx_dropped)"; done | tr '\n' ';'); $(bridge link | tr '\n' ';'); $(nft list ruleset 2>&1 | tr '\n' ' ' | cut -c1-600)"
+        fi
+        echo 'drop icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: inline drop"; content:"|00 00 00 00 00 00 00 00|"; sid:9002; rev:1;)' >> /run/e2e.rules
+        virtsec rules reload >/tmp/reload.log 2>&1; sleep 1
+        e0=$(in_echos); sleep 3; e1=$(in_echos)
+        drops=$(virtsec status --json | jq --arg v "vif$G2.0" '.inspection[$v].inline.verdict_drops')
+        if [ "$e0" = "$e1" ] && [ "${drops:-0}" -gt 0 ]; then
+            ok "inline on netback: a drop rule stops guest2's pings at the splice" "InEchos $e0 -> $e1 in 3 s, $drops verdict drops"
+        else
+            notok "inline on netback: a drop rule stops guest2's pings" "InEchos $e0 -> $e1, verdict drops $drops; $(cat /tmp/reload.log)"
+        fi
+    else
+        notok "inline on netback: vif$G2.0 spliced and attached" "master $(vif_master "vif$G2.0"); $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v]'); $(tail -5 /var/log/virtsecd.log | tr '\n' ' ')"
+    fi
+    kill "$(cat /run/virtsecd.pid)"; sleep 0.5
+    mv /run/e2e-passive.toml /run/e2e.toml; mv /run/e2e-passive.rules /run/e2e.rules
+    start_virtsecd
+    if until_ms 15000 in_sync && until_ms 10000 sh -c "[ \"\$(ip -j link show dev vif$G2.0 | jq -r '.[0].master')\" = xenbr0 ]"; then
+        ok "fail open: the stopped service put vif$G2.0 back on xenbr0; passive again" "$(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v].mode')"
+    else
+        notok "fail open: vif$G2.0 back on xenbr0" "master $(vif_master "vif$G2.0"); $(ip -br link | tr '\n' ' ')"
+    fi
+fi
+
 # 8e. Detach: the quarantine removes guest2's vif from the running guest (xl network-detach);
 #     the release lifts the record and leaves re-attaching to the operator.
 if [ -n "$G2" ]; then
