@@ -12,7 +12,7 @@
 //! disconnected in `status`, redials with exponential back-off, re-registers every watch and
 //! runs a full reconcile: state is rebuilt from XenStore truth, never from memory.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -171,10 +171,10 @@ struct State {
     last_status_publish: Instant,
     last_status_body: Option<String>,
     last_counters_publish: Instant,
-    /// Per-vif counters as last written to XenStore on this connection, by node path;
+    /// Per-vif counters as last written to XenStore on this connection, by (domid, node);
     /// `None` until the first publication, which starts by removing what an earlier run or
     /// connection left.
-    published_counters: Option<std::collections::BTreeMap<String, String>>,
+    published_counters: Option<BTreeMap<(u32, String), String>>,
     /// XenStore quarantine requests being read: (value, permissions) per id.
     #[allow(clippy::type_complexity)]
     requests: std::collections::HashMap<
@@ -779,22 +779,23 @@ impl State {
         self.last_counters_publish = Instant::now();
         let Some(dp) = &self.dataplane else { return };
         let stats = dp.status();
-        let mut now = std::collections::BTreeMap::new();
+        // Anti-spoofing drops per vif (the report keeps them per vif and reason).
+        let mut spoof: BTreeMap<&str, u64> = BTreeMap::new();
+        for ((ifname, _), n) in self.violations.iter().flatten() {
+            *spoof.entry(ifname.as_str()).or_default() += n;
+        }
+        let mut now = BTreeMap::new();
         for g in self.inventory.values() {
             for v in g.vifs.values() {
-                let names = std::iter::once((v.ifname.as_str(), String::new()))
-                    .chain(v.emu_ifname.as_deref().map(|e| (e, "-emu".to_string())));
-                for (ifname, suffix) in names {
+                let names = std::iter::once((v.ifname.as_str(), v.devid.to_string())).chain(
+                    v.emu_ifname
+                        .as_deref()
+                        .map(|e| (e, format!("{}-emu", v.devid))),
+                );
+                for (ifname, node) in names {
                     let Some(st) = stats.get(ifname) else {
                         continue;
                     };
-                    let spoof: u64 = self
-                        .violations
-                        .iter()
-                        .flatten()
-                        .filter(|((i, _), _)| i == ifname)
-                        .map(|(_, n)| n)
-                        .sum();
                     let body = serde_json::json!({
                         "vif": ifname,
                         "domid": g.domid,
@@ -808,14 +809,10 @@ impl State {
                         "lost": st.ring_drops
                             + st.inline.as_ref().map_or(0, |i| i.overload_drops),
                         "alerts": st.alerts,
-                        "antispoof_drops": spoof,
+                        "antispoof_drops": spoof.get(ifname).copied().unwrap_or(0),
                     })
                     .to_string();
-                    let path = format!(
-                        "/local/domain/{d}/virtsec/vif/{}/{}{suffix}",
-                        g.domid, v.devid
-                    );
-                    now.insert(path, body);
+                    now.insert((g.domid, node), body);
                 }
             }
         }
@@ -830,24 +827,24 @@ impl State {
                 Default::default()
             }
         };
-        for (path, body) in &now {
-            if before.get(path) != Some(body) {
+        for ((domid, node), body) in &now {
+            if before.get(&(*domid, node.clone())) != Some(body) {
+                let path = format!("{dir}/{domid}/{node}");
                 self.submit(
                     Request::Write(path.clone(), body.clone().into_bytes()),
-                    Op::Publish(path.clone()),
+                    Op::Publish(path),
                 );
             }
         }
         // A guest gone entirely takes its directory along, else only the vif's node goes.
-        let guest_dir = |p: &str| {
-            p.rsplit_once('/')
-                .map_or(String::new(), |(g, _)| g.to_string())
-        };
-        let live: BTreeSet<String> = now.keys().map(|p| guest_dir(p)).collect();
+        let live: BTreeSet<u32> = now.keys().map(|(domid, _)| *domid).collect();
         let mut gone = BTreeSet::new();
-        for path in before.keys().filter(|p| !now.contains_key(*p)) {
-            let g = guest_dir(path);
-            gone.insert(if live.contains(&g) { path.clone() } else { g });
+        for (domid, node) in before.keys().filter(|k| !now.contains_key(*k)) {
+            gone.insert(if live.contains(domid) {
+                format!("{dir}/{domid}/{node}")
+            } else {
+                format!("{dir}/{domid}")
+            });
         }
         for path in gone {
             self.submit(Request::Rm(path.clone()), Op::Publish(path));

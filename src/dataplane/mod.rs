@@ -326,10 +326,13 @@ struct Trim {
 }
 
 impl Trim {
+    /// The vif's interface index, then the inline port's.
+    fn ifindexes(&self) -> impl Iterator<Item = u32> {
+        std::iter::once(self.ifindex).chain(self.port)
+    }
+
     fn keys(&self, t: crate::flow::DirTuple) -> impl Iterator<Item = DirKey> + '_ {
-        std::iter::once(self.ifindex)
-            .chain(self.port)
-            .map(move |i| DirKey::new(i, t))
+        self.ifindexes().map(move |i| DirKey::new(i, t))
     }
 }
 
@@ -363,10 +366,7 @@ impl Inspector {
             let mut old = std::mem::replace(&mut self.engine, e);
             // The new engine starts its flows afresh: it must see their payload again.
             restore_bypassed(&self.trim, &mut old);
-            if let Some(trim) = &self.trim {
-                self.engine.bypass = Some(Vec::new());
-                self.engine.hand_empty = trim.port.is_none();
-            }
+            self.arm_engine();
         }
         // Flow-table use and evictions, as deltas so a vif's workers add up.
         let c = &self.vif.counters;
@@ -387,13 +387,18 @@ impl Inspector {
 
     /// Uses the kernel-side capture filter attached to the sockets on interface `ifindex`
     /// (and, inline, on the inline port `port`, with the fast path forwarding what it does
-    /// not copy): directions past the stream depth (when not inspected there) and pure ACKs
-    /// of busy connections are handed to the kernel.
+    /// not copy): directions past the stream depth (when not inspected there), and in passive
+    /// mode the pure ACKs of busy connections, are handed to the kernel.
     fn use_filter(&mut self, filter: Arc<CaptureFilter>, ifindex: u32, port: Option<u32>) {
+        let trim = Trim {
+            filter,
+            ifindex,
+            port,
+        };
         // One worker per vif has the kernel count its frames (the count is per interface).
         if self.index == 0 {
-            for i in std::iter::once(ifindex).chain(port) {
-                if let Err(e) = filter.watch(i) {
+            for i in trim.ifindexes() {
+                if let Err(e) = trim.filter.watch(i) {
                     log::warn!(
                         "{}: capture filter cannot count frames, copying them all: {e}",
                         self.vif.ifname
@@ -401,13 +406,17 @@ impl Inspector {
                 }
             }
         }
-        self.engine.hand_empty = port.is_none();
-        self.trim = Some(Trim {
-            filter,
-            ifindex,
-            port,
-        });
-        self.engine.bypass = Some(Vec::new());
+        self.trim = Some(trim);
+        self.arm_engine();
+    }
+
+    /// Has the engine record its handovers when there is a filter to pass them to: whole
+    /// directions, and in passive mode (no inline port) segments without payload too.
+    fn arm_engine(&mut self) {
+        if let Some(trim) = &self.trim {
+            self.engine.bypass = Some(Vec::new());
+            self.engine.hand_empty = trim.port.is_none();
+        }
     }
 
     /// Worker 0: adds what the kernel counted without copying since the last read (at most
@@ -429,7 +438,7 @@ impl Inspector {
         self.counted.1 = Some(now);
         let c = &self.vif.counters;
         let mut from = 0;
-        for (n, i) in std::iter::once(trim.ifindex).chain(trim.port).enumerate() {
+        for (n, i) in trim.ifindexes().enumerate() {
             let Some(k) = trim.filter.counts(i) else {
                 continue;
             };
@@ -507,7 +516,7 @@ impl Inspector {
             self.counted.1 = None;
             self.poll_counts();
             if let Some(trim) = &self.trim {
-                for i in std::iter::once(trim.ifindex).chain(trim.port) {
+                for i in trim.ifindexes() {
                     trim.filter.unwatch(i);
                 }
             }
