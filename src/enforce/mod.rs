@@ -237,6 +237,9 @@ fn remove_script(ifname: &str) -> String {
     s
 }
 
+/// Anti-spoofing drop counters: reason → packets, per chain (`*` for the default deny).
+pub type Counters = BTreeMap<String, BTreeMap<String, u64>>;
+
 pub(crate) fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -339,7 +342,7 @@ impl AntiSpoof {
 
     /// Drop counters per vif and reason (`spoof-mac`, `spoof-ip4`, ...), plus the default deny
     /// (`no-policy-yet`, under the key `*`).
-    pub fn counters() -> BTreeMap<String, BTreeMap<String, u64>> {
+    pub fn counters() -> Counters {
         let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let Ok(o) = Command::new("nft")
             .args(["-j", "list", "table", "bridge", "virtsec"])
