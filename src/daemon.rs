@@ -849,8 +849,7 @@ impl State {
                         "frames": st.frames + st.uncopied,
                         "bytes": st.bytes + st.uncopied_bytes,
                         "inspected_frames": st.frames,
-                        "lost": st.ring_drops
-                            + st.inline.as_ref().map_or(0, |i| i.overload_drops),
+                        "lost": st.lost,
                         "alerts": st.alerts,
                         "antispoof_drops": spoof.get(ifname).copied().unwrap_or(0),
                     })

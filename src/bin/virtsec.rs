@@ -864,11 +864,6 @@ fn print_status(s: &serde_json::Value) {
     );
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     for (name, v) in vifs {
-        let il = &v["inline"];
-        let lost = n(&v["ring_drops"])
-            + n(&il["overload_drops"])
-            + n(&il["truncated"])
-            + n(&il["send_errors"]);
         let workers: Vec<String> = v["workers"]
             .as_array()
             .into_iter()
@@ -888,7 +883,7 @@ fn print_status(s: &serde_json::Value) {
             n(&v["frames"]),
             n(&v["trimmed"]),
             n(&v["uncopied"]),
-            lost,
+            n(&v["lost"]),
             n(&v["flows"]),
             n(&v["flows_evicted"]),
             n(&v["flows_refused"]),

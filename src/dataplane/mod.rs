@@ -103,6 +103,21 @@ impl VifCounters {
             .map(|w| w.load(Ordering::Relaxed))
             .sum()
     }
+
+    /// Frames lost to inspection: ring overflow (passive); overload drops, frames too long
+    /// to read and frames the kernel refused on send (inline). The one definition behind
+    /// `virtsec status`'s LOST, the XenStore counters' `lost` and `virtsec_vif_drops_total`.
+    pub fn lost(&self) -> u64 {
+        [
+            &self.ring_drops,
+            &self.overload_drops,
+            &self.truncated,
+            &self.send_errors,
+        ]
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .sum()
+    }
 }
 
 /// Serialisable snapshot of [`VifCounters`].
@@ -115,6 +130,8 @@ pub struct VifStatus {
     pub bytes: u64,
     pub alerts: u64,
     pub ring_drops: u64,
+    /// Frames lost to inspection, all causes ([`VifCounters::lost`]).
+    pub lost: u64,
     /// Frames copied headers-only by the kernel (their payload is inspected elsewhere or
     /// bypassed past the stream depth).
     pub trimmed: u64,
@@ -987,12 +1004,7 @@ impl DataPlane {
             ("virtsec_vif_bytes_total", "counter", "Bytes seen on a vif.", |c| c.bytes.load(Ordering::Relaxed)),
             ("virtsec_vif_uncopied_frames_total", "counter", "Frames the capture filter counted on a vif without copying them (nothing in them to inspect there).", |c| c.uncopied.load(Ordering::Relaxed)),
             ("virtsec_vif_uncopied_bytes_total", "counter", "Bytes of the frames counted without copying.", |c| c.uncopied_bytes.load(Ordering::Relaxed)),
-            ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| {
-                [&c.ring_drops, &c.overload_drops, &c.truncated, &c.send_errors]
-                    .iter()
-                    .map(|a| a.load(Ordering::Relaxed))
-                    .sum()
-            }),
+            ("virtsec_vif_drops_total", "counter", "Frames lost to inspection on a vif: ring overflow (passive), overload/truncation/send errors (inline).", |c| c.lost()),
             ("virtsec_vif_verdict_drops_total", "counter", "Frames dropped inline by drop/reject rules.", |c| c.verdict_drops.load(Ordering::Relaxed)),
             ("virtsec_vif_flows", "gauge", "Flows tracked for a vif (flow table use).", |c| c.flows.load(Ordering::Relaxed)),
             ("virtsec_vif_flows_evicted_total", "counter", "Flows evicted because the flow table was full.", |c| c.flows_evicted.load(Ordering::Relaxed)),
@@ -1079,6 +1091,7 @@ impl DataPlane {
                         bytes: ld(&c.bytes),
                         alerts: ld(&c.alerts),
                         ring_drops: ld(&c.ring_drops),
+                        lost: c.lost(),
                         trimmed: ld(&c.trimmed),
                         uncopied: ld(&c.uncopied),
                         uncopied_bytes: ld(&c.uncopied_bytes),
@@ -1129,5 +1142,27 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_counts_every_cause_once() {
+        let c = VifCounters::new(2);
+        for (a, n) in [
+            (&c.ring_drops, 1),
+            (&c.overload_drops, 10),
+            (&c.truncated, 100),
+            (&c.send_errors, 1000),
+            // Not losses: verdicts and fail-open bypasses were the policy's choice.
+            (&c.verdict_drops, 10_000),
+            (&c.overload_bypassed, 100_000),
+        ] {
+            a.store(n, Ordering::Relaxed);
+        }
+        assert_eq!(c.lost(), 1111);
     }
 }
