@@ -166,8 +166,19 @@ pub struct InlineConfig {
     #[serde(deserialize_with = "ms_1_to_1000")]
     pub idle_wake_ms: u32,
     /// Let the kernel forward the directions there is nothing left to inspect in (past the
-    /// stream depth when not inspected there, pure ACKs of busy connections): Linux >= 6.6.
+    /// stream depth when not inspected there; another local guest's once busy).
     pub fast_path: bool,
+    /// How the fast path's programs are attached: `auto` (tcx where the kernel has it, Linux
+    /// 6.6, else a tc `cls_bpf` filter) or `tc` (always the filter).
+    pub fast_path_attach: FastPathAttach,
+}
+
+/// `[inspect.inline] fast_path_attach`
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathAttach {
+    Auto,
+    Tc,
 }
 
 impl Default for InlineConfig {
@@ -178,6 +189,7 @@ impl Default for InlineConfig {
             spin_us: 50,
             idle_wake_ms: 1,
             fast_path: true,
+            fast_path_attach: FastPathAttach::Auto,
         }
     }
 }

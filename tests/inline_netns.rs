@@ -373,3 +373,143 @@ fn inline_workers_keep_each_connection_on_one_worker() {
         "the workers carried {crossed} of 16 MiB: {v}"
     );
 }
+
+/// `tc filter show` of this service's fast-path filters on `dev`'s ingress in `dd`.
+fn fast_path_filters(dd: &str, dev: &str) -> usize {
+    let out = Command::new("tc")
+        .args(["-n", dd, "filter", "show", "dev", dev, "ingress"])
+        .output()
+        .unwrap();
+    stdout(&out).matches("virtsec_fast_path").count()
+}
+
+/// The fast path attached as tc `cls_bpf` filters (`fast_path_attach = "tc"`: what a kernel
+/// without tcx, such as Debian 12's 6.1, gets). An upload past the stream depth is forwarded
+/// by the kernel and arrives whole. SIGKILLed, the service leaves its filters behind (they
+/// are not owned by a file descriptor), yet once their lease is over they forward nothing of
+/// that connection: fail closed holds. A restart replaces them (one per interface), a clean
+/// stop removes them.
+#[test]
+fn the_tc_fast_path_forwards_nothing_once_its_service_is_gone() {
+    if !usable() {
+        eprintln!("SKIPPED the_tc_fast_path_forwards_nothing_once_its_service_is_gone: needs root, nft, tc");
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let _log = LogOnPanic(dir.path().to_path_buf());
+    let id = std::process::id();
+    let (dd, g5, g6) = (format!("vit{id}"), format!("vit5{id}"), format!("vit6{id}"));
+    bridge_domain(&dd, None);
+    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.97.0.5/24");
+    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.97.0.6/24");
+    let (_xs, mut ts) = lab_toolstack(dir.path());
+    let rules = dir.path().join("inline.rules");
+    std::fs::write(
+        &rules,
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7103; rev:1;)\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        "[inspect]\nrules = [{:?}]\neve = {:?}\ninspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000\nfast_path_attach = \"tc\"\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
+        rules.display().to_string(),
+        dir.path().join("eve.json").display().to_string()
+    );
+    let mut d = virtsecd_with(dir.path(), Some(&dd), &cfg);
+    for (domid, name) in [(5, "web"), (6, "db")] {
+        ts.create(&bridged_spec(domid, name, "10.97.0"), None)
+            .unwrap();
+    }
+    let attached = |dir: &std::path::Path| {
+        status(dir).is_some_and(|s| {
+            let v = &s["inspection"]["vif5.0"];
+            v["attached"] == true && v["mode"] == "inline" && v["inline"]["fast_path"] == true
+        })
+    };
+    wait_for(
+        "vif5.0 inline with its fast path",
+        Duration::from_secs(10),
+        || attached(dir.path()),
+    );
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 1);
+    assert_eq!(fast_path_filters(&dd, "vsi5.0"), 1);
+    wait_for("guests talking", Duration::from_secs(5), || {
+        ping(&g5, &["10.97.0.6"])
+    });
+
+    // One connection: 4 MiB (past the 1 MiB depth: the kernel forwards the rest), then, once
+    // the service is gone and the lease over, 1 MiB more.
+    let (sent, go) = (dir.path().join("sent"), dir.path().join("go"));
+    let srv = sink(&g6, 5003, 6);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &g5,
+            "python3",
+            "-c",
+            &format!(
+                "import socket,os,time\nc=socket.create_connection(('10.97.0.6',5003),timeout=5)\nc.sendall(b'z'*(4<<20))\nopen({sent:?},'w').close()\nend=time.time()+20\nwhile not os.path.exists({go:?}) and time.time()<end: time.sleep(0.05)\nc.settimeout(1)\ntry: c.sendall(b'z'*(1<<20))\nexcept Exception: pass\n",
+                sent = sent.display().to_string(),
+                go = go.display().to_string()
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    wait_for("4 MiB written", Duration::from_secs(10), || sent.exists());
+    std::thread::sleep(Duration::from_millis(1000));
+    let v = status(dir.path()).unwrap()["inspection"]["vif5.0"].clone();
+    assert!(
+        v["uncopied_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "the kernel forwarded little of the upload: {v}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("virtsecd.log")).unwrap_or_default();
+    assert!(log.contains("kernel fast path on (tc cls_bpf)"), "{log}");
+
+    d.sigkill();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Left behind, and inert: the connection's next MiB does not pass.
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 1);
+    std::fs::write(&go, b"").unwrap();
+    let _ = client.wait();
+    assert_eq!(
+        sink_count(srv),
+        4 << 20,
+        "the fast path forwarded after its service died"
+    );
+
+    // Restarted: the filters are replaced, not stacked; a clean stop removes them.
+    d = virtsecd_with(dir.path(), Some(&dd), &cfg);
+    wait_for("vif5.0 inline again", Duration::from_secs(10), || {
+        attached(dir.path())
+    });
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 1);
+    assert_eq!(fast_path_filters(&dd, "vsi5.0"), 1);
+    assert!(ping(&g5, &["10.97.0.6"]), "no traffic after the restart");
+    d.sigterm();
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 0);
+    assert_eq!(fast_path_filters(&dd, "vsi5.0"), 0);
+    // Killed again: `virtsec inline restore` (the unit's ExecStopPost) takes the filter off
+    // the vif as it puts the vif back on its bridge.
+    d = virtsecd_with(dir.path(), Some(&dd), &cfg);
+    wait_for(
+        "vif5.0 inline a third time",
+        Duration::from_secs(10),
+        || attached(dir.path()),
+    );
+    d.sigkill();
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 1);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &dd, VIRTSEC, "inline", "restore"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(link_master(&dd, "vif5.0").as_deref(), Some("xenbr0"));
+    assert_eq!(fast_path_filters(&dd, "vif5.0"), 0);
+}

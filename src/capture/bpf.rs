@@ -172,6 +172,7 @@ const LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type`: tcx ingress (Linux 6.6).
 const ATTACH_TCX_INGRESS: u32 = 46;
 const MAP_TYPE_HASH: u32 = 1;
+const MAP_TYPE_ARRAY: u32 = 2;
 /// One value per CPU: the counters are added to without atomics or cache-line traffic
 /// between the CPUs of a guest's two directions.
 const MAP_TYPE_PERCPU_HASH: u32 = 5;
@@ -229,14 +230,20 @@ fn map_create(
     value_size: u32,
     max_entries: u32,
 ) -> Result<OwnedFd, BpfError> {
-    // Entries are allocated as directions are bypassed, not all up front (a preallocated
-    // 65,536-entry map would pin ~6 MiB of kernel memory for a mostly empty table).
+    // Hash entries are allocated as directions are bypassed, not all up front (a preallocated
+    // 65,536-entry map would pin ~6 MiB of kernel memory for a mostly empty table); an array
+    // is always preallocated.
+    let flags = if map_type == MAP_TYPE_ARRAY {
+        0
+    } else {
+        BPF_F_NO_PREALLOC
+    };
     let mut a = Attr::new()
         .u32(0, map_type)
         .u32(4, key_size)
         .u32(8, value_size)
         .u32(12, max_entries)
-        .u32(16, BPF_F_NO_PREALLOC);
+        .u32(16, flags);
     let fd = bpf(MAP_CREATE, &mut a).map_err(|source| BpfError::Sys {
         what: "creating an eBPF map",
         source,
@@ -615,7 +622,7 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
 /// SYN, FIN and RST included, continues to the worker. These are exactly the frames the
 /// capture filter on the worker's socket does not copy (or copies as a header-only sample,
 /// which the worker inspects and does not forward).
-fn fast_path_program(flows: i32, to: u32) -> Result<Vec<asm::Insn>, String> {
+fn fast_path_program(flows: i32, lease: i32, to: u32) -> Result<Vec<asm::Insn>, String> {
     use asm::*;
     const TC_PASS: i32 = 0;
     let mut p = Prog::new();
@@ -628,9 +635,20 @@ fn fast_path_program(flows: i32, to: u32) -> Result<Vec<asm::Insn>, String> {
         .jeqi(R0, 0, "pass");
     p.ldxw(R1, R0, 0).jeqi(R1, MODE_TRIM as i32, "redirect");
     p.jseti(R8, EMPTY, "redirect").ja("pass");
-    // bpf_redirect(to, 0): out of `to` (egress); returns TC_ACT_REDIRECT.
+    // Only while the workers renew the lease (entry 0 of `lease`: until when, ktime ns): a
+    // filter that outlived its service forwards nothing.
     p.label("redirect")
-        .movi(R1, to as i32)
+        .stw(R10, MACK, 0)
+        .ldmap(R1, lease)
+        .mov(R2, R10)
+        .addi(R2, MACK.into())
+        .call(HELPER_MAP_LOOKUP)
+        .jeqi(R0, 0, "pass")
+        .ldxdw(R7, R0, 0)
+        .call(HELPER_KTIME_NS)
+        .jge(R0, R7, "pass");
+    // bpf_redirect(to, 0): out of `to` (egress); returns TC_ACT_REDIRECT.
+    p.movi(R1, to as i32)
         .movi(R2, 0)
         .call(HELPER_REDIRECT)
         .exit();
@@ -681,15 +699,80 @@ fn load_program(
     }
 }
 
-/// The inline fast path of one spliced vif: two tc programs (tcx ingress), one on the vif
-/// and one on its inline port, forward the frames of handed-over directions straight to the
-/// other side, so a connection past the stream depth (`inspect_past_depth = false`) and the
-/// pure ACKs of busy connections no longer cross user space. Dropping it (the worker stops,
-/// the service dies) detaches both: every frame then reaches the worker again, or with no
-/// worker, the splice's drop rule (fail closed).
+/// The inline fast path of one spliced vif: two tc programs, one on the vif's ingress and one
+/// on its inline port's, forward the frames of handed-over directions straight to the other
+/// side, so a connection past the stream depth (`inspect_past_depth = false`) no longer
+/// crosses user space. They are attached as tcx links (Linux 6.6), owned by this value, or
+/// else as `cls_bpf` filters (`capture::tc`), removed when this is dropped. Either way they
+/// redirect only under a lease the workers renew ([`FastPath::renew`]): a service that is
+/// SIGKILLed or stuck leaves no forwarding behind, even where a filter outlives it. Without
+/// the fast path every frame reaches the worker again, or with no worker, the splice's drop
+/// rule (fail closed).
 pub struct FastPath {
     _progs: [OwnedFd; 2],
-    _links: [OwnedFd; 2],
+    attached: Attachment,
+    lease: OwnedFd,
+    lease_ns: u64,
+    /// When the lease was last renewed (CLOCK_MONOTONIC ns).
+    renewed: AtomicU64,
+}
+
+enum Attachment {
+    Tcx {
+        _links: [OwnedFd; 2],
+    },
+    Tc {
+        _filters: [super::tc::IngressFilter; 2],
+    },
+}
+
+/// How often the workers renew the fast path's lease.
+const RENEW_NS: u64 = 100_000_000;
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into the timespec passed.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl FastPath {
+    /// Keeps the kernel forwarding for another lease; cheap when called often (one map
+    /// write per `RENEW_NS`, whichever worker comes first). The lease must outlast the
+    /// longest pause of a live worker between two calls: a handed-over direction's frames
+    /// that the kernel neither forwards (lease over) nor copies (the capture filter) are lost.
+    pub fn renew(&self) {
+        let now = monotonic_ns();
+        let last = self.renewed.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < RENEW_NS
+            || self
+                .renewed
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        set_lease(&self.lease, now + self.lease_ns);
+    }
+
+    /// How the programs are attached: `"tcx"` or `"tc"` (`cls_bpf`).
+    pub fn via(&self) -> &'static str {
+        match self.attached {
+            Attachment::Tcx { .. } => "tcx",
+            Attachment::Tc { .. } => "tc",
+        }
+    }
+}
+
+fn set_lease(lease: &OwnedFd, until_ns: u64) {
+    let mut v = until_ns.to_ne_bytes();
+    if let Err(e) = map_elem(MAP_UPDATE_ELEM, lease, &0u32.to_ne_bytes(), Some(&mut v)) {
+        log::warn!("inline fast path: cannot renew its lease: {e}");
+    }
 }
 
 impl CaptureFilter {
@@ -736,29 +819,69 @@ impl CaptureFilter {
     }
 
     /// Starts the inline fast path between interfaces `a` (the vif) and `b` (its inline port):
-    /// handed-over frames arriving on either leave by the other. Needs tcx (Linux 6.6): on an
-    /// older kernel this fails and the worker forwards everything itself, as without it.
-    pub fn fast_path(&self, a: u32, b: u32) -> Result<FastPath, BpfError> {
-        let side = |on: u32, to: u32| -> Result<(OwnedFd, OwnedFd), BpfError> {
-            let insns =
-                fast_path_program(self.flows.as_raw_fd(), to).map_err(BpfError::Verifier)?;
-            let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "loading the inline fast path")?;
+    /// handed-over frames arriving on either leave by the other while the lease (`lease_ns`,
+    /// renewed by [`FastPath::renew`]) runs. Attached with tcx where the kernel has it (6.6),
+    /// else as `cls_bpf` filters, unless `tc_only`; if both fail the worker forwards
+    /// everything itself, as without it.
+    pub fn fast_path(
+        &self,
+        a: u32,
+        b: u32,
+        tc_only: bool,
+        lease_ns: u64,
+    ) -> Result<FastPath, BpfError> {
+        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1)?;
+        let now = monotonic_ns();
+        set_lease(&lease, now + lease_ns);
+        let load = |to: u32| -> Result<OwnedFd, BpfError> {
+            let insns = fast_path_program(self.flows.as_raw_fd(), lease.as_raw_fd(), to)
+                .map_err(BpfError::Verifier)?;
+            load_program(PROG_TYPE_SCHED_CLS, &insns, "loading the inline fast path")
+        };
+        let (pa, pb) = (load(b)?, load(a)?);
+        let tcx = |prog: &OwnedFd, on: u32| -> io::Result<OwnedFd> {
             let mut attr = Attr::new()
                 .u32(0, prog.as_raw_fd() as u32)
                 .u32(4, on)
                 .u32(8, ATTACH_TCX_INGRESS);
-            let link = bpf(LINK_CREATE, &mut attr).map_err(|source| BpfError::Sys {
-                what: "attaching the inline fast path (tcx, Linux 6.6 or later)",
-                source,
-            })?;
+            let link = bpf(LINK_CREATE, &mut attr)?;
             // SAFETY: a new file descriptor from the kernel, owned by nothing else.
-            Ok((prog, unsafe { OwnedFd::from_raw_fd(link as RawFd) }))
+            Ok(unsafe { OwnedFd::from_raw_fd(link as RawFd) })
         };
-        let (pa, la) = side(a, b)?;
-        let (pb, lb) = side(b, a)?;
+        let tcx_links = if tc_only {
+            Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+        } else {
+            tcx(&pa, a).and_then(|la| Ok([la, tcx(&pb, b)?]))
+        };
+        let attached = match tcx_links {
+            Ok(links) => Attachment::Tcx { _links: links },
+            Err(tcx_err) => {
+                let tc = |prog: &OwnedFd, on: u32| {
+                    super::tc::IngressFilter::attach(on, prog, "virtsec_fast_path")
+                };
+                let filters = tc(&pa, a)
+                    .and_then(|fa| Ok([fa, tc(&pb, b)?]))
+                    .map_err(|source| BpfError::Sys {
+                        what: if tc_only {
+                            "attaching the inline fast path (tc cls_bpf)"
+                        } else {
+                            "attaching the inline fast path (neither tcx, Linux 6.6, nor tc cls_bpf)"
+                        },
+                        source: if tc_only {
+                            source
+                        } else {
+                            io::Error::new(source.kind(), format!("{source}; tcx: {tcx_err}"))
+                        },
+                    })?;
+                Attachment::Tc { _filters: filters }
+            }
+        };
         Ok(FastPath {
             _progs: [pa, pb],
-            _links: [la, lb],
+            attached,
+            lease,
+            lease_ns,
+            renewed: AtomicU64::new(now),
         })
     }
 
@@ -1056,7 +1179,9 @@ mod tests {
         const PASS: u32 = 0;
         const REDIRECT: u32 = 7; // TC_ACT_REDIRECT, from bpf_redirect
         let f = CaptureFilter::load(16).unwrap();
-        let insns = fast_path_program(f.flows.as_raw_fd(), 7).unwrap();
+        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1).unwrap();
+        set_lease(&lease, monotonic_ns() + 60_000_000_000);
+        let insns = fast_path_program(f.flows.as_raw_fd(), lease.as_raw_fd(), 7).unwrap();
         let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
         // A tc program's test run sees the frame from its Ethernet header.
         let run = |frame: &[u8]| test_run(&prog, frame).unwrap();
@@ -1086,6 +1211,12 @@ mod tests {
         assert!(f.bypass(&k6, true));
         assert_eq!(run(&v6(5000, 22, ACK, b"ssh data")), REDIRECT);
         assert_eq!(run(&v6(5000, 23, ACK, b"x")), PASS);
+        // The lease over (the service died or stopped renewing it): nothing is redirected.
+        set_lease(&lease, monotonic_ns().saturating_sub(1));
+        assert_eq!(run(&data), PASS);
+        assert_eq!(run(&v6(5000, 22, ACK, b"ssh data")), PASS);
+        set_lease(&lease, monotonic_ns() + 60_000_000_000);
+        assert_eq!(run(&data), REDIRECT);
         // Given back: to the worker again.
         f.restore(&fwd);
         assert_eq!(run(&data), PASS);

@@ -223,6 +223,14 @@ pub fn restore(vif: &str) -> Result<bool, TopologyError> {
         if let Some(br) = &bridge {
             run(&["ip", "link", "set", vif, "master", br])?;
         }
+        // A fast-path filter a killed service left (inert once its lease ran out).
+        if let Ok(name) = std::ffi::CString::new(vif) {
+            // SAFETY: a NUL-terminated name; 0 means no such interface.
+            let ix = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ix != 0 {
+                super::tc::remove(ix);
+            }
+        }
     }
     run(&["ip", "link", "del", &bport])?;
     let _ = nft(&format!(

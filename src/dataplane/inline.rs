@@ -61,7 +61,7 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
     let mut inspectors = inspectors;
     // Held until the workers have stopped: dropping it detaches the kernel's forwarding.
     let fast = if cfg.fast_path {
-        fast_path(&mut inspectors, &ports)
+        fast_path(&mut inspectors, &ports, cfg)
     } else {
         None
     };
@@ -74,21 +74,25 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
         splice.bport,
         splice.bridge,
         cfg.fail,
-        if fast.is_some() { "on" } else { "off" }
+        fast.as_ref().map_or("off", |f| match f.via() {
+            "tcx" => "on (tcx)",
+            _ => "on (tc cls_bpf)",
+        })
     );
+    let fast_ref = fast.as_ref();
     std::thread::scope(|s| {
         let mut work = inspectors.into_iter().zip(ports);
         let first = work.next();
         for (i, (ins, (guest, sw))) in work.enumerate() {
             let spawned = std::thread::Builder::new()
                 .name(format!("vif {name} inline/{}", i + 1))
-                .spawn_scoped(s, move || forward(ins, &guest, &sw, cfg));
+                .spawn_scoped(s, move || forward(ins, &guest, &sw, cfg, fast_ref));
             if let Err(e) = spawned {
                 log::error!("{name}: cannot start an inline worker: {e}");
             }
         }
         if let Some((ins, (guest, sw))) = first {
-            forward(ins, &guest, &sw, cfg);
+            forward(ins, &guest, &sw, cfg, fast_ref);
         }
     });
     drop(fast);
@@ -112,16 +116,23 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
 /// Starts the kernel fast path (`capture::bpf::FastPath`) between the vif and its inline port
 /// and the capture filter on every worker's ports, and has the workers hand directions to
 /// them. All or nothing: a port without the filter would forward frames the kernel forwards
-/// too. `None` (everything crosses the workers, as before) without the filter or tcx.
+/// too. `None` (everything crosses the workers, as before) without the filter or a way to
+/// attach the programs (tcx or tc).
 fn fast_path(
     inspectors: &mut [Inspector],
     ports: &[(VnetPort, VnetPort)],
+    cfg: &InlineConfig,
 ) -> Option<crate::capture::bpf::FastPath> {
     let first = inspectors.first()?;
     let name = first.vif.ifname.clone();
     let filter = first.vif.filter.clone()?;
     let (vif_index, port_index) = ports.first().map(|(g, s)| (g.ifindex(), s.ifindex()))?;
-    let fast = match filter.fast_path(vif_index, port_index) {
+    // The workers renew the lease at least every `idle_wake_ms`; a second more covers a
+    // descheduled thread on a loaded host. (After a SIGKILL the kernel forwards the flows
+    // already handed over for at most this long, then nothing.)
+    let lease_ns = 1_000_000_000 + 2_000_000 * u64::from(cfg.idle_wake_ms);
+    let tc_only = cfg.fast_path_attach == crate::config::FastPathAttach::Tc;
+    let fast = match filter.fast_path(vif_index, port_index, tc_only, lease_ns) {
         Ok(f) => f,
         Err(e) => {
             log::info!("{name}: no inline fast path, every frame crosses the worker: {e}");
@@ -157,8 +168,15 @@ fn cut_short(frame: &[u8]) -> bool {
     }
 }
 
-/// One worker's forwarding loop between its guest-side and switch-side ports.
-fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConfig) {
+/// One worker's forwarding loop between its guest-side and switch-side ports; it renews the
+/// kernel fast path's lease (`fast`) while it runs.
+fn forward(
+    mut ins: Inspector,
+    guest: &VnetPort,
+    sw: &VnetPort,
+    cfg: &InlineConfig,
+    fast: Option<&crate::capture::bpf::FastPath>,
+) {
     let vif = ins.vif.clone();
     let name = vif.ifname.clone();
     let max_wait = cfg.max_wait_us * 1000;
@@ -175,6 +193,9 @@ fn forward(mut ins: Inspector, guest: &VnetPort, sw: &VnetPort, cfg: &InlineConf
         ins.maybe_reload();
         // (at most ten times a second, busy or idle: what the kernel forwarded is counted)
         ins.poll_counts();
+        if let Some(f) = fast {
+            f.renew();
+        }
         let spinning = last_active.is_some_and(|t| t.elapsed() < spin);
         let ready = match wait_readable(&fds, if spinning { 0 } else { idle_ms }) {
             Ok(r) => r,

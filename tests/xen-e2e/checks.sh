@@ -373,6 +373,15 @@ if [ -n "$G2" ]; then
         else
             notok "inline on netback: guest2's pings cross the worker" "InEchos $e0 -> $(in_echos); $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v]'); $(for i in vif$G2.0 vsi$G2.0 vsb$G2.0 xenbr0; do echo "$i rx $(cat /sys/class/net/$i/statistics/rx_packets) tx $(cat /sys/class/net/$i/statistics/tx_packets) txdrop $(cat /sys/class/net/$i/statistics/tx_dropped)"; done | tr '\n' ';'); $(bridge link | tr '\n' ';'); $(nft list ruleset 2>&1 | tr '\n' ' ' | cut -c1-600)"
         fi
+        # Debian 12's 6.1 has no tcx: the fast path is a tc cls_bpf filter on each side.
+        fp=$(virtsec status --json | jq -r --arg v "vif$G2.0" '.inspection[$v].inline.fast_path')
+        nf=$(tc filter show dev "vif$G2.0" ingress | grep -c virtsec_fast_path)
+        ns=$(tc filter show dev "vsi$G2.0" ingress | grep -c virtsec_fast_path)
+        if [ "$fp" = true ] && [ "$nf" = 1 ] && [ "$ns" = 1 ]; then
+            ok "inline on netback: kernel fast path attached as tc cls_bpf (no tcx on $(uname -r))" "$(grep -o 'kernel fast path on[^)]*)' /var/log/virtsecd.log | tail -1)"
+        else
+            notok "inline on netback: kernel fast path attached as tc cls_bpf" "fast_path $fp, filters vif $nf vsi $ns; $(grep 'fast path' /var/log/virtsecd.log | tail -2 | tr '\n' ' ')"
+        fi
         echo 'drop icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: inline drop"; content:"|00 00 00 00 00 00 00 00|"; sid:9002; rev:1;)' >> /run/e2e.rules
         virtsec rules reload >/tmp/reload.log 2>&1; sleep 1
         e0=$(in_echos); sleep 3; e1=$(in_echos)
@@ -388,8 +397,9 @@ if [ -n "$G2" ]; then
     kill "$(cat /run/virtsecd.pid)"; sleep 0.5
     mv /run/e2e-passive.toml /run/e2e.toml; mv /run/e2e-passive.rules /run/e2e.rules
     start_virtsecd
-    if until_ms 15000 in_sync && until_ms 10000 sh -c "[ \"\$(ip -j link show dev vif$G2.0 | jq -r '.[0].master')\" = xenbr0 ]"; then
-        ok "fail open: the stopped service put vif$G2.0 back on xenbr0; passive again" "$(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v].mode')"
+    if until_ms 15000 in_sync && until_ms 10000 sh -c "[ \"\$(ip -j link show dev vif$G2.0 | jq -r '.[0].master')\" = xenbr0 ]" \
+       && [ "$(tc filter show dev "vif$G2.0" ingress | grep -c virtsec_fast_path)" = 0 ]; then
+        ok "fail open: the stopped service put vif$G2.0 back on xenbr0 and removed its fast path; passive again" "$(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v].mode')"
     else
         notok "fail open: vif$G2.0 back on xenbr0" "master $(vif_master "vif$G2.0"); $(ip -br link | tr '\n' ' ')"
     fi

@@ -10,7 +10,7 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /var/log/xen/console /var/lib/xen /var/run/xen /run/lock
 echo "# dom0 up, kernel $(uname -r)"
-for m in xen-evtchn xenfs xen-gntdev xen-gntalloc xen-privcmd xen-netback bridge; do
+for m in xen-evtchn xenfs xen-gntdev xen-gntalloc xen-privcmd xen-netback bridge sch_ingress cls_bpf; do
     modprobe "$m" 2>/dev/null || echo "# modprobe $m failed"
 done
 mount -t xenfs xenfs /proc/xen 2>/dev/null

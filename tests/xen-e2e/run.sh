@@ -37,7 +37,7 @@ candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 [ -n "$(candidate xen-hypervisor-4.17-amd64)" ] || apt-get update -qq
 kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 [ -n "$kpkg" ] || die "cannot resolve the kernel package behind linux-image-amd64"
-key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v7"
+key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v8"
 key=${key//[:+~]/_}
 img="$cache/$key"
 mkdir -p "$img"
@@ -72,7 +72,7 @@ if [ ! -f "$img/rootfs.done" ]; then
     mkdir -p "$m/kernel"
     (cd "$img/modules/$kver" && cp modules.order modules.builtin* "$m/" &&
         for d in kernel/drivers/xen kernel/drivers/net/xen-netback kernel/drivers/net/xen-netfront.ko \
-                 kernel/drivers/net/veth.ko* \
+                 kernel/drivers/net/veth.ko* kernel/net/sched/sch_ingress.ko* kernel/net/sched/cls_bpf.ko* \
                  kernel/net/bridge kernel/net/802 kernel/net/llc \
                  kernel/net/netfilter/nfnetlink.ko* kernel/net/netfilter/nf_tables.ko* \
                  kernel/net/netfilter/nft_limit.ko* kernel/lib/libcrc32c.ko* \
