@@ -16,6 +16,8 @@ Configurations:
                direction after its first MiB, like Suricata's stream bypass)
   inline-busy  inline workers keep polling between frames (spin_us = 10 ms): no thread
                wake-up per frame, a core per worker
+  *-tc         inline with its kernel fast path attached as tc cls_bpf filters (kernels
+               without tcx) instead of tcx links
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
                kernel rules every other virtsec configuration has cost on their own
   suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed)
@@ -85,6 +87,11 @@ class Virtsec:
         # -busy: inline workers poll without sleeping between frames ~100 times a second or
         # more (spin_us = 10 ms), trading a core per worker for no thread wake-up per frame.
         spin = "[inspect.inline]\nspin_us = 10000\n" if "-busy" in config else ""
+        # -tc: the inline fast path attached as tc cls_bpf filters (what kernels without tcx,
+        # such as Debian 12's 6.1, get) instead of tcx links.
+        if config.endswith("-tc"):
+            spin = '[inspect.inline]\nfast_path_attach = "tc"\n'
+
         self.work, self.mode = work, config
         cfg = work / f"virtsecd-{config}.toml"
         # antispoof: the kernel rules alone (no rules loaded: no capture, no inspection).

@@ -54,9 +54,11 @@ pub const HEADER_SNAP: u32 = 192;
 /// four), destination address (16), source and destination ports (network order), ifindex
 /// (host order), family (4 or 6, host order).
 const KEY: usize = 44;
-/// Value of the direction map: the handover (`MODE_*`, u32), padding, and when the next
-/// sampled frame is due (u64, `ktime_get_ns`).
-const VALUE: usize = 16;
+/// Value of the direction map: the handover (`MODE_*`, u32), the TCP sequence number of the
+/// last sample copied whole, when the next sampled frame is due (u64, `ktime_get_ns`), that
+/// sample's acknowledgement number, and whether it is still to be seen by the inline fast
+/// path (u32, 1 or 0).
+const VALUE: usize = 24;
 /// Every frame of the direction is counted rather than copied (SYN, FIN, RST and the
 /// once-a-second sample excepted).
 const MODE_TRIM: u32 = 1;
@@ -491,7 +493,9 @@ const SAMPLE_NS: i32 = 1_000_000_000;
 
 /// Parses the frame in `ctx` (r1) as both programs need it: r6 = the `__sk_buff`, r9 = its
 /// length, the direction key at `KEYO` (addresses, ports, ifindex, family), the IP payload
-/// length at `IPPL`, the TCP flags in r8 plus `EMPTY` when the segment carries no payload.
+/// length at `IPPL`, the TCP header's first 16 bytes at `TCPB` (ports, sequence and
+/// acknowledgement numbers, offset, flags, window), the TCP flags in r8 plus `EMPTY` when the
+/// segment carries no payload.
 /// Jumps to `full` (too short, unreadable) or `other` (not TCP over IPv4/IPv6 without
 /// fragments or extension headers) otherwise; falls through with a TCP segment.
 fn parse_tcp(p: &mut asm::Prog) {
@@ -533,6 +537,8 @@ fn parse_tcp(p: &mut asm::Prog) {
     p.stw(R10, KEYO + 40, 4).jnei(R7, 20, "l4");
     // Without IP options the first load holds the TCP fields already: no second copy.
     p.ldxw(R0, R10, PKT + 34).stxw(R10, TCPB, R0);
+    p.ldxw(R0, R10, PKT + 38).stxw(R10, TCPB + 4, R0);
+    p.ldxw(R0, R10, PKT + 42).stxw(R10, TCPB + 8, R0);
     p.ldxh(R0, R10, PKT + 46).stxh(R10, TCPB + 12, R0).ja("tcp");
     // IPv6 with TCP as the next header (extension headers: not acted on).
     p.label("v6");
@@ -592,9 +598,17 @@ fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String>
     p.xadd(R0, 0, R1).xadd(R0, 8, R9).ja("drop");
     p.label("to_guest").xadd(R0, 16, R1).xadd(R0, 24, R9);
     p.label("drop").movi(R0, 0).exit();
-    p.label("sample")
-        .addi(R0, SAMPLE_NS)
-        .stxdw(R7, 8, R0)
+    p.label("sample").addi(R0, SAMPLE_NS).stxdw(R7, 8, R0);
+    // A sample no longer than the header snap is copied whole, so an inline worker forwards
+    // it: its sequence and acknowledgement numbers are noted for the fast path's tc program,
+    // which then leaves that one frame to the worker instead of forwarding it too.
+    p.jlti(R9, HEADER_SNAP as i32 + 1, "mark").ja("snap");
+    p.label("mark")
+        .ldxw(R0, R10, TCPB + 4)
+        .stxw(R7, 4, R0)
+        .ldxw(R0, R10, TCPB + 8)
+        .stxw(R7, 16, R0)
+        .stw(R7, 20, 1)
         .ja("snap");
     p.label("del").call(HELPER_MAP_DELETE);
     // Not counted. Guest-to-guest at the receiver (outgoing, from a local inspected guest's
@@ -633,7 +647,21 @@ fn fast_path_program(flows: i32, lease: i32, to: u32) -> Result<Vec<asm::Insn>, 
         .addi(R2, KEYO.into())
         .call(HELPER_MAP_LOOKUP)
         .jeqi(R0, 0, "pass");
-    p.ldxw(R1, R0, 0).jeqi(R1, MODE_TRIM as i32, "redirect");
+    // The sample the capture filter just copied whole (see `program`): the worker forwards
+    // it, so it is not redirected (once: the mark is cleared).
+    p.mov(R7, R0).ldxw(R1, R7, 20).jeqi(R1, 0, "mode");
+    p.jlti(R9, HEADER_SNAP as i32 + 1, "marked").ja("mode");
+    p.label("marked")
+        .ldxw(R1, R7, 4)
+        .ldxw(R2, R10, TCPB + 4)
+        .jne(R1, R2, "mode")
+        .ldxw(R1, R7, 16)
+        .ldxw(R2, R10, TCPB + 8)
+        .jne(R1, R2, "mode")
+        .stw(R7, 20, 0)
+        .ja("pass");
+    p.label("mode");
+    p.ldxw(R1, R7, 0).jeqi(R1, MODE_TRIM as i32, "redirect");
     p.jseti(R8, EMPTY, "redirect").ja("pass");
     // Only while the workers renew the lease (entry 0 of `lease`: until when, ktime ns): a
     // filter that outlived its service forwards nothing.
@@ -1220,6 +1248,48 @@ mod tests {
         // Given back: to the worker again.
         f.restore(&fwd);
         assert_eq!(run(&data), PASS);
+    }
+
+    /// A handed-over direction's once-a-second sample reaches the worker whole when it is no
+    /// longer than the header snap (a pure ACK): the worker forwards it, so the tc program
+    /// must not forward it too (the duplicate segment of earlier versions). A longer sample is
+    /// copied headers-only and forwarded by the kernel.
+    #[test]
+    fn a_sample_copied_whole_is_forwarded_once() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        const PASS: u32 = 0;
+        const REDIRECT: u32 = 7;
+        let f = CaptureFilter::load(16).unwrap();
+        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1).unwrap();
+        set_lease(&lease, monotonic_ns() + 60_000_000_000);
+        let insns = fast_path_program(f.flows.as_raw_fd(), lease.as_raw_fd(), 7).unwrap();
+        let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
+        let tc = |frame: &[u8]| test_run(&prog, frame).unwrap();
+        // Pure ACKs with their acknowledgement numbers (byte 8 of the TCP header).
+        let ack = |n: u8| {
+            let mut a = v4(6, 5, 0, true, ACK, b"");
+            a[14 + 20 + 11] = n;
+            a
+        };
+        let fwd = key("10.0.0.1", 40000, "10.0.0.2", 80);
+        f.watch(1).unwrap();
+        assert!(f.bypass(&fwd, true));
+        // The sample (copied whole: 54 bytes), then a different ACK before the tc program sees
+        // the sample: only the sample itself is left to the worker, and only once.
+        assert_eq!(f.test_run(&ack(7)).unwrap(), HEADER_SNAP);
+        assert_eq!(tc(&ack(8)), REDIRECT);
+        assert_eq!(tc(&ack(7)), PASS);
+        assert_eq!(tc(&ack(7)), REDIRECT);
+        assert_eq!(f.test_run(&ack(9)).unwrap(), 0); // not a sample: counted, not copied
+        assert_eq!(tc(&ack(9)), REDIRECT);
+        // A sample longer than the snap is cut (the worker does not forward it): redirected.
+        assert!(f.bypass(&fwd, true)); // a fresh entry: the next frame is a sample
+        let big = v4(6, 5, 0, true, ACK, &[b'x'; 300]);
+        assert_eq!(f.test_run(&big).unwrap(), HEADER_SNAP);
+        assert_eq!(tc(&big), REDIRECT);
     }
 
     /// The maps behave as the data plane relies on (needs root, as CI).
