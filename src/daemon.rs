@@ -424,6 +424,9 @@ impl State {
                     let r = q
                         .release(&target, &reason, &by, &self.inventory)
                         .map_err(|e| e.to_string());
+                    if let Ok(rec) = &r {
+                        self.released(&rec.uuid);
+                    }
                     self.flush_publish();
                     serde_json::to_value(r?)
                 }
@@ -1263,9 +1266,15 @@ impl State {
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             },
-            Ok(XsRequest::Release { target, reason }) => q
-                .release(&target, &reason, "xenstore request (dom0)", &self.inventory)
-                .map_err(|e| e.to_string()),
+            Ok(XsRequest::Release { target, reason }) => {
+                let r = q
+                    .release(&target, &reason, "xenstore request (dom0)", &self.inventory)
+                    .map_err(|e| e.to_string());
+                if let Ok(rec) = &r {
+                    self.released(&rec.uuid);
+                }
+                r
+            }
             Err(refusal) => {
                 q.audit_refused(&format!("XenStore {node}"), &refusal.to_string());
                 Err(refusal.to_string())
@@ -1282,6 +1291,24 @@ impl State {
         );
         self.submit(Request::Rm(node.clone()), Op::Publish(node));
         self.flush_publish();
+    }
+
+    /// A VM was released from quarantine: detection on its vifs starts afresh (a connection
+    /// that already alerted alerts again on its next match, so the policy can act again).
+    fn released(&self, uuid: &str) {
+        let Some(dp) = &self.dataplane else { return };
+        for g in self
+            .inventory
+            .values()
+            .filter(|g| g.uuid.as_deref() == Some(uuid))
+        {
+            for v in g.vifs.values() {
+                dp.released(&v.ifname);
+                if let Some(emu) = &v.emu_ifname {
+                    dp.released(emu);
+                }
+            }
+        }
     }
 
     /// Writes what the quarantine manager publishes to XenStore.

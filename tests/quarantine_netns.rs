@@ -240,6 +240,29 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
         p99 <= 10.0,
         "isolation p99 {p99:.2} ms > 10 ms in two series of {ATTACKS}: {latencies_ms:?}"
     );
+    // One flow (the same source port every time) attacking again after each release: a rule
+    // alerts once per flow, but a release starts detection afresh, so the policy quarantines
+    // it again every time.
+    for round in 0..3 {
+        sender(&g5, "10.95.0.6", true, 1, 0, 39_999);
+        wait_for(
+            &format!("the same flow quarantined again (round {round})"),
+            Duration::from_secs(5),
+            || !ping(&g5, &["10.95.0.6"]),
+        );
+        let out = cli(
+            h.dir.path(),
+            &["release", "attacker", "--reason", "same flow again"],
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for("attacker released", Duration::from_secs(5), || {
+            ping(&g5, &["10.95.0.6"])
+        });
+    }
     // Every action and release is audited with who and why.
     assert!(eve_has(
         h.dir.path(),

@@ -225,6 +225,10 @@ struct VifShared {
     stop: AtomicU8,
     /// Engines built with reloaded rules, one per worker, taken between frames.
     next: Mutex<Vec<Option<Engine>>>,
+    /// Bumped when an operator releases the guest from quarantine: its workers forget which
+    /// rules their flows already alerted on, so a connection that goes on attacking alerts
+    /// (and is quarantined by policy) again.
+    released: AtomicU64,
 }
 
 impl VifShared {
@@ -332,6 +336,8 @@ struct Inspector {
     /// Worker 0 with a filter: what the kernel had counted at the last read (on the vif, on
     /// the inline port), and when.
     counted: ([KernelCounts; 2], Option<std::time::Instant>),
+    /// The vif's `released` count this worker has acted on.
+    released: u64,
 }
 
 /// Where a worker's handovers go: the filter, the vif's interface index and, inline, the
@@ -363,6 +369,7 @@ impl Inspector {
         match Detector::new(rules.to_vec(), backend) {
             Ok(d) => Some(Inspector {
                 engine: Engine::new(d, limits),
+                released: vif.released.load(Ordering::Relaxed),
                 vif,
                 index: 0,
                 reported: (0, 0),
@@ -384,6 +391,11 @@ impl Inspector {
             // The new engine starts its flows afresh: it must see their payload again.
             restore_bypassed(&self.trim, &mut old);
             self.arm_engine();
+        }
+        let released = self.vif.released.load(Ordering::Relaxed);
+        if released != self.released {
+            self.released = released;
+            self.engine.forget_alerts();
         }
         // Flow-table use and evictions, as deltas so a vif's workers add up.
         let c = &self.vif.counters;
@@ -856,6 +868,7 @@ impl DataPlane {
             behaviour: Mutex::new(Behaviour::new(self.opts.behaviour.clone())),
             out: self.out.clone(),
             stop: AtomicU8::new(RUN),
+            released: AtomicU64::new(0),
         });
         let mut handles = Vec::new();
         match mode {
@@ -1111,6 +1124,14 @@ impl DataPlane {
                 )
             })
             .collect()
+    }
+
+    /// The guest of vif `ifname` was released from quarantine: its workers forget what their
+    /// flows alerted on (before their next frames).
+    pub fn released(&self, ifname: &str) {
+        if let Some(w) = self.workers.get(ifname) {
+            w.shared.released.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Alerts with a sequence number above `after`, oldest first, and the total so far.

@@ -299,6 +299,12 @@ impl Engine {
     pub fn flow_stats(&self) -> &FlowStats {
         &self.flows.stats
     }
+
+    /// Forgets which rules each flow already alerted on (one alert per rule and flow): the
+    /// next match alerts again. What a `drop` rule decided for a flow stands.
+    pub fn forget_alerts(&mut self) {
+        self.flows.for_each(|f| f.user.alerted.clear());
+    }
 }
 
 /// Options of `virtsec inspect`.
