@@ -372,6 +372,52 @@ fn inline_workers_keep_each_connection_on_one_worker() {
         crossed < 8 << 20 && v["uncopied_bytes"].as_u64().unwrap_or(0) > 4 << 20,
         "the workers carried {crossed} of 16 MiB: {v}"
     );
+
+    // A download past the stream depth that goes on in small segments: the kernel forwards it
+    // to the guest out of vif5.0, and samples it once a second (whole, being small). A fanout
+    // group reads outgoing frames even with PACKET_IGNORE_OUTGOING on its sockets: the
+    // workers read those samples back and sent them to the bridge as if the guest had sent
+    // them, and the bridge learnt the peer's MAC on the inline port (for the next 20 ms,
+    // everything sent to the peer was lost: in a bulk transfer, a stall).
+    let mut monitor = Command::new("ip")
+        .args(["netns", "exec", &dd, "bridge", "monitor", "fdb"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let srv = sink(&g5, 5011, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    let trickle = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &g6,
+            "python3",
+            "-c",
+            "import socket,time\nc=socket.create_connection(('10.95.0.5',5011),timeout=5)\nc.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nc.sendall(b'd'*(2<<20))\nfor i in range(150):\n  c.sendall(b't'*100); time.sleep(0.02)\nc.close()\n",
+        ])
+        .status()
+        .unwrap();
+    assert!(trickle.success(), "the download failed");
+    assert_eq!(
+        sink_count(srv),
+        (2 << 20) + 150 * 100,
+        "bytes lost downloading"
+    );
+    let _ = monitor.kill();
+    let mut moves = String::new();
+    monitor
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut moves)
+        .unwrap();
+    let _ = monitor.wait();
+    assert!(
+        !moves
+            .lines()
+            .any(|l| l.contains("00:16:3e:00:06:00") && l.contains("vsb5.0")),
+        "the bridge learnt the peer's MAC on the inline port: {moves}"
+    );
 }
 
 /// `tc filter show` of this service's fast-path filters on `dev`'s ingress in `dd`.

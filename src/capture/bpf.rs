@@ -155,6 +155,9 @@ pub struct KernelCounts {
 /// The loaded program and its three maps, shared by every passive worker of the service.
 pub struct CaptureFilter {
     prog: OwnedFd,
+    /// The same program for inline workers' sockets, which also leaves every outgoing frame
+    /// uncopied (see [`CaptureFilter::attach_inline`]).
+    inline_prog: OwnedFd,
     flows: OwnedFd,
     macs: OwnedFd,
     counts: OwnedFd,
@@ -570,11 +573,20 @@ fn parse_tcp(p: &mut asm::Prog) {
 
 /// The filter program (see the module documentation). Returns the snap length: whole, headers
 /// only, or 0 (not copied; counted in the `counts` map).
-fn program(flows: i32, macs: i32, counts: i32) -> Result<Vec<asm::Insn>, String> {
+fn program(flows: i32, macs: i32, counts: i32, inline: bool) -> Result<Vec<asm::Insn>, String> {
     use asm::*;
     const FULL: i32 = 0x7fff_ffff;
     const OUTGOING: i32 = libc::PACKET_OUTGOING as i32;
     let mut p = Prog::new();
+    if inline {
+        // An inline port reads what arrives on it, never what leaves it (`pkt_type`, offset
+        // 4 of `__sk_buff`): not copied, not counted.
+        p.ldxw(R0, R1, 4)
+            .jnei(R0, OUTGOING, "incoming")
+            .movi(R0, 0)
+            .exit();
+        p.label("incoming");
+    }
     parse_tcp(&mut p);
     p.ldmap(R1, flows).mov(R2, R10).addi(R2, KEYO.into());
     // A SYN starts a connection: never counted, and the tuple's handover is forgotten.
@@ -727,6 +739,25 @@ fn load_program(
     }
 }
 
+/// Attaches socket filter `prog` to packet socket `sock`.
+fn attach_prog(prog: &OwnedFd, sock: &impl AsRawFd) -> io::Result<()> {
+    let fd: libc::c_int = prog.as_raw_fd();
+    // SAFETY: passes a pointer to an int of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_BPF,
+            &fd as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The inline fast path of one spliced vif: two tc programs, one on the vif's ingress and one
 /// on its inline port's, forward the frames of handed-over directions straight to the other
 /// side, so a connection past the stream depth (`inspect_past_depth = false`) no longer
@@ -809,15 +840,24 @@ impl CaptureFilter {
         let flows = map_create(MAP_TYPE_HASH, KEY as u32, VALUE as u32, max_bypassed.max(1))?;
         let macs = map_create(MAP_TYPE_HASH, 8, 1, 4096)?;
         let counts = map_create(MAP_TYPE_PERCPU_HASH, 4, COUNTS as u32, 4096)?;
-        let insns = program(flows.as_raw_fd(), macs.as_raw_fd(), counts.as_raw_fd())
+        let load = |inline: bool| {
+            let insns = program(
+                flows.as_raw_fd(),
+                macs.as_raw_fd(),
+                counts.as_raw_fd(),
+                inline,
+            )
             .map_err(BpfError::Verifier)?;
-        let prog = load_program(
-            PROG_TYPE_SOCKET_FILTER,
-            &insns,
-            "loading the eBPF capture filter",
-        )?;
+            load_program(
+                PROG_TYPE_SOCKET_FILTER,
+                &insns,
+                "loading the eBPF capture filter",
+            )
+        };
+        let (prog, inline_prog) = (load(false)?, load(true)?);
         Ok(CaptureFilter {
             prog,
+            inline_prog,
             flows,
             macs,
             counts,
@@ -829,21 +869,16 @@ impl CaptureFilter {
 
     /// Attaches the filter to a packet socket (each worker's ring).
     pub fn attach(&self, sock: &impl AsRawFd) -> io::Result<()> {
-        let fd: libc::c_int = self.prog.as_raw_fd();
-        // SAFETY: passes a pointer to an int of the advertised size.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_BPF,
-                &fd as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        attach_prog(&self.prog, sock)
+    }
+
+    /// Attaches the filter to an inline worker's port, where it also drops every outgoing
+    /// frame. A port's own `PACKET_IGNORE_OUTGOING` does not apply once it is in a fanout
+    /// group (several workers): the group then read the frames the fast path sends out of
+    /// the vif, and a sample copied whole (a pure ACK towards the guest) went back to the
+    /// bridge as if the guest had sent it, which learnt the peer's MAC on the inline port.
+    pub fn attach_inline(&self, sock: &impl AsRawFd) -> io::Result<()> {
+        attach_prog(&self.inline_prog, sock)
     }
 
     /// Starts the inline fast path between interfaces `a` (the vif) and `b` (its inline port):
@@ -1120,8 +1155,10 @@ mod tests {
 
     #[test]
     fn the_program_assembles() {
-        let p = program(3, 4, 5).unwrap();
+        let p = program(3, 4, 5, false).unwrap();
         assert!(p.len() > 40 && p.len() < 200);
+        // The inline variant: four more instructions in front (outgoing frames: 0).
+        assert_eq!(program(3, 4, 5, true).unwrap().len(), p.len() + 4);
     }
 
     /// What the program answers for literal frames (needs root, as CI): copied whole,

@@ -140,7 +140,10 @@ fn fast_path(
         }
     };
     for (guest, sw) in ports {
-        if let Err(e) = filter.attach(guest).and_then(|()| filter.attach(sw)) {
+        if let Err(e) = filter
+            .attach_inline(guest)
+            .and_then(|()| filter.attach_inline(sw))
+        {
             log::warn!("{name}: no inline fast path (capture filter not attached: {e})");
             return None;
         }
