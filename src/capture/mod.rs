@@ -170,14 +170,33 @@ pub(crate) fn packet_socket(iface: &str) -> Result<(OwnedFd, u32), CaptureError>
 /// (`flow:established`) and so misses what such rules match. Inline workers join
 /// two groups (vif side and switch side) in the same order, so a flow's frames from both sides
 /// meet in one worker. Frames that are not IPv4/IPv6 go to the first member.
+///
+/// `ignore_outgoing` (inline ports): the group skips frames leaving the interface
+/// (`PACKET_FANOUT_FLAG_IGNORE_OUTGOING`, Linux 6.2; a member's own `PACKET_IGNORE_OUTGOING`
+/// does not apply to a group). Older kernels join without it; there the capture filter drops
+/// outgoing frames (`bpf::CaptureFilter::attach_inline`).
 pub(crate) fn join_symmetric_fanout(
     fd: &OwnedFd,
     iface: &str,
     group: u16,
+    ignore_outgoing: bool,
 ) -> Result<(), CaptureError> {
-    let arg: libc::c_int = group as libc::c_int | ((libc::PACKET_FANOUT_CBPF as libc::c_int) << 16);
-    setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
-        .map_err(sys("PACKET_FANOUT", iface))?;
+    const FLAG_IGNORE_OUTGOING: libc::c_int = 0x4000;
+    let arg = |flags: libc::c_int| -> libc::c_int {
+        group as libc::c_int | ((libc::PACKET_FANOUT_CBPF as libc::c_int | flags) << 16)
+    };
+    let joined = ignore_outgoing
+        && setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            &arg(FLAG_IGNORE_OUTGOING),
+        )
+        .is_ok();
+    if !joined {
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg(0))
+            .map_err(sys("PACKET_FANOUT", iface))?;
+    }
     let prog = symmetric_hash_program();
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
@@ -336,7 +355,7 @@ impl Ring {
         };
         bind_packet(&ring.fd, iface, ifindex)?;
         if let Some(group) = cfg.fanout {
-            join_symmetric_fanout(&ring.fd, iface, group)?;
+            join_symmetric_fanout(&ring.fd, iface, group, false)?;
         }
         Ok(ring)
     }

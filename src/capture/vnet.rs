@@ -102,7 +102,7 @@ impl VnetPort {
             .map_err(sys("SO_TIMESTAMPNS", iface))?;
         bind_packet(&fd, iface, ifindex)?;
         if let Some(group) = fanout {
-            super::join_symmetric_fanout(&fd, iface, group)?;
+            super::join_symmetric_fanout(&fd, iface, group, true)?;
         }
         Ok(VnetPort {
             fd,
