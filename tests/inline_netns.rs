@@ -260,6 +260,76 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
 /// meet in one worker. 16 connections each carry a marker that only a rule needing the
 /// handshake (`flow:established`) matches: all 16 are dropped and alerted; parallel bulk
 /// transfers cross whole.
+/// Two bridged guests `web` (5) and `db` (6) on `<net>.5` and `<net>.6` in a simulated backend
+/// domain, `web` inline by policy: the lab (namespaces and a XenStore with both guests) and
+/// virtsecd's configuration with `rule` loaded and `extra` under `[inspect]` (more sections
+/// may follow it); the caller starts the service.
+struct InlineLab {
+    dir: tempfile::TempDir,
+    dd: String,
+    g5: String,
+    g6: String,
+    cfg: String,
+    _ns: Netns,
+    _xs: Proc,
+    ts: virtsec::lab::toolstack::Toolstack,
+}
+
+impl InlineLab {
+    fn new(tag: &str, net: &str, rule: &str, extra: &str) -> InlineLab {
+        let dir = tempfile::tempdir().unwrap();
+        let id = std::process::id();
+        let (dd, g5, g6) = (
+            format!("{tag}{id}"),
+            format!("{tag}5{id}"),
+            format!("{tag}6{id}"),
+        );
+        bridge_domain(&dd, None);
+        let ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
+        bridged_guest(
+            &dd,
+            &g5,
+            "vif5.0",
+            "00:16:3e:00:05:00",
+            &format!("{net}.5/24"),
+        );
+        bridged_guest(
+            &dd,
+            &g6,
+            "vif6.0",
+            "00:16:3e:00:06:00",
+            &format!("{net}.6/24"),
+        );
+        let (xs, ts) = lab_toolstack(dir.path());
+        let rules = dir.path().join("inline.rules");
+        std::fs::write(&rules, format!("{rule}\n")).unwrap();
+        let cfg = format!(
+            "[inspect]\nrules = [{:?}]\neve = {:?}\n{extra}\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
+            rules.display().to_string(),
+            dir.path().join("eve.json").display().to_string()
+        );
+        InlineLab {
+            dir,
+            dd,
+            g5,
+            g6,
+            cfg,
+            _ns: ns,
+            _xs: xs,
+            ts,
+        }
+    }
+
+    /// The toolstack creates both guests (the service is running).
+    fn create_guests(&mut self, net: &str) {
+        for (domid, name) in [(5, "web"), (6, "db")] {
+            self.ts
+                .create(&bridged_spec(domid, name, net), None)
+                .unwrap();
+        }
+    }
+}
+
 #[test]
 fn inline_workers_keep_each_connection_on_one_worker() {
     if !usable() {
@@ -267,35 +337,20 @@ fn inline_workers_keep_each_connection_on_one_worker() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let _log = LogOnPanic(dir.path().to_path_buf());
-    let id = std::process::id();
-    let (dd, g5, g6) = (format!("viw{id}"), format!("viw5{id}"), format!("viw6{id}"));
-    bridge_domain(&dd, None);
-    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.95.0.5/24");
-    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.95.0.6/24");
-    let (_xs, mut ts) = lab_toolstack(dir.path());
-    let rules = dir.path().join("inline.rules");
-    std::fs::write(
-        &rules,
-        "drop tcp any any -> any 8080 (msg:\"marker after a handshake\"; flow:established,to_server; content:\"evil-payload\"; sid:7102; rev:1;)\n",
-    )
-    .unwrap();
     // Four workers, four senders and their receivers share two CPUs: a worker may wait its
     // turn longer than the default 2 ms overload bound, and with fail closed the repeated
     // drops of a retransmission stalled a sender past its 5 s timeout (1 run in 5). This
     // test is about where connections go and what arrives, not overload (the first test).
-    let cfg = format!(
-        "[inspect]\nrules = [{:?}]\neve = {:?}\nworkers_per_vif = 4\ninspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
-        rules.display().to_string(),
-        dir.path().join("eve.json").display().to_string()
+    let mut lab = InlineLab::new(
+        "viw",
+        "10.95.0",
+        "drop tcp any any -> any 8080 (msg:\"marker after a handshake\"; flow:established,to_server; content:\"evil-payload\"; sid:7102; rev:1;)",
+        "workers_per_vif = 4\ninspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000",
     );
-    let _d = virtsecd_with(dir.path(), Some(&dd), &cfg);
-    for (domid, name) in [(5, "web"), (6, "db")] {
-        let g = bridged_spec(domid, name, "10.95.0");
-        ts.create(&g, None).unwrap();
-    }
+    let _log = LogOnPanic(lab.dir.path().to_path_buf());
+    let _d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
+    lab.create_guests("10.95.0");
+    let (dir, dd, g5, g6) = (&lab.dir, lab.dd.clone(), lab.g5.clone(), lab.g6.clone());
     wait_for("vif5.0 inline", Duration::from_secs(10), || {
         status(dir.path()).is_some_and(|s| {
             s["inspection"]["vif5.0"]["attached"] == true
@@ -442,31 +497,22 @@ fn the_tc_fast_path_forwards_nothing_once_its_service_is_gone() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let _log = LogOnPanic(dir.path().to_path_buf());
-    let id = std::process::id();
-    let (dd, g5, g6) = (format!("vit{id}"), format!("vit5{id}"), format!("vit6{id}"));
-    bridge_domain(&dd, None);
-    let _ns = Netns(vec![dd.clone(), g5.clone(), g6.clone()]);
-    bridged_guest(&dd, &g5, "vif5.0", "00:16:3e:00:05:00", "10.97.0.5/24");
-    bridged_guest(&dd, &g6, "vif6.0", "00:16:3e:00:06:00", "10.97.0.6/24");
-    let (_xs, mut ts) = lab_toolstack(dir.path());
-    let rules = dir.path().join("inline.rules");
-    std::fs::write(
-        &rules,
-        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7103; rev:1;)\n",
-    )
-    .unwrap();
-    let cfg = format!(
-        "[inspect]\nrules = [{:?}]\neve = {:?}\ninspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000\nfast_path_attach = \"tc\"\n[[policy]]\nname = \"web\"\nmode = \"inline\"\n",
-        rules.display().to_string(),
-        dir.path().join("eve.json").display().to_string()
+    let mut lab = InlineLab::new(
+        "vit",
+        "10.97.0",
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7103; rev:1;)",
+        "inspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000\nfast_path_attach = \"tc\"",
     );
-    let mut d = virtsecd_with(dir.path(), Some(&dd), &cfg);
-    for (domid, name) in [(5, "web"), (6, "db")] {
-        ts.create(&bridged_spec(domid, name, "10.97.0"), None)
-            .unwrap();
-    }
+    let _log = LogOnPanic(lab.dir.path().to_path_buf());
+    let mut d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
+    lab.create_guests("10.97.0");
+    let (dir, dd, g5, g6, cfg) = (
+        &lab.dir,
+        lab.dd.clone(),
+        lab.g5.clone(),
+        lab.g6.clone(),
+        lab.cfg.clone(),
+    );
     let attached = |dir: &std::path::Path| {
         status(dir).is_some_and(|s| {
             let v = &s["inspection"]["vif5.0"];
