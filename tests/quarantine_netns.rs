@@ -284,6 +284,114 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
     ));
 }
 
+/// Isolation also cuts the connections the backend domain tracks for the guest (where it
+/// routes or NATs its guests, a connection the kernel already accepted would otherwise keep
+/// matching its conntrack entry): entries to and from the guest's address are removed, other
+/// guests' stay.
+#[test]
+fn isolation_removes_the_guests_tracked_connections() {
+    if !usable("isolation_removes_the_guests_tracked_connections") {
+        return;
+    }
+    if Command::new("conntrack").arg("--version").output().is_err() {
+        eprintln!("SKIPPED isolation_removes_the_guests_tracked_connections: needs conntrack");
+        return;
+    }
+    let _serial = serial();
+    let mut h = host("c", &[]);
+    let _log = LogOnPanic(h.dir.path().to_path_buf());
+    let eve = h.dir.path().join("eve.json");
+    let _d = virtsecd_with(
+        h.dir.path(),
+        Some(&h.dd),
+        &format!(
+            "[inspect]\neve = {:?}\n[quarantine]\nstate_dir = {:?}\n",
+            eve.display().to_string(),
+            h.dir.path().join("state").display().to_string()
+        ),
+    );
+    for (d, name) in [(5, "web"), (6, "db")] {
+        h.ts.create(&spec(d, name, d), None).unwrap();
+    }
+    wait_for("both guests listed", Duration::from_secs(10), || {
+        stdout(&cli(h.dir.path(), &["domains", "--json"])).contains("\"db\"")
+    });
+    // Connections the backend domain tracks: the web guest's, both ways, and the db guest's.
+    let track = |src: &str, dst: &str, sport: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &h.dd,
+                "conntrack",
+                "-I",
+                "-p",
+                "tcp",
+                "-s",
+                src,
+                "-d",
+                dst,
+                "--sport",
+                sport,
+                "--dport",
+                "80",
+                "--state",
+                "ESTABLISHED",
+                "-u",
+                "SEEN_REPLY",
+                "-t",
+                "300",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    track("10.95.0.5", "10.95.0.9", "40000");
+    track("10.95.0.9", "10.95.0.5", "40001");
+    track("10.95.0.6", "10.95.0.9", "40002");
+    let tracked = |ip: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.dd, "conntrack", "-L"])
+            .output()
+            .unwrap();
+        stdout(&out)
+            .lines()
+            .filter(|l| l.contains(&format!("={ip} ")))
+            .count()
+    };
+    assert_eq!(tracked("10.95.0.5"), 2);
+    let out = cli(
+        h.dir.path(),
+        &[
+            "quarantine",
+            "web",
+            "--action",
+            "isolate",
+            "--reason",
+            "conntrack",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tracked("10.95.0.5"),
+        0,
+        "the isolated guest's connections remain"
+    );
+    assert_eq!(
+        tracked("10.95.0.6"),
+        1,
+        "another guest's connection was cut"
+    );
+}
+
 #[test]
 fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse() {
     if !usable("quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse") {

@@ -14,6 +14,7 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 # Hyperscan (runtime library only: virtsec loads it with dlopen); the matcher differential
 # and parity tests must not skip it here.
 [ -e /usr/lib/x86_64-linux-gnu/libhs.so.5 ] || missing+=(libhyperscan5)

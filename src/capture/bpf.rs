@@ -818,11 +818,11 @@ impl FastPath {
         set_lease(&self.lease, now + self.lease_ns);
     }
 
-    /// How the programs are attached: `"tcx"` or `"tc"` (`cls_bpf`).
+    /// How the programs are attached, as the log says it: `"tcx"` or `"tc cls_bpf"`.
     pub fn via(&self) -> &'static str {
         match self.attached {
             Attachment::Tcx { .. } => "tcx",
-            Attachment::Tc { .. } => "tc",
+            Attachment::Tc { .. } => "tc cls_bpf",
         }
     }
 }

@@ -74,10 +74,8 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
         splice.bport,
         splice.bridge,
         cfg.fail,
-        fast.as_ref().map_or("off", |f| match f.via() {
-            "tcx" => "on (tcx)",
-            _ => "on (tc cls_bpf)",
-        })
+        fast.as_ref()
+            .map_or("off".to_string(), |f| format!("on ({})", f.via()))
     );
     let fast_ref = fast.as_ref();
     std::thread::scope(|s| {
