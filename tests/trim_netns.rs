@@ -340,8 +340,11 @@ fn pure_acks_are_counted_with_every_byte_inspected() {
     };
     let dir = &lab.dir;
     let server = lab.sink();
+    // Paced (16 MiB in 1 MiB writes 30 ms apart): unpaced, the upload could end before the
+    // worker's first ring block was read (20 ms block timeout, this binary's other tests
+    // sharing the CPUs), so no ACK was left to hand over (a CI run).
     let client = Command::new("ip")
-        .args(["netns", "exec", &lab.g5, "python3", "-c", "import socket\nc=socket.create_connection(('10.96.0.6', 9000), timeout=10)\nc.sendall(b'a' * (16 << 20) + b'end-of-upload-marker')\nc.close()"])
+        .args(["netns", "exec", &lab.g5, "python3", "-c", "import socket,time\nc=socket.create_connection(('10.96.0.6', 9000), timeout=10)\nfor i in range(16):\n  c.sendall(b'a' * (1 << 20)); time.sleep(0.03)\nc.sendall(b'end-of-upload-marker')\nc.close()"])
         .status()
         .unwrap();
     assert!(client.success(), "the guests could not talk");
