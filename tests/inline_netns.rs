@@ -70,6 +70,16 @@ fn link_master(dd: &str, ifname: &str) -> Option<String> {
     v[0]["master"].as_str().map(str::to_string)
 }
 
+/// `virtsec inline restore` in the backend domain `dd` (what the unit's ExecStopPost runs).
+fn inline_restore(dd: &str) {
+    succeeded(
+        Command::new("ip")
+            .args(["netns", "exec", dd, VIRTSEC, "inline", "restore"])
+            .output()
+            .unwrap(),
+    );
+}
+
 fn inline_counter(dir: &std::path::Path, key: &str) -> u64 {
     status(dir)
         .and_then(|s| s["inspection"]["vif5.0"]["inline"][key].as_u64())
@@ -228,15 +238,7 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
     d.sigterm();
     assert_eq!(link_master(&dd, "vif5.0"), None);
     assert!(!ping(&g5, &["10.96.0.6"]), "fail closed let a frame pass");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &dd, VIRTSEC, "inline", "restore"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    inline_restore(&dd);
     assert_eq!(link_master(&dd, "vif5.0").as_deref(), Some("xenbr0"));
     assert!(ping(&g5, &["10.96.0.6"]));
 
@@ -593,15 +595,7 @@ fn the_tc_fast_path_forwards_nothing_once_its_service_is_gone() {
     );
     d.sigkill();
     assert_eq!(fast_path_filters(&dd, "vif5.0"), 1);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &dd, VIRTSEC, "inline", "restore"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    inline_restore(&dd);
     assert_eq!(link_master(&dd, "vif5.0").as_deref(), Some("xenbr0"));
     assert_eq!(fast_path_filters(&dd, "vif5.0"), 0);
 }

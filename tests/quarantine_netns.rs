@@ -206,15 +206,10 @@ fn an_attack_isolates_the_guest_within_10ms_and_release_restores_it() {
                 ping(&g7, &["10.95.0.6"]),
                 "round {round}: the bystander was cut off"
             );
-            let out = cli(
+            succeeded(cli(
                 h.dir.path(),
                 &["release", "attacker", "--reason", "test round done"],
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ));
             wait_for("attacker released", Duration::from_secs(5), || {
                 ping(&g5, &["10.95.0.6"])
             });
@@ -318,36 +313,33 @@ fn isolation_removes_the_guests_tracked_connections() {
     });
     // Connections the backend domain tracks: the web guest's, both ways, and the db guest's.
     let track = |src: &str, dst: &str, sport: &str| {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &h.dd,
-                "conntrack",
-                "-I",
-                "-p",
-                "tcp",
-                "-s",
-                src,
-                "-d",
-                dst,
-                "--sport",
-                sport,
-                "--dport",
-                "80",
-                "--state",
-                "ESTABLISHED",
-                "-u",
-                "SEEN_REPLY",
-                "-t",
-                "300",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeeded(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &h.dd,
+                    "conntrack",
+                    "-I",
+                    "-p",
+                    "tcp",
+                    "-s",
+                    src,
+                    "-d",
+                    dst,
+                    "--sport",
+                    sport,
+                    "--dport",
+                    "80",
+                    "--state",
+                    "ESTABLISHED",
+                    "-u",
+                    "SEEN_REPLY",
+                    "-t",
+                    "300",
+                ])
+                .output()
+                .unwrap(),
         );
     };
     track("10.95.0.5", "10.95.0.9", "40000");
@@ -364,7 +356,7 @@ fn isolation_removes_the_guests_tracked_connections() {
             .count()
     };
     assert_eq!(tracked("10.95.0.5"), 2);
-    let out = cli(
+    succeeded(cli(
         h.dir.path(),
         &[
             "quarantine",
@@ -374,12 +366,7 @@ fn isolation_removes_the_guests_tracked_connections() {
             "--reason",
             "conntrack",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     assert_eq!(
         tracked("10.95.0.5"),
         0,
@@ -422,7 +409,7 @@ fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse
         ping(&g5, &["10.95.0.6"])
     });
 
-    let out = cli(
+    succeeded(cli(
         h.dir.path(),
         &[
             "quarantine",
@@ -432,12 +419,7 @@ fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse
             "--reason",
             "incident 42",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     assert!(!ping(&g5, &["10.95.0.6"]), "isolated guest still talks");
     let uuid5 = "5e1ab000-0000-4000-8000-000000000005";
     assert!(state.join(format!("quarantine/{uuid5}.json")).exists());
@@ -509,12 +491,10 @@ fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse
     );
 
     // Release by name while the VM is down; the record and the audit trail say so.
-    let out = cli(h.dir.path(), &["release", "web", "--reason", "cleaned up"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(cli(
+        h.dir.path(),
+        &["release", "web", "--reason", "cleaned up"],
+    ));
     assert!(!state.join(format!("quarantine/{uuid5}.json")).exists());
     assert!(eve_has(
         h.dir.path(),

@@ -1232,6 +1232,16 @@ mod tests {
         assert_eq!(f.test_run(&d6).unwrap(), HEADER_SNAP);
     }
 
+    /// The fast path's tc program over `f`'s direction map, redirecting to ifindex 7, with
+    /// a lease running for a minute.
+    fn test_fast_path(f: &CaptureFilter) -> (OwnedFd, OwnedFd) {
+        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1).unwrap();
+        set_lease(&lease, monotonic_ns() + 60_000_000_000);
+        let insns = fast_path_program(f.flows.as_raw_fd(), lease.as_raw_fd(), 7).unwrap();
+        let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
+        (lease, prog)
+    }
+
     /// The inline fast path's tc program on literal frames (needs root, as CI): it redirects
     /// exactly what the filter leaves uncopied for a handed-over direction, and lets
     /// everything else continue to the worker.
@@ -1244,10 +1254,7 @@ mod tests {
         const PASS: u32 = 0;
         const REDIRECT: u32 = 7; // TC_ACT_REDIRECT, from bpf_redirect
         let f = CaptureFilter::load(16).unwrap();
-        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1).unwrap();
-        set_lease(&lease, monotonic_ns() + 60_000_000_000);
-        let insns = fast_path_program(f.flows.as_raw_fd(), lease.as_raw_fd(), 7).unwrap();
-        let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
+        let (lease, prog) = test_fast_path(&f);
         // A tc program's test run sees the frame from its Ethernet header.
         let run = |frame: &[u8]| test_run(&prog, frame).unwrap();
         let data = v4(6, 5, 0, true, ACK, b"GET / HTTP/1.1\r\n");
@@ -1300,10 +1307,7 @@ mod tests {
         const PASS: u32 = 0;
         const REDIRECT: u32 = 7;
         let f = CaptureFilter::load(16).unwrap();
-        let lease = map_create(MAP_TYPE_ARRAY, 4, 8, 1).unwrap();
-        set_lease(&lease, monotonic_ns() + 60_000_000_000);
-        let insns = fast_path_program(f.flows.as_raw_fd(), lease.as_raw_fd(), 7).unwrap();
-        let prog = load_program(PROG_TYPE_SCHED_CLS, &insns, "test").unwrap();
+        let (_lease, prog) = test_fast_path(&f);
         let tc = |frame: &[u8]| test_run(&prog, frame).unwrap();
         // Pure ACKs with their acknowledgement numbers (byte 8 of the TCP header).
         let ack = |n: u8| {

@@ -224,12 +224,8 @@ pub fn restore(vif: &str) -> Result<bool, TopologyError> {
             run(&["ip", "link", "set", vif, "master", br])?;
         }
         // A fast-path filter a killed service left (inert once its lease ran out).
-        if let Ok(name) = std::ffi::CString::new(vif) {
-            // SAFETY: a NUL-terminated name; 0 means no such interface.
-            let ix = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if ix != 0 {
-                super::tc::remove(ix);
-            }
+        if let Ok(ix) = nix::net::if_::if_nametoindex(vif) {
+            super::tc::remove(ix);
         }
     }
     run(&["ip", "link", "del", &bport])?;

@@ -18,7 +18,6 @@ pub mod inline;
 pub mod tc;
 pub mod vnet;
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
@@ -139,12 +138,8 @@ pub(crate) fn setsockopt<T>(
 /// A new, unbound AF_PACKET socket for every protocol, and `iface`'s index: the common start
 /// of a capture ring and an inline port (both set their options before binding).
 pub(crate) fn packet_socket(iface: &str) -> Result<(OwnedFd, u32), CaptureError> {
-    let c = CString::new(iface).map_err(|_| CaptureError::NoInterface(iface.into()))?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if ifindex == 0 {
-        return Err(CaptureError::NoInterface(iface.into()));
-    }
+    let ifindex = nix::net::if_::if_nametoindex(iface)
+        .map_err(|_| CaptureError::NoInterface(iface.into()))?;
     // SAFETY: plain socket(2) call; the result is checked before use.
     let raw = unsafe {
         libc::socket(

@@ -123,6 +123,17 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
     p
 }
 
+/// `out`, after asserting that its command succeeded (its stderr otherwise).
+#[track_caller]
+pub fn succeeded(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs the CLI with the test's control socket.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
     Command::new(VIRTSEC)
