@@ -461,8 +461,15 @@ impl State {
                     Ok(serde_json::json!({"total": total, "alerts": alerts}))
                 }
                 ControlRequest::VifReady { domid, devid } => {
-                    let vif = self.inventory.get(&domid).and_then(|g| g.vifs.get(&devid));
+                    let guest = self.inventory.get(&domid);
+                    let vif = guest.and_then(|g| g.vifs.get(&devid));
                     let ifname = vif.map(|v| v.ifname.clone());
+                    // A quarantined VM's new vif: held as its record says (`bridge`: the
+                    // backend key vif-bridge reads names the quarantine bridge).
+                    let quarantine = match (&self.quarantine, guest, vif) {
+                        (Some(q), Some(g), Some(v)) => q.vif_held(g, v),
+                        _ => true,
+                    };
                     let antispoof = match (&self.antispoof, &ifname) {
                         (Some(a), Some(n)) => Some(a.has(n)),
                         (None, _) => None,
@@ -476,12 +483,14 @@ impl State {
                     let ready = ifname.is_some()
                         && antispoof.unwrap_or(true)
                         && inspection.unwrap_or(true)
+                        && quarantine
                         && matches!(self.link, Link::Up(_));
                     Ok(serde_json::json!({
                         "ready": ready,
                         "ifname": ifname,
                         "antispoof": antispoof,
                         "inspection": inspection,
+                        "quarantine": quarantine,
                     }))
                 }
             };
@@ -645,7 +654,7 @@ impl State {
                     *by.entry(format!("{a:?}").to_lowercase()).or_insert(0) += 1;
                 }
             }
-            for a in ["throttle", "isolate", "pause", "detach"] {
+            for a in ["throttle", "isolate", "bridge", "pause", "detach"] {
                 e.sample(
                     "virtsec_quarantined_vms",
                     &[("action", a)],

@@ -510,3 +510,208 @@ fn quarantine_holds_across_sigkill_restart_and_reboot_and_not_across_domid_reuse
     });
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+/// `(master, isolated)` of `ifname` in namespace `ns`.
+fn bridge_port(ns: &str, ifname: &str) -> (Option<String>, bool) {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-d", "-j", "link", "show", "dev", ifname])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (
+        v[0]["master"].as_str().map(str::to_string),
+        v[0]["linkinfo"]["info_slave_data"]["isolated"] == true,
+    )
+}
+
+#[test]
+fn the_bridge_action_moves_the_guest_to_the_quarantine_bridge_until_release() {
+    if !usable("the_bridge_action_moves_the_guest_to_the_quarantine_bridge_until_release") {
+        return;
+    }
+    let _serial = serial();
+    let id = std::process::id();
+    let mut h = host("c", &["vqc5", "vqc6", "vqc7", "vqcr"]);
+    let _log = LogOnPanic(h.dir.path().to_path_buf());
+    let (g5, g6, g7, rem) = (
+        format!("vqc5{id}"),
+        format!("vqc6{id}"),
+        format!("vqc7{id}"),
+        format!("vqcr{id}"),
+    );
+    let dd = h.dd.clone();
+    let xs = h.dir.path().join("xs.sock");
+    let key = |d: u32| {
+        stdout(&xs_util(
+            &xs,
+            "xenstore-read",
+            &[&format!("/local/domain/0/backend/vif/{d}/0/bridge")],
+        ))
+        .trim()
+        .to_string()
+    };
+    let mut d = virtsecd_with(h.dir.path(), Some(&dd), "[enforce]\nantispoof = true\n");
+    for (domid, name, ns) in [(5, "web", &g5), (6, "db", &g6), (7, "app", &g7)] {
+        h.ts.create(&spec(domid, name, domid), None).unwrap();
+        bridged_guest(
+            &dd,
+            ns,
+            &format!("vif{domid}.0"),
+            &mac(domid),
+            &format!("10.95.0.{domid}/24"),
+        );
+    }
+    wait_for("guests talk", Duration::from_secs(5), || {
+        ping(&g5, &["10.95.0.6"]) && ping(&g7, &["10.95.0.5"])
+    });
+
+    // web goes to the quarantine bridge, which the service creates.
+    succeeded(cli(
+        h.dir.path(),
+        &[
+            "quarantine",
+            "web",
+            "--action",
+            "bridge",
+            "--reason",
+            "case 7",
+        ],
+    ));
+    assert_eq!(
+        bridge_port(&dd, "vif5.0"),
+        (Some("vsquarantine".to_string()), true),
+        "vif5.0 is not an isolated port of the quarantine bridge"
+    );
+    assert!(!ping(&g5, &["10.95.0.6"]), "web still reaches db");
+    assert!(ping(&g6, &["10.95.0.7"]), "db and app lost each other");
+    wait_for(
+        "backend bridge key rewritten",
+        Duration::from_secs(5),
+        || key(5) == "vsquarantine",
+    );
+    // What the administrator attaches to the quarantine bridge (a remediation host) is
+    // reachable.
+    ip(&["netns", "add", &rem]);
+    ip(&[
+        "-n", &dd, "link", "add", "vqrem", "type", "veth", "peer", "name", "eth0", "netns", &rem,
+    ]);
+    ip(&[
+        "-n",
+        &dd,
+        "link",
+        "set",
+        "vqrem",
+        "master",
+        "vsquarantine",
+        "up",
+    ]);
+    ip(&["-n", &rem, "addr", "add", "10.95.0.200/24", "dev", "eth0"]);
+    ip(&["-n", &rem, "link", "set", "eth0", "up"]);
+    wait_for(
+        "web reaches the remediation host",
+        Duration::from_secs(5),
+        || ping(&g5, &["10.95.0.200"]),
+    );
+
+    // A second quarantined guest: both reach the remediation host, never each other.
+    succeeded(cli(
+        h.dir.path(),
+        &[
+            "quarantine",
+            "app",
+            "--action",
+            "bridge",
+            "--reason",
+            "case 8",
+        ],
+    ));
+    wait_for(
+        "app reaches the remediation host",
+        Duration::from_secs(5),
+        || ping(&g7, &["10.95.0.200"]),
+    );
+    assert!(!ping(&g7, &["10.95.0.5"]), "two quarantined guests talk");
+    assert!(!ping(&g7, &["10.95.0.6"]), "app still reaches db");
+
+    // The kernel holds it while the service is down and after it restarts.
+    d.sigkill();
+    assert!(
+        !ping(&g5, &["10.95.0.6"]),
+        "web reaches db with the service down"
+    );
+    let _d = virtsecd_with(h.dir.path(), Some(&dd), "[enforce]\nantispoof = true\n");
+    assert_eq!(
+        bridge_port(&dd, "vif5.0"),
+        (Some("vsquarantine".to_string()), true)
+    );
+
+    // web reboots as domain 8, its vif going through the hotplug gate as with vif-virtsec:
+    // `virtsec attach` returns only once the backend key names the quarantine bridge, and
+    // vif-bridge puts the vif where the key says. It never joins xenbr0.
+    h.ts.destroy(5).unwrap();
+    ip(&["-n", &dd, "link", "del", "vif5.0"]);
+    let mut s8 = spec(8, "web", 5);
+    let vif8 = s8.vifs.remove(0);
+    h.ts.create(&s8, None).unwrap();
+    h.ts.add_vif(8, &vif8).unwrap();
+    assert_eq!(key(8), "xenbr0", "the toolstack's own key");
+    ip(&[
+        "-n", &dd, "link", "add", "vif8.0", "type", "veth", "peer", "name", "eth0", "netns", &g5,
+    ]);
+    ip(&["-n", &g5, "link", "set", "eth0", "address", &mac(5)]);
+    ip(&["-n", &g5, "addr", "add", "10.95.0.5/24", "dev", "eth0"]);
+    ip(&["-n", &g5, "link", "set", "eth0", "up"]);
+    succeeded(cli(
+        h.dir.path(),
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/0/backend/vif/8/0",
+            "--timeout",
+            "10",
+        ],
+    ));
+    let br = key(8);
+    assert_eq!(br, "vsquarantine", "vif-bridge would read {br:?}");
+    ip(&["-n", &dd, "link", "set", "vif8.0", "master", &br, "up"]);
+    h.ts.connect_vif(8, 0, None).unwrap();
+    wait_for("vif8.0 isolated", Duration::from_secs(5), || {
+        bridge_port(&dd, "vif8.0") == (Some("vsquarantine".to_string()), true)
+    });
+    assert!(!ping(&g5, &["10.95.0.6"]), "the rebooted VM reaches db");
+    assert!(!ping(&g5, &["10.95.0.7"]), "the rebooted VM reaches app");
+    wait_for(
+        "the rebooted VM reaches remediation",
+        Duration::from_secs(5),
+        || ping(&g5, &["10.95.0.200"]),
+    );
+
+    // Release: back on xenbr0, not isolated, the toolstack's key restored, audited.
+    succeeded(cli(h.dir.path(), &["release", "web", "--reason", "clean"]));
+    assert_eq!(
+        bridge_port(&dd, "vif8.0"),
+        (Some("xenbr0".to_string()), false)
+    );
+    wait_for("web talks to db again", Duration::from_secs(5), || {
+        ping(&g5, &["10.95.0.6"])
+    });
+    wait_for(
+        "backend bridge key restored",
+        Duration::from_secs(5),
+        || key(8) == "xenbr0",
+    );
+    assert!(eve_has(
+        h.dir.path(),
+        &[
+            "\"op\":\"release\"",
+            "5e1ab000-0000-4000-8000-000000000005",
+            "clean"
+        ]
+    ));
+    // app is still held.
+    assert!(!ping(&g7, &["10.95.0.6"]), "app was released with web");
+    succeeded(cli(h.dir.path(), &["release", "app", "--reason", "clean"]));
+    wait_for("app talks to db again", Duration::from_secs(5), || {
+        ping(&g7, &["10.95.0.6"])
+    });
+}

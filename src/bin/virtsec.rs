@@ -130,7 +130,7 @@ enum Cmd {
     Quarantine {
         /// UUID, name or domid.
         target: String,
-        /// throttle, isolate, pause or detach.
+        /// throttle, isolate, bridge, pause or detach.
         #[arg(long)]
         action: String,
         /// Why (kept in the audit record).

@@ -29,6 +29,8 @@
 
 use std::process::Command;
 
+use crate::enforce::bridge;
+
 /// Errors changing the topology.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -141,6 +143,13 @@ fn nft(script: &str) -> Result<(), TopologyError> {
     })
 }
 
+fn enforce_failed(e: crate::enforce::EnforceError) -> TopologyError {
+    TopologyError::Failed {
+        cmd: "ip link set type bridge_slave".into(),
+        stderr: e.to_string(),
+    }
+}
+
 fn no_ipv6(ifname: &str) {
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
@@ -205,8 +214,14 @@ pub fn prepare(vif: &str) -> Result<Splice, TopologyError> {
 pub fn splice(s: &Splice) -> Result<(), TopologyError> {
     no_ipv6(&s.vif);
     ingress_drop(&s.vif, &s.iport)?;
+    // The port takes the vif's place with its isolation (a quarantined guest's port on the
+    // quarantine bridge, or an administrator's isolated port, stays isolated).
+    let isolated = bridge::port(&s.vif).is_some_and(|p| p.isolated);
     run(&["ip", "link", "set", &s.vif, "nomaster"])?;
     run(&["ip", "link", "set", &s.bport, "master", &s.bridge, "up"])?;
+    if isolated {
+        bridge::set_isolated(&s.bport, true).map_err(enforce_failed)?;
+    }
     Ok(())
 }
 
@@ -221,7 +236,11 @@ pub fn restore(vif: &str) -> Result<bool, TopologyError> {
     };
     if exists(vif) {
         if let Some(br) = &bridge {
+            let isolated = bridge::port(&bport).is_some_and(|p| p.isolated);
             run(&["ip", "link", "set", vif, "master", br])?;
+            if isolated {
+                bridge::set_isolated(vif, true).map_err(enforce_failed)?;
+            }
         }
         // A fast-path filter a killed service left (inert once its lease ran out).
         if let Ok(ix) = nix::net::if_::if_nametoindex(vif) {

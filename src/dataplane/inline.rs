@@ -99,7 +99,12 @@ pub(super) fn run(inspectors: Vec<Inspector>, cfg: &InlineConfig, groups: (u16, 
     let why = vif.stop.load(Ordering::Relaxed);
     if why == DETACH || cfg.fail == FailMode::Open {
         match topo::restore(&name) {
-            Ok(true) => log::info!("{name}: back on bridge {}", splice.bridge),
+            Ok(true) => log::info!(
+                "{name}: back on bridge {}",
+                crate::enforce::bridge::port(&name)
+                    .and_then(|p| p.master)
+                    .unwrap_or_else(|| "(none)".into())
+            ),
             Ok(false) => {}
             Err(e) => log::error!("{name}: cannot undo the inline splice: {e}"),
         }

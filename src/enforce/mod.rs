@@ -23,6 +23,7 @@
 //! expressions; the text syntax is what an administrator reads back with `nft list ruleset`,
 //! and the transactions stay atomic either way. Counters are read with `nft -j`.
 
+pub mod bridge;
 pub mod domctl;
 pub mod isolate;
 
@@ -40,6 +41,10 @@ pub enum EnforceError {
     Spawn(std::io::Error),
     #[error("nft refused the {what} transaction: {stderr}")]
     Nft { what: String, stderr: String },
+    #[error("`{cmd}` failed: {stderr}")]
+    Ip { cmd: String, stderr: String },
+    #[error("{0} exists and is not a bridge: set [quarantine] bridge to a bridge's name, or to a name not in use")]
+    NotABridge(String),
 }
 
 /// The policy of one vif, derived from trusted backend keys.

@@ -11,6 +11,7 @@
 //! | `isolate` | nftables (`enforce::isolate`): everything dropped both ways but the remediation allow-list; conntrack entries of the guest's addresses removed | chains and map elements removed |
 //! | `throttle` | the backend `rate` key (`<bytes>,<usecs>`, netback applies it at run time) and an nftables policer (where there is no netback, as in the lab) | the toolstack's `rate` restored |
 //! | `pause` | libxenctrl or `xl pause` (`enforce::domctl`); Xen's pause is reference-counted, so the domid this service paused is recorded and unpaused exactly once | unpaused once |
+//! | `bridge` | the VM's bridge ports moved to `[quarantine] bridge` as isolated ports (`enforce::bridge`), and its vifs' backend `bridge` keys rewritten so a vif that appears later joins it directly | ports moved back to the bridge they came from, keys restored |
 //! | `detach` | `xl network-detach` per vif | not re-attached (the operator re-attaches) |
 //!
 //! **Order and durability.** The kernel hold is applied first (it is what stops traffic; the
@@ -37,6 +38,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::enforce::bridge;
 use crate::enforce::domctl::DomainControl;
 use crate::enforce::isolate::{Allow, Hold, Isolation};
 use crate::inventory::{Guest, Guests};
@@ -48,6 +50,7 @@ use store::{Store, StoreError};
 pub enum Action {
     Throttle,
     Isolate,
+    Bridge,
     Pause,
     Detach,
 }
@@ -59,9 +62,10 @@ impl std::str::FromStr for Action {
             "throttle" => Ok(Action::Throttle),
             "isolate" => Ok(Action::Isolate),
             "pause" => Ok(Action::Pause),
+            "bridge" => Ok(Action::Bridge),
             "detach" => Ok(Action::Detach),
             o => Err(format!(
-                "unknown action {o:?}: expected throttle, isolate, pause or detach"
+                "unknown action {o:?}: expected throttle, isolate, bridge, pause or detach"
             )),
         }
     }
@@ -87,11 +91,30 @@ pub struct Record {
     /// restored on release (`None`: there was none).
     #[serde(default)]
     pub rates: BTreeMap<u32, Option<String>>,
+    /// `bridge`: where each moved vif (by devid) goes back to on release.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bridges: BTreeMap<u32, Moved>,
     /// Set durably when a release starts: a service killed in the middle of a release
     /// finishes it at restart instead of re-applying the quarantine (and a kernel hold with no
     /// record at all is a quarantine whose record was not written yet: kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub releasing: Option<Releasing>,
+}
+
+/// A vif the `bridge` action moved: what to restore on release.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    /// The toolstack's backend `bridge` key before (`None`: there was none).
+    pub key: Option<String>,
+    /// The bridge its port was on when it was moved (used when the key names none).
+    pub bridge: Option<String>,
+}
+
+impl Moved {
+    /// Where the vif goes back to.
+    fn back(&self) -> Option<&str> {
+        self.key.as_deref().or(self.bridge.as_deref())
+    }
 }
 
 /// Who asked for a release in progress, and why.
@@ -121,6 +144,21 @@ pub struct QuarantineConfig {
     pub domain_control: String,
     /// Flows an isolated guest keeps (`[[quarantine.allow]]`: proto, port, host).
     pub allow: Vec<Allow>,
+    /// `bridge`: the quarantine bridge (created, with no address, if it does not exist).
+    #[serde(deserialize_with = "bridge_name")]
+    pub bridge: String,
+}
+
+/// The quarantine bridge's name must be a Linux interface name.
+fn bridge_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if crate::inventory::model::valid_ifname(&s) {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+        )))
+    }
 }
 
 impl Default for QuarantineConfig {
@@ -134,6 +172,7 @@ impl Default for QuarantineConfig {
             throttle_kbytes_per_s: 1024,
             domain_control: "auto".into(),
             allow: Vec::new(),
+            bridge: "vsquarantine".into(),
         }
     }
 }
@@ -291,6 +330,7 @@ impl Quarantine {
                 by: "virtsecd (recovery)".into(),
                 paused: None,
                 rates: BTreeMap::new(),
+                bridges: BTreeMap::new(),
                 releasing: None,
             };
             log::warn!("quarantine of {u}: {}", r.reason);
@@ -401,14 +441,7 @@ impl Quarantine {
                     .is_some_and(|u| u.eq_ignore_ascii_case(&r.uuid))
             }) {
                 for v in g.vifs.values() {
-                    let mut names = vec![v.ifname.clone()];
-                    names.extend(v.emu_ifname.clone());
-                    for n in names {
-                        if let Some((b, _)) = crate::capture::inline::port_names(&n) {
-                            ports.insert(b);
-                        }
-                        ports.insert(n);
-                    }
+                    ports.extend(bridge_ports(v));
                 }
             }
             // netback applies the backend `rate` key itself; the nftables policer stands in
@@ -529,11 +562,86 @@ impl Quarantine {
                 }
             }
         }
+        if r.actions.contains(&Action::Bridge) {
+            changed |= self.hold_on_bridge(&mut r2, g)?;
+        }
         if changed {
             self.store.save(&r2)?;
             self.records.insert(uuid.to_string(), r2);
         }
         Ok(())
+    }
+
+    /// `bridge`: points the VM's backend `bridge` keys at the quarantine bridge (what
+    /// `vif-bridge` reads for a vif that appears later) and moves the bridge ports it already
+    /// has there, isolated. Returns whether the record learnt something to restore.
+    fn hold_on_bridge(&mut self, r: &mut Record, g: &Guest) -> Result<bool, QuarantineError> {
+        let qbr = self.cfg.bridge.clone();
+        let kernel = |e: crate::enforce::EnforceError| QuarantineError::Kernel(e.to_string());
+        let mut changed = false;
+        let mut ensured = false;
+        for v in g.vifs.values() {
+            if v.bridge.as_deref() != Some(qbr.as_str()) {
+                if let Some(base) = &self.xs_base {
+                    if let std::collections::btree_map::Entry::Vacant(e) = r.bridges.entry(v.devid)
+                    {
+                        e.insert(Moved {
+                            key: v.bridge.clone(),
+                            bridge: None,
+                        });
+                        changed = true;
+                    }
+                    self.publish.push((
+                        format!("{base}/backend/vif/{}/{}/bridge", g.domid, v.devid),
+                        Some(qbr.clone()),
+                    ));
+                }
+            }
+            for name in bridge_ports(v) {
+                let Some(p) = bridge::port(&name) else {
+                    continue;
+                };
+                let Some(master) = p.master else {
+                    continue;
+                };
+                if master == qbr {
+                    if !p.isolated {
+                        bridge::set_isolated(&name, true).map_err(kernel)?;
+                    }
+                    continue;
+                }
+                if !ensured {
+                    bridge::ensure_bridge(&qbr).map_err(kernel)?;
+                    ensured = true;
+                }
+                let m = r.bridges.entry(v.devid).or_insert_with(|| Moved {
+                    key: v.bridge.clone(),
+                    bridge: None,
+                });
+                if m.bridge.is_none() {
+                    m.bridge = Some(master.clone());
+                    changed = true;
+                }
+                bridge::move_port(&name, &qbr, true).map_err(kernel)?;
+                log::info!(
+                    "quarantine of {}: {name} moved from bridge {master} to {qbr}",
+                    r.uuid
+                );
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether the kernel and XenStore hold a new vif of a quarantined VM as its record says,
+    /// so its policy can be reported in place: for `bridge`, the vif's backend `bridge` key
+    /// (what `vif-bridge` will read) names the quarantine bridge.
+    pub fn vif_held(&self, g: &Guest, v: &crate::inventory::Vif) -> bool {
+        let Some(r) = g.uuid.as_deref().and_then(|u| self.records.get(u)) else {
+            return true;
+        };
+        !r.actions.contains(&Action::Bridge)
+            || self.xs_base.is_none()
+            || v.bridge.as_deref() == Some(self.cfg.bridge.as_str())
     }
 
     /// Quarantines `target` with `action`.
@@ -557,6 +665,7 @@ impl Quarantine {
             by: by.into(),
             paused: None,
             rates: BTreeMap::new(),
+            bridges: BTreeMap::new(),
             releasing: None,
         });
         if let Some(g) = g {
@@ -577,14 +686,14 @@ impl Quarantine {
                 flush_conntrack(g);
             }
         }
-        let mut domain_error = None;
+        let mut domain_error: Option<QuarantineError> = None;
         match action {
             Action::Pause => {
                 if let Some(g) = g {
                     if r.paused != Some(g.domid) {
                         match self.domctl.pause(g.domid) {
                             Ok(()) => r.paused = Some(g.domid),
-                            Err(e) => domain_error = Some(e),
+                            Err(e) => domain_error = Some(e.into()),
                         }
                     }
                 }
@@ -593,8 +702,17 @@ impl Quarantine {
                 if let Some(g) = g {
                     for v in g.vifs.values() {
                         if let Err(e) = self.domctl.detach_vif(g.domid, v.devid) {
-                            domain_error = Some(e);
+                            domain_error = Some(e.into());
                         }
+                    }
+                }
+            }
+            Action::Bridge => {
+                if let Some(g) = g {
+                    if let Err(e) = self.hold_on_bridge(&mut r, g) {
+                        // Ports already moved go back with the rollback below.
+                        let _ = self.bridge_back(&r, g);
+                        domain_error = Some(e);
                     }
                 }
             }
@@ -607,9 +725,10 @@ impl Quarantine {
                 self.records.remove(&uuid);
                 let _ = self.sync_kernel(guests);
             } else {
+                r.bridges.clear();
                 self.records.insert(uuid.clone(), r);
             }
-            return Err(e.into());
+            return Err(e);
         }
         self.records.insert(uuid.clone(), r.clone());
         if action == Action::Throttle {
@@ -680,6 +799,12 @@ impl Quarantine {
                 }
             }
         }
+        if let Some(g) = g {
+            // A port left on the quarantine bridge keeps the VM there: the release stays
+            // pending and is retried on the next pass.
+            self.bridge_back(&r, g)
+                .map_err(|e| QuarantineError::Kernel(e.to_string()))?;
+        }
         self.records.remove(uuid);
         let errors = self.sync_kernel(guests);
         if let Some(e) = errors.into_iter().next() {
@@ -695,6 +820,44 @@ impl Quarantine {
                 .push((format!("{base}/virtsec/quarantine/{uuid}"), None));
         }
         Ok(r)
+    }
+
+    /// Undoes `bridge` for the VM's current vifs: backend keys restored, ports on the
+    /// quarantine bridge moved back (not isolated) to where they came from.
+    fn bridge_back(&mut self, r: &Record, g: &Guest) -> Result<(), crate::enforce::EnforceError> {
+        if r.bridges.is_empty() {
+            return Ok(());
+        }
+        let qbr = self.cfg.bridge.clone();
+        for v in g.vifs.values() {
+            let Some(m) = r.bridges.get(&v.devid) else {
+                continue;
+            };
+            if let Some(base) = &self.xs_base {
+                if v.bridge.as_deref() == Some(qbr.as_str()) {
+                    self.publish.push((
+                        format!("{base}/backend/vif/{}/{}/bridge", g.domid, v.devid),
+                        m.key.clone(),
+                    ));
+                }
+            }
+            for name in bridge_ports(v) {
+                if bridge::port(&name).and_then(|p| p.master).as_deref() != Some(qbr.as_str()) {
+                    continue;
+                }
+                match m.back() {
+                    Some(b) => {
+                        bridge::move_port(&name, b, false)?;
+                        log::info!("quarantine of {}: {name} back on bridge {b}", r.uuid);
+                    }
+                    None => log::warn!(
+                        "quarantine of {}: {name} stays on {qbr}: neither the toolstack nor the kernel named its bridge before",
+                        r.uuid
+                    ),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Moves the alert's guest one step up its ladder if the alert is severe enough and the
@@ -827,6 +990,21 @@ impl Quarantine {
     }
 }
 
+/// The interfaces of a vif that can be bridge ports: the vif, its `-emu` twin and their
+/// inline ports (`vsb…`, on the bridge while the vif is spliced out).
+fn bridge_ports(v: &crate::inventory::Vif) -> Vec<String> {
+    let mut names = vec![v.ifname.clone()];
+    names.extend(v.emu_ifname.clone());
+    let mut out = Vec::new();
+    for n in names {
+        if let Some((b, _)) = crate::capture::inline::port_names(&n) {
+            out.push(b);
+        }
+        out.push(n);
+    }
+    out
+}
+
 /// Cuts the guest's existing connections: conntrack entries to and from its addresses
 /// (matters where the backend domain routes or NATs its guests; a pure bridge has none).
 fn flush_conntrack(g: &Guest) {
@@ -850,6 +1028,92 @@ mod tests {
     #[test]
     fn actions_parse() {
         assert_eq!("isolate".parse::<Action>(), Ok(Action::Isolate));
+        assert_eq!("bridge".parse::<Action>(), Ok(Action::Bridge));
         assert!("nuke".parse::<Action>().is_err());
+    }
+
+    fn guest(domid: u32, bridge: &str) -> Guests {
+        let vif = crate::inventory::Vif {
+            devid: 0,
+            // No such interface here: only the XenStore side is exercised.
+            ifname: format!("vqtest{domid}.0"),
+            emu_ifname: None,
+            mac: None,
+            ips: Vec::new(),
+            bridge: Some(bridge.into()),
+            script: None,
+            state: None,
+            hotplug_status: None,
+            online: true,
+            rate: None,
+            mtu: None,
+        };
+        let g = Guest {
+            domid,
+            uuid: Some("5e1ab000-0000-4000-8000-000000000005".into()),
+            name: Some("web".into()),
+            label: None,
+            introduced: Some(true),
+            vifs: BTreeMap::from([(0, vif)]),
+        };
+        BTreeMap::from([(domid, g)])
+    }
+
+    #[test]
+    fn the_bridge_action_points_new_vifs_at_the_quarantine_bridge_and_restores_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = QuarantineConfig {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let mut q = Quarantine::open(cfg, None, Box::new(crate::enforce::domctl::NoXen)).unwrap();
+        q.xs_base = Some("/local/domain/0".into());
+        let key = "/local/domain/0/backend/vif/5/0/bridge";
+        let prod = guest(5, "xenbr0");
+        let r = q
+            .apply("web", Action::Bridge, "case 7", "operator", &prod)
+            .unwrap();
+        assert_eq!(r.bridges[&0].key.as_deref(), Some("xenbr0"));
+        assert!(q
+            .take_publish()
+            .contains(&(key.into(), Some("vsquarantine".into()))));
+        // Until XenStore says the vif goes to the quarantine bridge, its policy is not in
+        // place (vif-bridge must not run yet).
+        let g = &prod[&5];
+        assert!(!q.vif_held(g, &g.vifs[&0]));
+        let held = guest(5, "vsquarantine");
+        let g = &held[&5];
+        assert!(q.vif_held(g, &g.vifs[&0]));
+        // The VM reboots as domain 8: the toolstack writes its key again, the record keeps
+        // the original and the new key is rewritten.
+        let reboot = guest(8, "xenbr0");
+        q.sync(&reboot);
+        let p = q.take_publish();
+        assert!(p.contains(&(
+            "/local/domain/0/backend/vif/8/0/bridge".into(),
+            Some("vsquarantine".into())
+        )));
+        // Released while its key names the quarantine bridge: the toolstack's key comes back.
+        let r = q
+            .release("web", "clean", "operator", &guest(8, "vsquarantine"))
+            .unwrap();
+        assert_eq!(r.bridges[&0].key.as_deref(), Some("xenbr0"));
+        assert!(q.take_publish().contains(&(
+            "/local/domain/0/backend/vif/8/0/bridge".into(),
+            Some("xenbr0".into())
+        )));
+        // A VM that is not quarantined is never held back.
+        let g = &prod[&5];
+        assert!(q.vif_held(g, &g.vifs[&0]));
+    }
+
+    #[test]
+    fn the_quarantine_bridge_must_be_an_interface_name() {
+        let ok: Result<QuarantineConfig, _> = toml::from_str("bridge = \"qbr0\"");
+        assert_eq!(ok.unwrap().bridge, "qbr0");
+        for bad in ["", "a-name-far-too-long", "q/br", "q br"] {
+            let r: Result<QuarantineConfig, _> = toml::from_str(&format!("bridge = {bad:?}"));
+            assert!(r.is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -166,6 +166,7 @@ mod tests {
             by: "operator".into(),
             paused: None,
             rates: Default::default(),
+            bridges: Default::default(),
             releasing: None,
         }
     }

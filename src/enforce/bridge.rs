@@ -1,0 +1,142 @@
+//! The `bridge` quarantine action's kernel side: a guest's bridge ports moved to a named
+//! quarantine bridge and isolated there.
+//!
+//! The hold is the bridge membership itself, which the kernel keeps while the service is
+//! down. On the quarantine bridge every moved port is a Linux bridge *isolated* port
+//! (`bridge_slave isolated on`, Linux 4.18+): isolated ports forward only to non-isolated
+//! ones, so quarantined guests reach what the administrator attached there (a remediation
+//! host, a VLAN to a scanning service, a honeypot) and never each other.
+//!
+//! Which bridge a new vif joins is decided by the toolstack's backend `bridge` key, which
+//! `vif-bridge` reads once the hotplug gate (`vif-virtsec`) lets it run; the quarantine
+//! manager rewrites that key for a quarantined VM's vifs and does not report a vif's policy in
+//! place until XenStore shows it, so a quarantined VM that reboots joins the quarantine bridge
+//! directly. What this module does is for vifs already on a bridge: move them, and back on
+//! release.
+//!
+//! Commands go through `ip` (iproute2), like the inline splice, so what changed is what an
+//! administrator reads back with `ip -d link` and `bridge link`.
+
+use std::process::Command;
+
+use super::EnforceError;
+
+/// A bridge port as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    /// The bridge it is on, if any.
+    pub master: Option<String>,
+    /// Bridge port isolation.
+    pub isolated: bool,
+}
+
+fn ip(args: &[&str]) -> Result<String, EnforceError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(EnforceError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(EnforceError::Ip {
+            cmd: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Parses `ip -d -j link show dev X` output.
+fn parse_port(json: &str) -> Option<Port> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let l = v.get(0)?;
+    let name = l["ifname"].as_str()?.to_string();
+    let master = l["master"].as_str().map(str::to_string);
+    let info = &l["linkinfo"];
+    let isolated = info["info_slave_kind"].as_str() == Some("bridge")
+        && info["info_slave_data"]["isolated"].as_bool() == Some(true);
+    Some(Port {
+        name,
+        master,
+        isolated,
+    })
+}
+
+/// The interface `ifname`, `None` if it does not exist.
+pub fn port(ifname: &str) -> Option<Port> {
+    parse_port(&ip(&["-d", "-j", "link", "show", "dev", ifname]).ok()?)
+}
+
+/// Whether `name` is a bridge.
+fn is_bridge(name: &str) -> bool {
+    ip(&["-d", "-j", "link", "show", "dev", name])
+        .ok()
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .is_some_and(|v| v[0]["linkinfo"]["info_kind"].as_str() == Some("bridge"))
+}
+
+/// Creates the quarantine bridge if it does not exist (no address, no uplink: what reaches
+/// it is what the administrator attached) and brings it up. An existing interface of that
+/// name that is not a bridge is an error, never replaced.
+pub fn ensure_bridge(name: &str) -> Result<(), EnforceError> {
+    if port(name).is_none() {
+        ip(&["link", "add", name, "type", "bridge"])?;
+        log::info!("quarantine bridge {name} created");
+    } else if !is_bridge(name) {
+        return Err(EnforceError::NotABridge(name.into()));
+    }
+    ip(&["link", "set", name, "up"])?;
+    Ok(())
+}
+
+/// Puts `port` on `bridge` with port isolation `isolated` (the port keeps its up/down state).
+pub fn move_port(port: &str, bridge: &str, isolated: bool) -> Result<(), EnforceError> {
+    ip(&["link", "set", "dev", port, "master", bridge])?;
+    set_isolated(port, isolated)
+}
+
+/// Sets bridge port isolation on `port` (which is on a bridge).
+pub fn set_isolated(port: &str, isolated: bool) -> Result<(), EnforceError> {
+    let on = if isolated { "on" } else { "off" };
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        port,
+        "type",
+        "bridge_slave",
+        "isolated",
+        on,
+    ])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bridge_port_is_read_from_ip_json() {
+        // `ip -d -j link show dev vif5.0` on a bridge port, trimmed to the fields read.
+        let j = r#"[{"ifindex":7,"ifname":"vif5.0","master":"vsquarantine","linkinfo":{"info_kind":"veth","info_slave_kind":"bridge","info_slave_data":{"state":"forwarding","isolated":true}}}]"#;
+        assert_eq!(
+            parse_port(j),
+            Some(Port {
+                name: "vif5.0".into(),
+                master: Some("vsquarantine".into()),
+                isolated: true,
+            })
+        );
+        let j = r#"[{"ifindex":7,"ifname":"vif5.0","linkinfo":{"info_kind":"veth"}}]"#;
+        assert_eq!(
+            parse_port(j),
+            Some(Port {
+                name: "vif5.0".into(),
+                master: None,
+                isolated: false,
+            })
+        );
+        assert_eq!(parse_port("[]"), None);
+        assert_eq!(parse_port("not json"), None);
+    }
+}
