@@ -128,11 +128,7 @@ fn ingress_drop(vif: &str, iport: &str) -> Result<(), TopologyError> {
 const INGRESS_TABLE: &str = "netdev virtsec_inline";
 
 fn ingress_chain(vif: &str) -> String {
-    let s: String = vif
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("i_{s}")
+    crate::enforce::chain_for("i_", vif)
 }
 
 /// One `nft -f` transaction, through the enforcement layer's runner.

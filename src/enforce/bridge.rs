@@ -7,6 +7,14 @@
 //! ones, so quarantined guests reach what the administrator attached there (a remediation
 //! host, a VLAN to a scanning service, a honeypot) and never each other.
 //!
+//! The backend domain's own stack is kept off the quarantine bridge: an nftables netdev ingress
+//! chain on the bridge device (table `netdev virtsec_qbr`) drops every frame the bridge passes
+//! up to the host, and the bridge has no IPv6. Without it a quarantined guest still reached
+//! dom0: Linux answers ARP for any of its addresses on any interface (the real-Xen harness
+//! found guest2's pings to dom0's `xenbr0` address answered through the quarantine bridge).
+//! Remediation hosts are therefore other machines, VMs or namespaces attached to the bridge,
+//! never the backend domain itself.
+//!
 //! Which bridge a new vif joins is decided by the toolstack's backend `bridge` key, which
 //! `vif-bridge` reads once the hotplug gate (`vif-virtsec`) lets it run; the quarantine
 //! manager rewrites that key for a quarantined VM's vifs and does not report a vif's policy in
@@ -85,8 +93,24 @@ pub fn ensure_bridge(name: &str) -> Result<(), EnforceError> {
     } else if !is_bridge(name) {
         return Err(EnforceError::NotABridge(name.into()));
     }
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    super::nft(&host_drop_script(name), "quarantine bridge host drop")?;
     ip(&["link", "set", name, "up"])?;
     Ok(())
+}
+
+/// The table that keeps the host's stack off quarantine bridges.
+const HOST_TABLE: &str = "netdev virtsec_qbr";
+
+/// Drops, at the bridge device's ingress, every frame the bridge passes up to the host.
+/// Idempotent: re-adding the same chain is accepted (and re-hooks a re-created bridge on
+/// kernels that drop the hook with the device).
+fn host_drop_script(bridge: &str) -> String {
+    let chain = super::chain_for("h_", bridge);
+    format!(
+        "add table {HOST_TABLE}\n\
+         add chain {HOST_TABLE} {chain} {{ type filter hook ingress devices = {{ \"{bridge}\" }} priority -500; policy drop; }}\n"
+    )
 }
 
 /// Puts `port` on `bridge` with port isolation `isolated` (the port keeps its up/down state).
@@ -114,6 +138,14 @@ pub fn set_isolated(port: &str, isolated: bool) -> Result<(), EnforceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_drop_chain_names_the_bridge() {
+        assert_eq!(
+            host_drop_script("vs-quar.0"),
+            "add table netdev virtsec_qbr\nadd chain netdev virtsec_qbr h_vs_quar_0 { type filter hook ingress devices = { \"vs-quar.0\" } priority -500; policy drop; }\n"
+        );
+    }
 
     #[test]
     fn a_bridge_port_is_read_from_ip_json() {

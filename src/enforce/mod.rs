@@ -76,11 +76,17 @@ const TABLE: &str = "bridge virtsec";
 
 /// The chain name of a vif (interface names may hold `.` and `-`).
 pub fn chain_name(ifname: &str) -> String {
+    chain_for("g_", ifname)
+}
+
+/// An nftables chain name for interface `ifname`: `prefix` and the name with every character
+/// nft identifiers do not allow as `_`.
+pub(crate) fn chain_for(prefix: &str, ifname: &str) -> String {
     let s: String = ifname
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    format!("g_{s}")
+    format!("{prefix}{s}")
 }
 
 /// The rules of one vif's chain, in order (without the chain header).

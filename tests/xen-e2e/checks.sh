@@ -285,6 +285,29 @@ if [ -n "$G2" ] && virtsec quarantine guest2 --action isolate --reason "e2e: iso
 else
     notok "quarantine --action isolate" "$(cat /tmp/q.log 2>/dev/null | tr '\n' ' ')"
 fi
+# Bridge: guest2's vif moves from xenbr0 (where dom0's address is) to the quarantine bridge
+# the service creates, as an isolated port; the backend key vif-bridge reads follows; release
+# moves it back and restores the toolstack's key.
+port_of() { ip -d link show dev "$1" 2>/dev/null | grep -o 'master [^ ]*\|isolated [a-z]*' | tr '\n' ' '; }
+if [ -n "$G2" ] && virtsec quarantine guest2 --action bridge --reason "e2e: bridge" >/tmp/q.log 2>&1; then
+    p=$(port_of "vif$G2.0")
+    e0=$(in_echos); r0=$(vif_rx "$G2"); sleep 3; e1=$(in_echos); r1=$(vif_rx "$G2")
+    if echo "$p" | grep -q 'master vsquarantine isolated on' && [ "$e0" = "$e1" ] && [ "$r1" -gt "$r0" ] \
+       && until_ms 5000 sh -c "[ \"\$(xenstore-read $(be "$G2" 0)/bridge)\" = vsquarantine ]"; then
+        ok "quarantine --action bridge: vif$G2.0 moved to the quarantine bridge, guest2's pings no longer reach dom0" "$p; backend bridge key $(xenstore-read "$(be "$G2" 0)/bridge"); rx $r0 -> $r1, InEchos $e0 -> $e1"
+    else
+        notok "quarantine --action bridge" "port: $p; key $(xenstore-read "$(be "$G2" 0)/bridge" 2>&1); InEchos $e0 -> $e1, rx $r0 -> $r1"
+    fi
+    virtsec release guest2 --reason "e2e: bridge done" >>/tmp/q.log 2>&1
+    if until_ms 10000 sh -c "[ \$(awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if (\$i == \"InEchos\") c = i; h = 1 } else print \$c }' /proc/net/snmp) -gt $e1 ]" \
+       && [ "$(xenstore-read "$(be "$G2" 0)/bridge")" = xenbr0 ]; then
+        ok "release puts vif$G2.0 back on xenbr0 and restores the toolstack's key" "$(port_of "vif$G2.0"); InEchos $(in_echos)"
+    else
+        notok "release puts guest2 back on xenbr0" "$(port_of "vif$G2.0"); key $(xenstore-read "$(be "$G2" 0)/bridge" 2>&1); $(cat /tmp/q.log | tr '\n' ' ')"
+    fi
+else
+    notok "quarantine --action bridge" "$(cat /tmp/q.log 2>/dev/null | tr '\n' ' ')"
+fi
 # Throttle: dom0 pings guest2 with 1400-byte packets every 2 ms for 4 s; the guest's replies
 # (its transmit, which netback's credit scheduler meters) are counted on vif<D>.0.
 load_bytes() { b0=$(vif_rx_bytes "$G2"); ping -q -i 0.002 -s 1400 -w 4 "169.254.1.$((10 + G2))" >/dev/null 2>&1; echo $(( $(vif_rx_bytes "$G2") - b0 )); }
