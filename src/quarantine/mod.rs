@@ -184,7 +184,7 @@ pub enum QuarantineError {
     NoSuchTarget(String),
     #[error("{0:?} matches several guests; give the UUID")]
     Ambiguous(String),
-    #[error("domain {0} has no readable VM UUID (/local/domain/{0}/vm); quarantine follows UUIDs")]
+    #[error("domain {0} has no readable VM UUID (/local/domain/{0}/vm) and quarantine follows UUIDs; a network driver domain cannot read it: quarantine from dom0's virtsec")]
     NoUuid(u32),
     #[error("{0} is not quarantined")]
     NotQuarantined(String),
@@ -871,7 +871,24 @@ impl Quarantine {
         if !self.cfg.auto || ev.priority.unwrap_or(3) > self.cfg.trigger_priority {
             return None;
         }
-        let uuid = ev.uuid.clone()?;
+        if ladder.is_empty() {
+            return None;
+        }
+        let Some(uuid) = ev.uuid.clone() else {
+            // Quarantine follows UUIDs; a service that cannot read the VM's (a driver domain:
+            // `/local/domain/<D>/vm` is dom0's and the guest's only) says so instead of
+            // silently not acting, at most once per step interval per domain.
+            let key = format!("domain {}", ev.domid);
+            let now = Instant::now();
+            if let Some(t) = self.last_step.get(&key) {
+                if now.duration_since(*t).as_millis() < u128::from(self.cfg.min_step_interval_ms) {
+                    self.rate_limited += 1;
+                    return None;
+                }
+            }
+            self.last_step.insert(key, now);
+            return Some(Err(QuarantineError::NoUuid(ev.domid)));
+        };
         let held: Vec<Action> = self
             .records
             .get(&uuid)
@@ -1105,6 +1122,50 @@ mod tests {
         // A VM that is not quarantined is never held back.
         let g = &prod[&5];
         assert!(q.vif_held(g, &g.vifs[&0]));
+    }
+
+    #[test]
+    fn an_alert_on_a_guest_without_a_readable_uuid_is_an_error_not_silence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = QuarantineConfig {
+            state_dir: dir.path().to_path_buf(),
+            auto: true,
+            min_step_interval_ms: 60_000,
+            // Only the XenStore side of `bridge` runs here (no interface of the guest's).
+            ladder: vec![Action::Bridge],
+            ..Default::default()
+        };
+        let mut q = Quarantine::open(cfg, None, Box::new(crate::enforce::domctl::NoXen)).unwrap();
+        let ev = AlertEvent {
+            domid: 5,
+            uuid: None,
+            gid: 1,
+            sid: 9,
+            priority: Some(1),
+            msg: "attack".into(),
+        };
+        let guests = guest(5, "xenbr0");
+        let ladder = q.ladder().to_vec();
+        match q.on_alert(&ev, &ladder, &guests) {
+            Some(Err(QuarantineError::NoUuid(5))) => {}
+            other => panic!("expected NoUuid(5), got {other:?}"),
+        }
+        // Reported once per step interval, not once per alert.
+        assert!(q.on_alert(&ev, &ladder, &guests).is_none());
+        assert_eq!(q.rate_limited, 1);
+        // With the UUID the same alert acts.
+        let ev = AlertEvent {
+            uuid: Some("5e1ab000-0000-4000-8000-000000000005".into()),
+            ..ev
+        };
+        assert!(matches!(q.on_alert(&ev, &ladder, &guests), Some(Ok(_))));
+        // An empty ladder (a guest exempted by policy) is no error.
+        let ev = AlertEvent {
+            uuid: None,
+            domid: 6,
+            ..ev
+        };
+        assert!(q.on_alert(&ev, &[], &guests).is_none());
     }
 
     #[test]
