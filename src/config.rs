@@ -281,6 +281,13 @@ pub struct XenstoreConfig {
     /// often (seconds; only what changed is written). 0: not published.
     #[serde(deserialize_with = "seconds_0_to_3600")]
     pub counters_interval_s: u64,
+    /// dom0: the network driver domains (by name) whose virtsec gets the identities (VM UUID,
+    /// name) of the guests each one backs (`inventory::identity`).
+    pub driver_domains: Vec<String>,
+    /// A driver domain: take guest identities from dom0's service, and report a vif's policy
+    /// in place only once its guest's identity is known (a quarantined VM that reboots is
+    /// held before its first packet).
+    pub dom0_identities: bool,
 }
 
 impl Default for XenstoreConfig {
@@ -293,6 +300,8 @@ impl Default for XenstoreConfig {
             reconnect_max_ms: 5000,
             watch_frontends: true,
             counters_interval_s: 10,
+            driver_domains: Vec::new(),
+            dom0_identities: false,
         }
     }
 }

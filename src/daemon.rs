@@ -60,6 +60,19 @@ enum Op {
     /// A XenStore quarantine request's value / permissions (by request id).
     ReqValue(String),
     ReqPerms(String),
+    /// dom0: the listing of a driver domain's `backend/vif` (by its domid).
+    DdBacked(u32),
+    /// A clean-up whose failure (the node was not there) means nothing.
+    Cleanup,
+}
+
+/// dom0's bookkeeping for a driver domain it publishes identities for.
+#[derive(Default)]
+struct DriverDomain {
+    /// The guests it backs, once listed.
+    backed: Option<BTreeSet<u32>>,
+    /// What is published for it on this connection, by guest domid.
+    published: BTreeMap<u32, String>,
 }
 
 /// XenStore side of the status report.
@@ -193,6 +206,8 @@ struct State {
     violation_read: Option<std::thread::JoinHandle<crate::enforce::Counters>>,
     waker: std::sync::Arc<mio::Waker>,
     alerts_rx: Option<std::sync::mpsc::Receiver<crate::quarantine::AlertEvent>>,
+    /// dom0: driver domains served (`[xenstore] driver_domains`), by domid.
+    driver_domains: BTreeMap<u32, DriverDomain>,
 }
 
 /// The service.
@@ -292,6 +307,7 @@ impl Daemon {
                 inventory: Guests::new(),
                 report: PassReport::default(),
                 watched: BTreeSet::new(),
+                driver_domains: BTreeMap::new(),
                 watches: BTreeSet::new(),
                 last_progress: now,
                 xs,
@@ -470,6 +486,11 @@ impl State {
                         (Some(q), Some(g), Some(v)) => q.vif_held(g, v),
                         _ => true,
                     };
+                    // A driver domain taking identities from dom0: not before it knows whose
+                    // vif it is (a quarantined VM is held by UUID).
+                    let identity = !self.cfg.xenstore.dom0_identities
+                        || self.self_domid == Some(0)
+                        || guest.is_some_and(|g| g.uuid.is_some());
                     let antispoof = match (&self.antispoof, &ifname) {
                         (Some(a), Some(n)) => Some(a.has(n)),
                         (None, _) => None,
@@ -484,6 +505,7 @@ impl State {
                         && antispoof.unwrap_or(true)
                         && inspection.unwrap_or(true)
                         && quarantine
+                        && identity
                         && matches!(self.link, Link::Up(_));
                     Ok(serde_json::json!({
                         "ready": ready,
@@ -491,6 +513,7 @@ impl State {
                         "antispoof": antispoof,
                         "inspection": inspection,
                         "quarantine": quarantine,
+                        "identity": identity,
                     }))
                 }
             };
@@ -954,6 +977,7 @@ impl State {
                 );
                 self.watches.clear();
                 self.watched.clear();
+                self.driver_domains.clear();
                 self.pass = None;
                 match self.cfg.xenstore.domid {
                     Some(d) => {
@@ -1051,6 +1075,15 @@ impl State {
                 Op::Watch(req_dir),
             );
         }
+        if d != 0 && self.cfg.xenstore.dom0_identities {
+            // Who our guests are, from dom0's service (inventory::identity): a new or
+            // changed identity is a reconcile.
+            let ids = format!("{}/vm", crate::inventory::identity::dir(d));
+            self.submit(
+                Request::Watch(ids.clone(), "identity".into()),
+                Op::Watch(ids),
+            );
+        }
         self.request_reconcile();
     }
 
@@ -1117,6 +1150,21 @@ impl State {
                 self.requests.entry(id.clone()).or_default().1 = Some(res);
                 self.on_request(&id);
             }
+            Completion::Reply(Op::Cleanup, _) => {}
+            Completion::Reply(Op::DdBacked(dd), res) => {
+                let Some(st) = self.driver_domains.get_mut(&dd) else {
+                    return;
+                };
+                match res {
+                    Ok(list) => st.backed = Some(crate::inventory::identity::backed(&list)),
+                    Err(e) if e == "ENOENT" => st.backed = Some(BTreeSet::new()),
+                    Err(e) => {
+                        log::warn!("cannot list driver domain {dd}'s backend vifs: {e}");
+                        return;
+                    }
+                }
+                self.publish_identities(dd);
+            }
             Completion::Reply(Op::Publish(_), Ok(_)) => {}
             Completion::Reply(Op::Publish(path), Err(e)) => {
                 log::warn!("cannot publish {path} in XenStore: {e}");
@@ -1159,7 +1207,17 @@ impl State {
                     }
                 }
             }
-            "domains" | "backend" => self.request_reconcile(),
+            "domains" | "backend" | "identity" => self.request_reconcile(),
+            t if t.starts_with("ddbackend/") => {
+                if let Some(Ok(dd)) = t.strip_prefix("ddbackend/").map(str::parse::<u32>) {
+                    if self.driver_domains.contains_key(&dd) {
+                        self.submit(
+                            Request::Directory(format!("/local/domain/{dd}/backend/vif")),
+                            Op::DdBacked(dd),
+                        );
+                    }
+                }
+            }
             t if t.starts_with("name/") => self.request_reconcile(),
             _ => {}
         }
@@ -1224,6 +1282,7 @@ impl State {
             dp.sync(&self.inventory, &self.policies);
         }
         self.sync_guest_watches();
+        self.sync_driver_domains();
         if std::mem::take(&mut self.dirty) {
             self.request_reconcile();
         } else if !self.ready_sent {
@@ -1362,6 +1421,85 @@ impl State {
             }
         }
         self.flush_publish();
+    }
+
+    /// dom0: starts and stops serving the configured driver domains present now, and
+    /// republishes their guests' identities (names may have changed).
+    fn sync_driver_domains(&mut self) {
+        if self.self_domid != Some(0) || self.cfg.xenstore.driver_domains.is_empty() {
+            return;
+        }
+        let want: BTreeSet<u32> = self
+            .inventory
+            .values()
+            .filter(|g| {
+                g.name
+                    .as_ref()
+                    .is_some_and(|n| self.cfg.xenstore.driver_domains.contains(n))
+            })
+            .map(|g| g.domid)
+            .collect();
+        let gone: Vec<u32> = self
+            .driver_domains
+            .keys()
+            .filter(|d| !want.contains(d))
+            .copied()
+            .collect();
+        for dd in gone {
+            let path = format!("/local/domain/{dd}/backend/vif");
+            self.watches.remove(&path);
+            self.submit(
+                Request::Unwatch(path, format!("ddbackend/{dd}")),
+                Op::Unwatch,
+            );
+            self.submit(
+                Request::Rm(crate::inventory::identity::dir(dd)),
+                Op::Cleanup,
+            );
+            self.driver_domains.remove(&dd);
+        }
+        for dd in want {
+            if !self.driver_domains.contains_key(&dd) {
+                let dir = crate::inventory::identity::dir(dd);
+                let perms = vec!["n0".to_string(), format!("r{dd}")];
+                // Whatever an earlier run left is replaced; only dom0 writes here, only the
+                // driver domain reads.
+                self.submit(Request::Rm(dir.clone()), Op::Cleanup);
+                for p in [dir.clone(), format!("{dir}/vm")] {
+                    self.submit(Request::Mkdir(p.clone()), Op::Publish(p.clone()));
+                    self.submit(Request::SetPerms(p.clone(), perms.clone()), Op::Publish(p));
+                }
+                let backend = format!("/local/domain/{dd}/backend/vif");
+                self.submit(
+                    Request::Watch(backend.clone(), format!("ddbackend/{dd}")),
+                    Op::Watch(backend.clone()),
+                );
+                self.submit(Request::Directory(backend), Op::DdBacked(dd));
+                self.driver_domains.insert(dd, DriverDomain::default());
+                log::info!(
+                    "driver domain {dd}: publishing the identities of its guests at {dir}/vm"
+                );
+            }
+            self.publish_identities(dd);
+        }
+    }
+
+    /// dom0: brings driver domain `dd`'s published identities in line with the inventory.
+    fn publish_identities(&mut self, dd: u32) {
+        let Some(st) = self.driver_domains.get_mut(&dd) else {
+            return;
+        };
+        let Some(backed) = &st.backed else { return };
+        let new = crate::inventory::identity::entries(&self.inventory, backed);
+        let changes = crate::inventory::identity::changes(dd, &st.published, &new);
+        st.published = new;
+        for (path, value) in changes {
+            let req = match value {
+                Some(v) => Request::Write(path.clone(), v.into_bytes()),
+                None => Request::Rm(path.clone()),
+            };
+            self.submit(req, Op::Publish(path));
+        }
     }
 
     /// Registers per-guest watches for new guests and drops those of departed ones.

@@ -10,6 +10,7 @@
 //!
 //! See [`reconcile`] for which nodes are trusted and how values are validated.
 
+pub mod identity;
 pub mod model;
 pub mod reconcile;
 

@@ -104,7 +104,7 @@ pub struct Vif {
 }
 
 /// One guest domain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Guest {
     pub domid: u32,
     /// From `/local/domain/<id>/vm` (`/vm/<uuid>`); `None` when unreadable (driver domain).

@@ -44,6 +44,9 @@ pub enum DomKey {
     /// `/vm/<uuid>/virtsec/label`: a policy label the toolstack (dom0) may set; the guest
     /// cannot write under `/vm`.
     Label,
+    /// In a driver domain: the guest's identity as dom0's service publishes it
+    /// ([`super::identity`]).
+    Dom0Identity,
 }
 
 /// What a reply is for.
@@ -82,6 +85,8 @@ struct GuestAcc {
     name: Option<String>,
     label: Option<String>,
     introduced: Option<bool>,
+    /// From dom0's service, used where this domain's own reads are refused.
+    identity: Option<super::identity::Identity>,
     vifs: BTreeMap<u32, VifAcc>,
 }
 
@@ -188,6 +193,14 @@ impl Pass {
                             self.guests.entry(fe).or_default();
                             let dir = format!("{}/{fe}", self.backend_root);
                             self.push(outbox, Request::Directory(dir), Tag::VifList(fe));
+                            if self.self_domid != 0 {
+                                let node = super::identity::node(self.self_domid, fe);
+                                self.push(
+                                    outbox,
+                                    Request::Read(node),
+                                    Tag::Dom(fe, DomKey::Dom0Identity),
+                                );
+                            }
                         }
                         _ => self.report.invalid_values += 1,
                     }
@@ -214,6 +227,13 @@ impl Pass {
                     (DomKey::Label, Ok(p)) => g.label = Some(text(&p)),
                     (DomKey::Name, Ok(p)) => g.name = Some(text(&p)),
                     (DomKey::Introduced, Ok(p)) => g.introduced = Some(strip_nul(&p) != b"F"),
+                    (DomKey::Dom0Identity, Ok(p)) => match super::identity::parse(&p) {
+                        Some(id) => g.identity = Some(id),
+                        None => self.report.invalid_values += 1,
+                    },
+                    // dom0's service does not publish for this domain (not configured, or
+                    // not yet): the guest stays without a UUID, as before.
+                    (DomKey::Dom0Identity, Err(_)) => {}
                     (_, Err(e)) if e == "ENOENT" => {}
                     (key, Err(e)) => self.note_error(format!("domain {d} {key:?}"), &e),
                 }
@@ -277,16 +297,23 @@ impl Pass {
         let mut out = Guests::new();
         let mut report = std::mem::take(&mut self.report);
         for (domid, g) in std::mem::take(&mut self.guests) {
-            let uuid = g.vm.and_then(|vm| {
-                let u = vm.strip_prefix("/vm/").unwrap_or(&vm).to_owned();
-                if valid_uuid(&u) {
-                    Some(u.to_ascii_lowercase())
-                } else {
-                    report.invalid_values += 1;
-                    None
-                }
-            });
-            let name = g.name.filter(|n| {
+            let (id_uuid, id_name) = match g.identity {
+                Some(id) => (Some(id.uuid), id.name),
+                None => (None, None),
+            };
+            // What this domain reads itself wins over what dom0's service published.
+            let uuid =
+                g.vm.and_then(|vm| {
+                    let u = vm.strip_prefix("/vm/").unwrap_or(&vm).to_owned();
+                    if valid_uuid(&u) {
+                        Some(u.to_ascii_lowercase())
+                    } else {
+                        report.invalid_values += 1;
+                        None
+                    }
+                })
+                .or(id_uuid);
+            let name = g.name.or(id_name).filter(|n| {
                 let ok = !n.is_empty() && n.len() <= 256 && !n.chars().any(char::is_control);
                 if !ok {
                     report.invalid_values += 1;
@@ -569,7 +596,28 @@ mod tests {
         let (g, _) = run(&s, 3);
         assert_eq!(g.keys().copied().collect::<Vec<_>>(), vec![12]);
         assert_eq!(g[&12].name, None);
+        assert_eq!(g[&12].uuid, None);
         assert_eq!(g[&12].vifs[&0].ifname, "vif12.0");
+        // dom0's service publishes who guest 12 is (inventory::identity).
+        s.insert(
+            "/local/domain/0/virtsec/dd/3/vm/12".into(),
+            r#"{"uuid":"5e1ab000-0000-4000-8000-00000000000c","name":"web"}"#.into(),
+        );
+        let (g, r) = run(&s, 3);
+        assert_eq!(
+            g[&12].uuid.as_deref(),
+            Some("5e1ab000-0000-4000-8000-00000000000c")
+        );
+        assert_eq!(g[&12].name.as_deref(), Some("web"));
+        assert_eq!(r.invalid_values, 0);
+        // A malformed one is counted and ignored.
+        s.insert(
+            "/local/domain/0/virtsec/dd/3/vm/12".into(),
+            r#"{"uuid":"../../../vm","name":"web"}"#.into(),
+        );
+        let (g, r) = run(&s, 3);
+        assert_eq!(g[&12].uuid, None);
+        assert_eq!(r.invalid_values, 1);
     }
 }
 
@@ -579,7 +627,14 @@ mod tests {
 pub fn fuzz_pass(data: &[u8]) -> usize {
     let mut chunks = data.split(|&b| b == 0xff);
     let mut outbox = Vec::new();
-    let mut pass = Pass::start(0, &mut outbox);
+    // An odd first byte runs the pass as a driver domain's (domain 3), which also reads the
+    // identities dom0's service publishes.
+    let self_domid = if data.first().is_some_and(|b| b % 2 == 1) {
+        3
+    } else {
+        0
+    };
+    let mut pass = Pass::start(self_domid, &mut outbox);
     let mut handled = 0;
     while let Some((_, tag)) = outbox.pop() {
         handled += 1;

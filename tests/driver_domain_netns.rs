@@ -1,0 +1,228 @@
+//! A network driver domain's virtsec quarantines its guests by VM UUID, with the identities
+//! dom0's virtsec publishes for it (`inventory::identity`).
+//!
+//! The lab XenStore holds dom0, a driver domain (domain 3, "netdd", with its own domain
+//! socket, so xenstored enforces its permissions) and guests whose backends are in the driver
+//! domain. Two services run: dom0's (`[xenstore] driver_domains = ["netdd"]`) and the driver
+//! domain's (`dom0_identities = true`, in a network namespace with the bridge and the guests'
+//! vifs, real nftables). Needs root; reports itself skipped otherwise.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use virtsec::lab::toolstack::{GuestSpec, Toolstack};
+use virtsec::xenstore::Client;
+
+fn spec(domid: u32, name: &str, n: u32) -> GuestSpec {
+    let mut g = GuestSpec::simple(domid, name, "xenbr0");
+    g.uuid = format!("5e1ab000-0000-4000-8000-{n:012x}");
+    g.vifs[0].mac = format!("00:16:3e:00:{n:02x}:00");
+    g.vifs[0].ip = Some(format!("10.96.0.{n}"));
+    g
+}
+
+/// A virtsecd with its own directory (config, control socket, state, EVE), on XenStore
+/// socket `xs`, in namespace `netns` if given.
+fn service(dir: &Path, xs: &Path, netns: Option<&str>, extra: &str) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("virtsecd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n{extra}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n[inspect]\neve = {:?}\n[quarantine]\nstate_dir = {:?}\n",
+            xs.display().to_string(),
+            dir.join("control.sock").display().to_string(),
+            dir.join("eve.json").display().to_string(),
+            dir.join("state").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("virtsecd.log")).unwrap();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, VIRTSECD]);
+            c
+        }
+        None => Command::new(VIRTSECD),
+    };
+    let p = Proc(
+        cmd.arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn virtsecd"),
+    );
+    wait_for("virtsecd in sync", Duration::from_secs(10), || {
+        status(dir)
+            .map(|s| s["xenstore"]["in_sync"] == true)
+            .unwrap_or(false)
+    });
+    p
+}
+
+#[test]
+fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
+    if !nix::unistd::geteuid().is_root() || Command::new("nft").arg("--version").output().is_err() {
+        eprintln!(
+            "SKIPPED a_driver_domain_quarantines_by_the_identities_dom0_publishes: needs root and nft"
+        );
+        return;
+    }
+    let _serial = serial();
+    let id = std::process::id();
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d3) = (dir.path().join("dom0"), dir.path().join("dd"));
+    let _log = LogOnPanic(d3.clone());
+    let ddns = format!("vdd{id}");
+    let (g5, g7) = (format!("vdd5{id}"), format!("vdd7{id}"));
+    ip(&["netns", "add", &ddns]);
+    let _ns = Netns(vec![ddns.clone(), g5.clone(), g7.clone()]);
+    ip(&["-n", &ddns, "link", "add", "xenbr0", "type", "bridge"]);
+    ip(&["-n", &ddns, "link", "set", "xenbr0", "up"]);
+
+    let _xs = lab_xenstored(dir.path(), &[3, 5]);
+    let xs = dir.path().join("xs.sock");
+    let mut dom0 = Toolstack::new(Client::open(&xs).unwrap());
+    dom0.init_host().unwrap();
+    dom0.create(
+        &GuestSpec {
+            vifs: vec![],
+            ..GuestSpec::simple(3, "netdd", "-")
+        },
+        None,
+    )
+    .unwrap();
+    // Guests 5 and 7 have their vifs in the driver domain; guest 6 in dom0.
+    let mut ts = Toolstack::with_backend(Client::open(&xs).unwrap(), 3);
+    let mut guest5 = Client::open(dir.path().join("d5.sock")).unwrap();
+    ts.create(&spec(5, "web", 5), Some(&mut guest5)).unwrap();
+    ts.create(&spec(7, "db", 7), None).unwrap();
+    dom0.create(&spec(6, "other", 6), None).unwrap();
+    bridged_guest(&ddns, &g5, "vif5.0", "00:16:3e:00:05:00", "10.96.0.5/24");
+    bridged_guest(&ddns, &g7, "vif7.0", "00:16:3e:00:07:00", "10.96.0.7/24");
+
+    let _dd = service(
+        &d3,
+        &dir.path().join("d3.sock"),
+        Some(&ddns),
+        "dom0_identities = true\n[enforce]\nantispoof = true",
+    );
+    assert_eq!(status(&d3).unwrap()["xenstore"]["self_domid"], 3);
+    wait_for("guests talk", Duration::from_secs(5), || {
+        ping(&g5, &["10.96.0.7"])
+    });
+    // Without dom0's service the driver domain cannot tell who guest 5 is: it cannot
+    // quarantine it, and the hotplug gate does not report its vif in place.
+    let q = cli(
+        &d3,
+        &[
+            "quarantine",
+            "5",
+            "--action",
+            "isolate",
+            "--reason",
+            "case 9",
+        ],
+    );
+    assert!(!q.status.success());
+    assert!(
+        String::from_utf8_lossy(&q.stderr).contains("no readable VM UUID"),
+        "{}",
+        String::from_utf8_lossy(&q.stderr)
+    );
+    let a = cli(
+        &d3,
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/3/backend/vif/5/0",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert!(
+        !a.status.success(),
+        "attach reported a vif of an unknown VM"
+    );
+
+    // dom0's service publishes the identities of the driver domain's guests, and only those.
+    let _d0 = service(&d0, &xs, None, "driver_domains = [\"netdd\"]");
+    wait_for(
+        "guest 5 identified in the driver domain",
+        Duration::from_secs(5),
+        || {
+            guest(&domains(&d3), 5).is_some_and(|g| {
+                g["uuid"] == "5e1ab000-0000-4000-8000-000000000005" && g["name"] == "web"
+            })
+        },
+    );
+    let mut c = Client::open(&xs).unwrap();
+    let listed = c.directory("/local/domain/0/virtsec/dd/3/vm").unwrap();
+    assert_eq!(listed, vec!["5".to_string(), "7".to_string()]);
+    // The guest can neither read nor forge it.
+    assert!(guest5.read("/local/domain/0/virtsec/dd/3/vm/5").is_err());
+    assert!(guest5
+        .write(
+            "/local/domain/0/virtsec/dd/3/vm/5",
+            "{\"uuid\":\"5e1ab000-0000-4000-8000-0000000000ff\"}"
+        )
+        .is_err());
+    succeeded(cli(
+        &d3,
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/3/backend/vif/5/0",
+            "--timeout",
+            "5",
+        ],
+    ));
+
+    // The driver domain quarantines by UUID.
+    succeeded(cli(
+        &d3,
+        &[
+            "quarantine",
+            "web",
+            "--action",
+            "isolate",
+            "--reason",
+            "case 9",
+        ],
+    ));
+    assert!(!ping(&g5, &["10.96.0.7"]), "isolated guest still talks");
+    assert!(d3
+        .join("state/quarantine/5e1ab000-0000-4000-8000-000000000005.json")
+        .exists());
+
+    // web reboots as domain 8: its vif is reported in place only once the driver domain
+    // knows who it is, and by then it is held.
+    ts.destroy(5).unwrap();
+    ip(&["-n", &ddns, "link", "del", "vif5.0"]);
+    ts.create(&spec(8, "web", 5), None).unwrap();
+    succeeded(cli(
+        &d3,
+        &[
+            "attach",
+            "--backend",
+            "/local/domain/3/backend/vif/8/0",
+            "--timeout",
+            "5",
+        ],
+    ));
+    bridged_guest(&ddns, &g5, "vif8.0", "00:16:3e:00:05:00", "10.96.0.5/24");
+    assert!(!ping(&g5, &["10.96.0.7"]), "the rebooted VM was let out");
+    let listed = c.directory("/local/domain/0/virtsec/dd/3/vm").unwrap();
+    assert_eq!(listed, vec!["7".to_string(), "8".to_string()]);
+
+    succeeded(cli(&d3, &["release", "web", "--reason", "clean"]));
+    wait_for("released guest talks", Duration::from_secs(5), || {
+        ping(&g5, &["10.96.0.7"])
+    });
+}
