@@ -62,6 +62,12 @@ enum Op {
     ReqPerms(String),
     /// dom0: the listing of a driver domain's `backend/vif` (by its domid).
     DdBacked(u32),
+    /// dom0: the listing of what it paused for a driver domain.
+    DdPaused(u32),
+    /// dom0: a driver domain's request (its domid, the request id).
+    DdRequest(u32, String),
+    /// A driver domain: dom0's answer to one of its requests (the node).
+    DdResponse(String),
     /// A clean-up whose failure (the node was not there) means nothing.
     Cleanup,
 }
@@ -73,6 +79,8 @@ struct DriverDomain {
     backed: Option<BTreeSet<u32>>,
     /// What is published for it on this connection, by guest domid.
     published: BTreeMap<u32, String>,
+    /// The domains dom0's service paused on its request (also in XenStore, `paused/`).
+    paused: BTreeSet<u32>,
 }
 
 /// XenStore side of the status report.
@@ -208,6 +216,9 @@ struct State {
     alerts_rx: Option<std::sync::mpsc::Receiver<crate::quarantine::AlertEvent>>,
     /// dom0: driver domains served (`[xenstore] driver_domains`), by domid.
     driver_domains: BTreeMap<u32, DriverDomain>,
+    /// A driver domain: pause/detach operations for dom0's service, to write.
+    delegate_out: Option<std::sync::Arc<std::sync::Mutex<Vec<crate::enforce::domctl::DomainOp>>>>,
+    delegate_seq: u64,
 }
 
 /// The service.
@@ -251,10 +262,21 @@ impl Daemon {
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
         let (alerts_tx, alerts_rx) = std::sync::mpsc::channel();
         let sink = crate::dataplane::AlertSink::new(alerts_tx, waker.clone());
+        // A driver domain asks dom0's service to pause and detach (quarantine::delegate).
+        let (domctl, delegate_out): (Box<dyn crate::enforce::domctl::DomainControl>, _) =
+            if cfg.quarantine.domain_control == "dom0" {
+                let (ctl, out) = crate::enforce::domctl::Dom0::new();
+                (Box::new(ctl), Some(out))
+            } else {
+                (
+                    crate::enforce::domctl::open(&cfg.quarantine.domain_control),
+                    None,
+                )
+            };
         let (quarantine, quarantine_errors) = match crate::quarantine::Quarantine::open(
             cfg.quarantine.clone(),
             Some(cfg.inspect.eve.clone()),
-            crate::enforce::domctl::open(&cfg.quarantine.domain_control),
+            domctl,
         ) {
             Ok(q) => (Some(q), Vec::new()),
             Err(e) => {
@@ -332,6 +354,8 @@ impl Daemon {
                 violation_read: None,
                 waker,
                 alerts_rx: Some(alerts_rx),
+                delegate_out,
+                delegate_seq: 0,
             },
         })
     }
@@ -1075,6 +1099,13 @@ impl State {
                 Op::Watch(req_dir),
             );
         }
+        if d != 0 && self.delegate_out.is_some() {
+            let dir = crate::quarantine::delegate::response_dir(d);
+            self.submit(
+                Request::Watch(dir.clone(), "ddresponse".into()),
+                Op::Watch(dir),
+            );
+        }
         if d != 0 && self.cfg.xenstore.dom0_identities {
             // Who our guests are, from dom0's service (inventory::identity): a new or
             // changed identity is a reconcile.
@@ -1151,6 +1182,34 @@ impl State {
                 self.on_request(&id);
             }
             Completion::Reply(Op::Cleanup, _) => {}
+            Completion::Reply(Op::DdPaused(dd), res) => {
+                if let (Some(st), Ok(list)) = (self.driver_domains.get_mut(&dd), res) {
+                    st.paused = crate::inventory::identity::backed(&list);
+                }
+            }
+            Completion::Reply(Op::DdRequest(dd, id), res) => {
+                // Removed before it was read (answered already): nothing to do.
+                if let Ok(value) = res {
+                    self.on_driver_domain_request(dd, &id, &value);
+                }
+            }
+            Completion::Reply(Op::DdResponse(node), res) => {
+                if let Ok(v) = res {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(v.strip_suffix(&[0]).unwrap_or(&v))
+                            .unwrap_or_default();
+                    if v["ok"] == true {
+                        log::info!("dom0's virtsec did {}", v["request"]);
+                    } else {
+                        log::error!(
+                            "dom0's virtsec refused or failed {}: {}",
+                            v["request"],
+                            v["error"]
+                        );
+                    }
+                    self.submit(Request::Rm(node), Op::Cleanup);
+                }
+            }
             Completion::Reply(Op::DdBacked(dd), res) => {
                 let Some(st) = self.driver_domains.get_mut(&dd) else {
                     return;
@@ -1208,6 +1267,34 @@ impl State {
                 }
             }
             "domains" | "backend" | "identity" => self.request_reconcile(),
+            t if t.starts_with("ddrequest/") => {
+                if let Some(Ok(dd)) = t.strip_prefix("ddrequest/").map(str::parse::<u32>) {
+                    let dir = format!("{}/", crate::quarantine::delegate::request_dir(dd));
+                    if let Some(id) = path.strip_prefix(&dir) {
+                        if crate::quarantine::requests::valid_id(id)
+                            && self.driver_domains.contains_key(&dd)
+                        {
+                            self.submit(
+                                Request::Read(path.to_string()),
+                                Op::DdRequest(dd, id.to_string()),
+                            );
+                        }
+                    }
+                }
+            }
+            "ddresponse" => {
+                let Some(d) = self.self_domid else { return };
+                let dir = format!("{}/", crate::quarantine::delegate::response_dir(d));
+                if path
+                    .strip_prefix(&dir)
+                    .is_some_and(crate::quarantine::requests::valid_id)
+                {
+                    self.submit(
+                        Request::Read(path.to_string()),
+                        Op::DdResponse(path.to_string()),
+                    );
+                }
+            }
             t if t.starts_with("ddbackend/") => {
                 if let Some(Ok(dd)) = t.strip_prefix("ddbackend/").map(str::parse::<u32>) {
                     if self.driver_domains.contains_key(&dd) {
@@ -1379,8 +1466,36 @@ impl State {
         }
     }
 
-    /// Writes what the quarantine manager publishes to XenStore.
+    /// Writes what the quarantine manager publishes to XenStore, and a driver domain's
+    /// requests to dom0's service.
     fn flush_publish(&mut self) {
+        let ops: Vec<crate::enforce::domctl::DomainOp> = match &self.delegate_out {
+            Some(q) => q
+                .lock()
+                .map(|mut q| std::mem::take(&mut *q))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if let (Some(d), false) = (self.self_domid, ops.is_empty()) {
+            for op in ops {
+                self.delegate_seq += 1;
+                let id = format!(
+                    "{}-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|t| t.as_nanos())
+                        .unwrap_or(0),
+                    self.delegate_seq
+                );
+                let node = format!("{}/{id}", crate::quarantine::delegate::request_dir(d));
+                let body = serde_json::to_string(&op).unwrap_or_default();
+                log::info!("asking dom0's virtsec to {op} ({node})");
+                self.submit(
+                    Request::Write(node.clone(), body.into_bytes()),
+                    Op::Publish(node),
+                );
+            }
+        }
         let Some(q) = self.quarantine.as_mut() else {
             return;
         };
@@ -1452,6 +1567,20 @@ impl State {
                 Request::Unwatch(path, format!("ddbackend/{dd}")),
                 Op::Unwatch,
             );
+            let req = crate::quarantine::delegate::request_dir(dd);
+            self.watches.remove(&req);
+            self.submit(
+                Request::Unwatch(req, format!("ddrequest/{dd}")),
+                Op::Unwatch,
+            );
+            if let Some(st) = self.driver_domains.get(&dd) {
+                if !st.paused.is_empty() {
+                    log::warn!(
+                        "driver domain {dd} is gone; the domains paused on its request stay paused: {:?} (xl unpause)",
+                        st.paused
+                    );
+                }
+            }
             self.submit(
                 Request::Rm(crate::inventory::identity::dir(dd)),
                 Op::Cleanup,
@@ -1460,15 +1589,32 @@ impl State {
         }
         for dd in want {
             if !self.driver_domains.contains_key(&dd) {
+                use crate::quarantine::delegate::{paused_dir, request_dir, response_dir};
                 let dir = crate::inventory::identity::dir(dd);
-                let perms = vec!["n0".to_string(), format!("r{dd}")];
-                // Whatever an earlier run left is replaced; only dom0 writes here, only the
-                // driver domain reads.
-                self.submit(Request::Rm(dir.clone()), Op::Cleanup);
-                for p in [dir.clone(), format!("{dir}/vm")] {
+                let read = vec!["n0".to_string(), format!("r{dd}")];
+                let both = vec!["n0".to_string(), format!("b{dd}")];
+                // What an earlier run published is replaced (not what it paused: that is
+                // state). Only dom0 writes identities and pauses, only this driver domain
+                // reads them; it writes requests and removes answers.
+                for p in [format!("{dir}/vm"), request_dir(dd), response_dir(dd)] {
+                    self.submit(Request::Rm(p), Op::Cleanup);
+                }
+                for (p, perms) in [
+                    (dir.clone(), &read),
+                    (format!("{dir}/vm"), &read),
+                    (paused_dir(dd), &read),
+                    (request_dir(dd), &both),
+                    (response_dir(dd), &both),
+                ] {
                     self.submit(Request::Mkdir(p.clone()), Op::Publish(p.clone()));
                     self.submit(Request::SetPerms(p.clone(), perms.clone()), Op::Publish(p));
                 }
+                self.submit(Request::Directory(paused_dir(dd)), Op::DdPaused(dd));
+                let req = request_dir(dd);
+                self.submit(
+                    Request::Watch(req.clone(), format!("ddrequest/{dd}")),
+                    Op::Watch(req),
+                );
                 let backend = format!("/local/domain/{dd}/backend/vif");
                 self.submit(
                     Request::Watch(backend.clone(), format!("ddbackend/{dd}")),
@@ -1481,7 +1627,96 @@ impl State {
                 );
             }
             self.publish_identities(dd);
+            // A paused domain that is gone: its pause went with it, and its domid must not
+            // let the driver domain unpause a later domain that reuses it.
+            let gone: Vec<u32> = self
+                .driver_domains
+                .get(&dd)
+                .map(|st| {
+                    st.paused
+                        .iter()
+                        .filter(|d| !self.inventory.contains_key(d))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default();
+            for d in gone {
+                if let Some(st) = self.driver_domains.get_mut(&dd) {
+                    st.paused.remove(&d);
+                }
+                self.submit(
+                    Request::Rm(format!(
+                        "{}/{d}",
+                        crate::quarantine::delegate::paused_dir(dd)
+                    )),
+                    Op::Cleanup,
+                );
+            }
         }
+    }
+
+    /// dom0: a driver domain's pause/detach request: decided, executed, audited, answered.
+    fn on_driver_domain_request(&mut self, dd: u32, id: &str, value: &[u8]) {
+        use crate::quarantine::delegate::{decide, paused_dir, request_dir, response_dir};
+        let Some(st) = self.driver_domains.get(&dd) else {
+            return;
+        };
+        let empty = BTreeSet::new();
+        let decision = decide(dd, value, st.backed.as_ref().unwrap_or(&empty), &st.paused);
+        let name = self
+            .inventory
+            .get(&dd)
+            .and_then(|g| g.name.clone())
+            .unwrap_or_default();
+        let source = format!("driver domain {dd} ({name})");
+        let (request, outcome) = match (decision, self.quarantine.as_mut()) {
+            (Ok(op), Some(q)) => {
+                let r = q.run_delegated(&source, &op);
+                (op.to_string(), r.map(|()| op))
+            }
+            (Ok(op), None) => (
+                op.to_string(),
+                Err("quarantine is unavailable in dom0's virtsec (see its status)".to_string()),
+            ),
+            (Err(refusal), q) => {
+                if let Some(q) = q {
+                    q.audit_refused(&source, &refusal.to_string());
+                }
+                (String::new(), Err(refusal.to_string()))
+            }
+        };
+        let body = match &outcome {
+            Ok(_) => serde_json::json!({"ok": true, "request": request}),
+            Err(e) => serde_json::json!({"ok": false, "request": request, "error": e}),
+        };
+        if let (Ok(op), Some(st)) = (&outcome, self.driver_domains.get_mut(&dd)) {
+            use crate::enforce::domctl::DomainOp;
+            match op {
+                DomainOp::Pause { domid } => {
+                    st.paused.insert(*domid);
+                    let n = format!("{}/{domid}", paused_dir(dd));
+                    self.submit(Request::Write(n.clone(), Vec::new()), Op::Publish(n));
+                }
+                DomainOp::Unpause { domid } => {
+                    st.paused.remove(domid);
+                    self.submit(
+                        Request::Rm(format!("{}/{domid}", paused_dir(dd))),
+                        Op::Cleanup,
+                    );
+                }
+                DomainOp::Detach { .. } => {}
+            }
+        }
+        let resp = format!("{}/{id}", response_dir(dd));
+        self.submit(
+            Request::Write(resp.clone(), body.to_string().into_bytes()),
+            Op::Publish(resp),
+        );
+        self.submit(
+            Request::Rm(format!("{}/{id}", request_dir(dd))),
+            Op::Cleanup,
+        );
+        self.flush_publish();
     }
 
     /// dom0: brings driver domain `dd`'s published identities in line with the inventory.

@@ -26,14 +26,22 @@ fn spec(domid: u32, name: &str, n: u32) -> GuestSpec {
 }
 
 /// A virtsecd with its own directory (config, control socket, state, EVE), on XenStore
-/// socket `xs`, in namespace `netns` if given.
-fn service(dir: &Path, xs: &Path, netns: Option<&str>, extra: &str) -> Proc {
+/// socket `xs`, in namespace `netns` if given; `extra` goes in `[xenstore]`, `quarantine` in
+/// `[quarantine]`; `bin` first on its PATH.
+fn service(
+    dir: &Path,
+    xs: &Path,
+    netns: Option<&str>,
+    extra: &str,
+    quarantine: &str,
+    bin: Option<&Path>,
+) -> Proc {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("virtsecd.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n{extra}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n[inspect]\neve = {:?}\n[quarantine]\nstate_dir = {:?}\n",
+            "[xenstore]\npath = {:?}\nreconnect_min_ms = 20\nreconnect_max_ms = 200\n{extra}\n[control]\nsocket = {:?}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n[inspect]\neve = {:?}\n[quarantine]\nstate_dir = {:?}\n{quarantine}\n",
             xs.display().to_string(),
             dir.join("control.sock").display().to_string(),
             dir.join("eve.json").display().to_string(),
@@ -50,6 +58,10 @@ fn service(dir: &Path, xs: &Path, netns: Option<&str>, extra: &str) -> Proc {
         }
         None => Command::new(VIRTSECD),
     };
+    if let Some(b) = bin {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", b.display()));
+    }
     let p = Proc(
         cmd.arg("--config")
             .arg(&cfg)
@@ -112,6 +124,8 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
         &dir.path().join("d3.sock"),
         Some(&ddns),
         "dom0_identities = true\n[enforce]\nantispoof = true",
+        "domain_control = \"dom0\"",
+        None,
     );
     assert_eq!(status(&d3).unwrap()["xenstore"]["self_domid"], 3);
     wait_for("guests talk", Duration::from_secs(5), || {
@@ -152,7 +166,28 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
     );
 
     // dom0's service publishes the identities of the driver domain's guests, and only those.
-    let _d0 = service(&d0, &xs, None, "driver_domains = [\"netdd\"]");
+    // dom0's toolstack here is a stand-in `xl` that records what it is asked.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let xl_log = dir.path().join("xl.log");
+    std::fs::write(
+        bin.join("xl"),
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", xl_log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("xl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let _d0 = service(
+        &d0,
+        &xs,
+        None,
+        "driver_domains = [\"netdd\"]",
+        "domain_control = \"xl\"",
+        Some(&bin),
+    );
     wait_for(
         "guest 5 identified in the driver domain",
         Duration::from_secs(5),
@@ -225,4 +260,101 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
     wait_for("released guest talks", Duration::from_secs(5), || {
         ping(&g5, &["10.96.0.7"])
     });
+
+    // pause needs dom0: the driver domain asks dom0's service, which pauses through its
+    // toolstack and remembers the pause; the release unpauses exactly that.
+    let xl = || std::fs::read_to_string(&xl_log).unwrap_or_default();
+    succeeded(cli(
+        &d3,
+        &[
+            "quarantine",
+            "web",
+            "--action",
+            "pause",
+            "--reason",
+            "case 10",
+        ],
+    ));
+    wait_for("dom0 paused domain 8", Duration::from_secs(5), || {
+        xl().lines().any(|l| l == "pause 8")
+    });
+    wait_for("the pause recorded in dom0", Duration::from_secs(5), || {
+        c.read("/local/domain/0/virtsec/dd/3/paused/8").is_ok()
+    });
+    wait_for(
+        "dom0's answer read and removed",
+        Duration::from_secs(5),
+        || {
+            c.directory("/local/domain/0/virtsec/dd/3/response")
+                .is_ok_and(|l| l.is_empty())
+        },
+    );
+    succeeded(cli(&d3, &["release", "web", "--reason", "paused enough"]));
+    wait_for("dom0 unpaused domain 8", Duration::from_secs(5), || {
+        xl().lines().any(|l| l == "unpause 8")
+    });
+    wait_for(
+        "the pause forgotten in dom0",
+        Duration::from_secs(5),
+        || c.read("/local/domain/0/virtsec/dd/3/paused/8").is_err(),
+    );
+
+    // What the driver domain may not have done for it: another backend's guest, a pause it
+    // did not ask for, anything from a guest.
+    let mut dd = Client::open(dir.path().join("d3.sock")).unwrap();
+    for (id, req) in [
+        ("x1", r#"{"op":"pause","domid":6}"#),
+        ("x2", r#"{"op":"unpause","domid":7}"#),
+        ("x3", r#"{"op":"detach","domid":0,"devid":0}"#),
+        ("x4", r#"{"op":"shutdown","domid":7}"#),
+    ] {
+        dd.write(&format!("/local/domain/0/virtsec/dd/3/request/{id}"), req)
+            .unwrap();
+    }
+    // Each refused in dom0 (audited) and answered; the driver domain's service logs the
+    // answers.
+    let refused = || {
+        std::fs::read_to_string(d0.join("eve.json"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"refused\"") && l.contains("driver domain 3 (netdd)"))
+            .count()
+    };
+    wait_for(
+        "four refusals audited in dom0",
+        Duration::from_secs(5),
+        || refused() == 4,
+    );
+    wait_for(
+        "the driver domain read the answers",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(d3.join("virtsecd.log"))
+                .unwrap_or_default()
+                .matches("dom0's virtsec refused or failed")
+                .count()
+                == 4
+        },
+    );
+    let mut guest8 = Client::open(dir.path().join("d5.sock")).unwrap();
+    assert!(guest8
+        .write(
+            "/local/domain/0/virtsec/dd/3/request/g1",
+            r#"{"op":"pause","domid":7}"#
+        )
+        .is_err());
+    let log = xl();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        vec!["pause 8", "unpause 8"],
+        "dom0's toolstack was asked for more"
+    );
+    let eve = std::fs::read_to_string(d0.join("eve.json")).unwrap_or_default();
+    assert!(
+        eve.lines()
+            .filter(|l| l.contains("\"delegated\"") && l.contains("driver domain 3 (netdd)"))
+            .count()
+            == 2,
+        "{eve}"
+    );
 }

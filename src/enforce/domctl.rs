@@ -207,7 +207,91 @@ impl DomainControl for NoXen {
     }
 }
 
-/// `[quarantine] domain_control`: "auto" tries libxenctrl, then xl, then none.
+/// One domain-control operation, as a network driver domain asks dom0's service for it
+/// (`quarantine::delegate`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DomainOp {
+    Pause { domid: u32 },
+    Unpause { domid: u32 },
+    Detach { domid: u32, devid: u32 },
+}
+
+impl DomainOp {
+    pub fn domid(&self) -> u32 {
+        match self {
+            DomainOp::Pause { domid }
+            | DomainOp::Unpause { domid }
+            | DomainOp::Detach { domid, .. } => *domid,
+        }
+    }
+
+    /// Runs it with `ctl`.
+    pub fn run(&self, ctl: &mut dyn DomainControl) -> Result<(), DomCtlError> {
+        match *self {
+            DomainOp::Pause { domid } => ctl.pause(domid),
+            DomainOp::Unpause { domid } => ctl.unpause(domid),
+            DomainOp::Detach { domid, devid } => ctl.detach_vif(domid, devid),
+        }
+    }
+}
+
+impl std::fmt::Display for DomainOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainOp::Pause { domid } => write!(f, "pause domain {domid}"),
+            DomainOp::Unpause { domid } => write!(f, "unpause domain {domid}"),
+            DomainOp::Detach { domid, devid } => write!(f, "detach vif {devid} of domain {domid}"),
+        }
+    }
+}
+
+/// A network driver domain: pause and detach are asked of dom0's virtsec. Each operation is
+/// queued for the daemon, which writes it to dom0's request directory for this domain
+/// (`quarantine::delegate`); dom0's answer is logged when it comes.
+pub struct Dom0 {
+    outbox: std::sync::Arc<std::sync::Mutex<Vec<DomainOp>>>,
+}
+
+impl Dom0 {
+    /// The control and the queue the daemon drains.
+    #[allow(clippy::type_complexity)]
+    pub fn new() -> (Dom0, std::sync::Arc<std::sync::Mutex<Vec<DomainOp>>>) {
+        let q = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        (Dom0 { outbox: q.clone() }, q)
+    }
+
+    fn ask(&mut self, op: DomainOp) -> Result<(), DomCtlError> {
+        match self.outbox.lock() {
+            Ok(mut q) => {
+                q.push(op);
+                Ok(())
+            }
+            Err(_) => Err(DomCtlError::Unavailable {
+                what: "ask dom0 to act on",
+                domid: op.domid(),
+            }),
+        }
+    }
+}
+
+impl DomainControl for Dom0 {
+    fn pause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        self.ask(DomainOp::Pause { domid })
+    }
+    fn unpause(&mut self, domid: u32) -> Result<(), DomCtlError> {
+        self.ask(DomainOp::Unpause { domid })
+    }
+    fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError> {
+        self.ask(DomainOp::Detach { domid, devid })
+    }
+    fn how(&self) -> &'static str {
+        "dom0"
+    }
+}
+
+/// `[quarantine] domain_control`: "auto" tries libxenctrl, then xl, then none. ("dom0" is
+/// built by the daemon with [`Dom0::new`], which also returns its queue.)
 pub fn open(choice: &str) -> Box<dyn DomainControl> {
     let has_xl = || {
         Command::new("xl")

@@ -28,6 +28,7 @@
 //! guest's `[[policy]] ladder`), at most one step per `min_step_interval_ms`, so a noisy guest
 //! cannot flood actions.
 
+pub mod delegate;
 pub mod requests;
 pub mod store;
 
@@ -939,6 +940,48 @@ impl Quarantine {
         }
     }
 
+    /// dom0: runs a driver domain's pause/detach request (`delegate`) and audits it.
+    pub fn run_delegated(
+        &mut self,
+        source: &str,
+        op: &crate::enforce::domctl::DomainOp,
+    ) -> Result<(), String> {
+        let r = op.run(self.domctl.as_mut()).map_err(|e| e.to_string());
+        let outcome = match &r {
+            Ok(()) => "done".to_string(),
+            Err(e) => format!("failed: {e}"),
+        };
+        let v = serde_json::json!({
+            "timestamp": rfc3339(SystemTime::now()),
+            "event_type": "quarantine",
+            "quarantine": {"op": "delegated", "request": op, "by": source, "outcome": outcome},
+            "xen": {"domid": op.domid()},
+        });
+        log::warn!(
+            target: "virtsec::event::quarantine",
+            op = "delegated",
+            by = source,
+            domid = op.domid().to_string().as_str();
+            "{source} asked to {op}: {outcome}"
+        );
+        self.audit_line(v);
+        r
+    }
+
+    fn audit_line(&mut self, v: serde_json::Value) {
+        if let Some(f) = &mut self.eve {
+            let mut line = v.to_string().into_bytes();
+            line.push(b'\n');
+            if let Err(e) = f.write_all(&line) {
+                log::error!("cannot write the quarantine audit record to the EVE file: {e}");
+            }
+        }
+        self.audit.push_back(v);
+        if self.audit.len() > 1000 {
+            self.audit.pop_front();
+        }
+    }
+
     /// Audits a request that was not executed (e.g. a XenStore request not written by dom0).
     pub fn audit_refused(&mut self, source: &str, why: &str) {
         let v = serde_json::json!({
@@ -953,15 +996,7 @@ impl Quarantine {
             reason = why;
             "quarantine request from {source} refused: {why}"
         );
-        if let Some(f) = &mut self.eve {
-            let mut line = v.to_string().into_bytes();
-            line.push(b'\n');
-            let _ = f.write_all(&line);
-        }
-        self.audit.push_back(v);
-        if self.audit.len() > 1000 {
-            self.audit.pop_front();
-        }
+        self.audit_line(v);
     }
 
     fn audit_event(&mut self, op: &str, action: Option<Action>, r: &Record, why: &str, by: &str) {
@@ -993,17 +1028,7 @@ impl Quarantine {
             r.name.as_deref().unwrap_or("?"),
             r.domid.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
         );
-        if let Some(f) = &mut self.eve {
-            let mut line = v.to_string().into_bytes();
-            line.push(b'\n');
-            if let Err(e) = f.write_all(&line) {
-                log::error!("cannot write the quarantine audit record to the EVE file: {e}");
-            }
-        }
-        self.audit.push_back(v);
-        if self.audit.len() > 1000 {
-            self.audit.pop_front();
-        }
+        self.audit_line(v);
     }
 }
 
