@@ -368,14 +368,7 @@ fn driver_domain_degrades_cleanly_without_dom0_privilege() {
     let _xs = lab_xenstored(dir.path(), &[3]);
     let mut dom0 = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
     dom0.init_host().unwrap();
-    dom0.create(
-        &GuestSpec {
-            vifs: vec![],
-            ..GuestSpec::simple(3, "netdd", "-")
-        },
-        None,
-    )
-    .unwrap();
+    dom0.create(&driver_domain_spec(3, "netdd"), None).unwrap();
     let mut ts = Toolstack::with_backend(Client::open(dir.path().join("xs.sock")).unwrap(), 3);
 
     // virtsecd in the driver domain: unprivileged connection, domid read from XenStore.

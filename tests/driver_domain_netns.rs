@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -49,33 +49,7 @@ fn service(
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("virtsecd.log")).unwrap();
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, VIRTSECD]);
-            c
-        }
-        None => Command::new(VIRTSECD),
-    };
-    if let Some(b) = bin {
-        let path = std::env::var("PATH").unwrap_or_default();
-        cmd.env("PATH", format!("{}:{path}", b.display()));
-    }
-    let p = Proc(
-        cmd.arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn virtsecd"),
-    );
-    wait_for("virtsecd in sync", Duration::from_secs(10), || {
-        status(dir)
-            .map(|s| s["xenstore"]["in_sync"] == true)
-            .unwrap_or(false)
-    });
-    p
+    spawn_virtsecd(dir, &cfg, netns, bin)
 }
 
 #[test]
@@ -102,14 +76,7 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
     let xs = dir.path().join("xs.sock");
     let mut dom0 = Toolstack::new(Client::open(&xs).unwrap());
     dom0.init_host().unwrap();
-    dom0.create(
-        &GuestSpec {
-            vifs: vec![],
-            ..GuestSpec::simple(3, "netdd", "-")
-        },
-        None,
-    )
-    .unwrap();
+    dom0.create(&driver_domain_spec(3, "netdd"), None).unwrap();
     // Guests 5 and 7 have their vifs in the driver domain; guest 6 in dom0.
     let mut ts = Toolstack::with_backend(Client::open(&xs).unwrap(), 3);
     let mut guest5 = Client::open(dir.path().join("d5.sock")).unwrap();

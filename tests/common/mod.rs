@@ -98,6 +98,13 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
         ),
     )
     .unwrap();
+    spawn_virtsecd(dir, &cfg, netns, None)
+}
+
+/// Starts virtsecd with configuration `cfg` (whose control socket is `dir/control.sock`),
+/// logging to `dir/virtsecd.log`, inside network namespace `netns` if given and with `bin`
+/// first on its PATH (stand-ins for tools it runs); waits until it is in sync.
+pub fn spawn_virtsecd(dir: &Path, cfg: &Path, netns: Option<&str>, bin: Option<&Path>) -> Proc {
     let log = std::fs::File::create(dir.join("virtsecd.log")).unwrap();
     let mut cmd = match netns {
         Some(ns) => {
@@ -107,9 +114,13 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
         }
         None => Command::new(VIRTSECD),
     };
+    if let Some(b) = bin {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", b.display()));
+    }
     let child = cmd
         .arg("--config")
-        .arg(&cfg)
+        .arg(cfg)
         .stdin(Stdio::null())
         .stderr(log)
         .spawn()
@@ -121,6 +132,14 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
             .unwrap_or(false)
     });
     p
+}
+
+/// A network driver domain as dom0's toolstack creates it: a domain without vifs.
+pub fn driver_domain_spec(domid: u32, name: &str) -> virtsec::lab::toolstack::GuestSpec {
+    virtsec::lab::toolstack::GuestSpec {
+        vifs: vec![],
+        ..virtsec::lab::toolstack::GuestSpec::simple(domid, name, "-")
+    }
 }
 
 /// `out`, after asserting that its command succeeded (its stderr otherwise).
