@@ -660,6 +660,31 @@ fn the_bridge_action_moves_the_guest_to_the_quarantine_bridge_until_release() {
     );
     assert!(!ping(&g7, &["10.95.0.5"]), "two quarantined guests talk");
     assert!(!ping(&g7, &["10.95.0.6"]), "app still reaches db");
+    // The kernel keeps them apart by interface name too: what holds a new vif that
+    // vif-bridge has just put on the quarantine bridge, before its port is isolated.
+    let isolation = |on: &str| {
+        for v in ["vif5.0", "vif7.0"] {
+            ip(&[
+                "-n",
+                &dd,
+                "link",
+                "set",
+                "dev",
+                v,
+                "type",
+                "bridge_slave",
+                "isolated",
+                on,
+            ]);
+        }
+    };
+    isolation("off");
+    assert!(
+        !ping(&g7, &["10.95.0.5"]),
+        "two quarantined guests talk without port isolation"
+    );
+    assert!(ping(&g7, &["10.95.0.200"]), "app lost the remediation host");
+    isolation("on");
 
     // The kernel holds it while the service is down and after it restarts.
     d.sigkill();

@@ -5,9 +5,16 @@
 //! chain forward    (hook forward,    priority -300)   oifname vmap @q_out    # to guests
 //! chain output     (hook output,     priority -300)   oifname vmap @q_out    # host to guests
 //! chain qi_<uuid> / qo_<uuid>                         # one pair per quarantined VM
+//!     bridge:   (qo) iifname @q_bridged counter drop      # not from another such VM
 //!     isolate:  allow-list (remediation), then counter drop
 //!     throttle: limit rate over N kbytes/second counter drop, then accept
+//! set q_bridged                                       # ports of VMs under `bridge`
 //! ```
+//!
+//! `bridge` moves a VM's ports to the quarantine bridge (`enforce::bridge`) as isolated
+//! ports; the `q_bridged` rule keeps two such VMs apart by interface name too, so it holds
+//! from the pass that sees a new vif, before `vif-bridge` has put it on any bridge and before
+//! the service has set its port isolation.
 //!
 //! Chains are keyed by the VM's UUID, map elements by interface name (every vif of the VM,
 //! its `-emu` twin and its inline port), so a VM that reboots with a new domid gets its new
@@ -49,6 +56,8 @@ pub struct Hold {
     /// Policer in kbytes/s per direction, when throttled.
     pub throttle_kbytes: Option<u32>,
     pub allow: Vec<Allow>,
+    /// Under `bridge`: nothing from another VM under `bridge` reaches it.
+    pub bridge: bool,
 }
 
 /// `5e1ab000-...` → `5e1ab000_...` (validated UUIDs only reach here).
@@ -58,6 +67,9 @@ fn key(uuid: &str) -> String {
 
 fn rules(h: &Hold, from_guest: bool) -> Vec<String> {
     let mut r = Vec::new();
+    if h.bridge && !from_guest {
+        r.push("iifname @q_bridged counter drop comment \"quarantine-bridge\"".to_string());
+    }
     if h.isolate {
         if !h.allow.is_empty() {
             r.push("ether type arp accept".to_string());
@@ -99,6 +111,8 @@ pub struct Isolation {
     applied: BTreeMap<String, (Option<Hold>, BTreeSet<String>)>,
     /// Chains found in the kernel at start whose VM has no state record (kept, reported).
     pub orphans: BTreeSet<String>,
+    /// The elements of set `q_bridged`.
+    bridged: BTreeSet<String>,
 }
 
 impl Isolation {
@@ -109,6 +123,7 @@ impl Isolation {
             "add table {TABLE}\n\
              add map {TABLE} q_in {{ type ifname : verdict; }}\n\
              add map {TABLE} q_out {{ type ifname : verdict; }}\n\
+             add set {TABLE} q_bridged {{ type ifname; }}\n\
              add chain {TABLE} prerouting {{ type filter hook prerouting priority -300; policy accept; }}\n\
              add chain {TABLE} forward {{ type filter hook forward priority -300; policy accept; }}\n\
              add chain {TABLE} output {{ type filter hook output priority -300; policy accept; }}\n"
@@ -117,6 +132,7 @@ impl Isolation {
         let mut iso = Isolation {
             applied: BTreeMap::new(),
             orphans: BTreeSet::new(),
+            bridged: BTreeSet::new(),
         };
         let listing = std::process::Command::new("nft")
             .args(["-j", "list", "table", "bridge", "virtsec_q"])
@@ -140,6 +156,15 @@ impl Isolation {
                     Some("output") => has_rule[2] = true,
                     _ => {}
                 }
+            }
+            if let Some(set) = item.get("set").filter(|s| s["name"] == "q_bridged") {
+                iso.bridged.extend(
+                    set["elem"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| e.as_str().map(str::to_string)),
+                );
             }
             if let Some(m) = item.get("map") {
                 if m["name"] != "q_in" {
@@ -207,6 +232,23 @@ impl Isolation {
             let k = key(&uuid);
             let mut s = String::new();
             let old_ports: BTreeSet<String> = cur.map(|c| c.1.clone()).unwrap_or_default();
+            // This VM's elements of q_bridged: what it should have, what it has.
+            let want_b: BTreeSet<String> = match next {
+                Some((h, p)) if h.bridge => p.clone(),
+                _ => BTreeSet::new(),
+            };
+            let mine: BTreeSet<String> = old_ports
+                .iter()
+                .chain(next.map(|n| &n.1).into_iter().flatten())
+                .cloned()
+                .collect();
+            let have_b: BTreeSet<String> = self.bridged.intersection(&mine).cloned().collect();
+            for p in have_b.difference(&want_b) {
+                s.push_str(&format!("delete element {TABLE} q_bridged {{ \"{p}\" }}\n"));
+            }
+            for p in want_b.difference(&have_b) {
+                s.push_str(&format!("add element {TABLE} q_bridged {{ \"{p}\" }}\n"));
+            }
             match next {
                 Some((hold, ports)) => {
                     if cur.and_then(|c| c.0.as_ref()) != Some(hold) {
@@ -244,17 +286,23 @@ impl Isolation {
                 }
             }
             match nft(&s, &format!("quarantine of {uuid}")) {
-                Ok(()) => match next {
-                    Some(n) => {
-                        self.applied
-                            .insert(uuid.clone(), (Some(n.0.clone()), n.1.clone()));
-                        self.orphans.remove(&uuid);
+                Ok(()) => {
+                    for p in &have_b {
+                        self.bridged.remove(p);
                     }
-                    None => {
-                        self.applied.remove(&uuid);
-                        self.orphans.remove(&uuid);
+                    self.bridged.extend(want_b);
+                    match next {
+                        Some(n) => {
+                            self.applied
+                                .insert(uuid.clone(), (Some(n.0.clone()), n.1.clone()));
+                            self.orphans.remove(&uuid);
+                        }
+                        None => {
+                            self.applied.remove(&uuid);
+                            self.orphans.remove(&uuid);
+                        }
                     }
-                },
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -271,6 +319,7 @@ mod tests {
         let h = Hold {
             isolate: true,
             throttle_kbytes: None,
+            bridge: false,
             allow: vec![Allow {
                 proto: Proto::Udp,
                 port: 53,
@@ -293,8 +342,25 @@ mod tests {
             isolate: false,
             throttle_kbytes: Some(100),
             allow: vec![],
+            bridge: false,
         };
         assert!(rules(&t, true)[0].starts_with("limit rate over 100 kbytes/second"));
+        // bridge: nothing from another bridged VM reaches it; its own frames are not limited
+        // here (its bridge membership holds them).
+        let b = Hold {
+            isolate: false,
+            throttle_kbytes: None,
+            allow: vec![],
+            bridge: true,
+        };
+        assert_eq!(
+            rules(&b, false),
+            vec![
+                "iifname @q_bridged counter drop comment \"quarantine-bridge\"",
+                "accept"
+            ]
+        );
+        assert_eq!(rules(&b, true), vec!["accept"]);
         assert_eq!(
             key("5e1ab000-0000-4000-8000-000000000005"),
             "5e1ab000_0000_4000_8000_000000000005"

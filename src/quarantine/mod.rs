@@ -432,7 +432,8 @@ impl Quarantine {
         for r in self.records.values() {
             let isolate = r.actions.contains(&Action::Isolate);
             let throttle = r.actions.contains(&Action::Throttle);
-            if !isolate && !throttle {
+            let bridge = r.actions.contains(&Action::Bridge);
+            if !isolate && !throttle && !bridge {
                 continue;
             }
             let mut ports = BTreeSet::new();
@@ -451,7 +452,7 @@ impl Quarantine {
                 .iter()
                 .any(|p| std::path::Path::new(&format!("/sys/class/net/{p}/device")).exists());
             let policer = (throttle && !netback).then_some(self.cfg.throttle_kbytes_per_s);
-            if !isolate && policer.is_none() {
+            if !isolate && !bridge && policer.is_none() {
                 // Held by netback's rate key alone: nothing for the kernel table.
                 continue;
             }
@@ -462,6 +463,7 @@ impl Quarantine {
                         isolate,
                         throttle_kbytes: policer,
                         allow: self.cfg.allow.clone(),
+                        bridge,
                     },
                     ports,
                 ),
