@@ -692,11 +692,34 @@ fn the_bridge_action_moves_the_guest_to_the_quarantine_bridge_until_release() {
         !ping(&g5, &["10.95.0.6"]),
         "web reaches db with the service down"
     );
+    // app's quarantine as a service killed between the kernel and the disk leaves it: no
+    // record, the backend key not rewritten yet (the rewrite is written after the record).
+    let uuid7 = "5e1ab000-0000-4000-8000-000000000007";
+    std::fs::remove_file(h.dir.path().join(format!("state/quarantine/{uuid7}.json"))).unwrap();
+    h.ts.client()
+        .write("/local/domain/0/backend/vif/7/0/bridge", "xenbr0")
+        .unwrap();
     let _d = virtsecd_with(h.dir.path(), Some(&dd), "[enforce]\nantispoof = true\n");
     assert_eq!(
         bridge_port(&dd, "vif5.0"),
         (Some("vsquarantine".to_string()), true)
     );
+    // Recovered from the kernel as what it was (bridge, not isolate), still held.
+    let q: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(h.dir.path(), &["quarantined", "--json"]))).unwrap();
+    let app = q["quarantined"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["uuid"] == uuid7)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(app["actions"], serde_json::json!(["bridge"]), "{q:#}");
+    assert!(
+        app["reason"].as_str().unwrap_or("").contains("recovered"),
+        "{app}"
+    );
+    assert!(!ping(&g7, &["10.95.0.6"]), "the recovered VM reaches db");
 
     // web reboots as domain 8, its vif going through the hotplug gate as with vif-virtsec:
     // `virtsec attach` returns only once the backend key names the quarantine bridge, and

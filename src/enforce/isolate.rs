@@ -113,6 +113,8 @@ pub struct Isolation {
     pub orphans: BTreeSet<String>,
     /// The elements of set `q_bridged`.
     bridged: BTreeSet<String>,
+    /// VMs whose chains isolate, as read back at start.
+    isolating: BTreeSet<String>,
 }
 
 impl Isolation {
@@ -129,16 +131,38 @@ impl Isolation {
              add chain {TABLE} output {{ type filter hook output priority -300; policy accept; }}\n"
         );
         nft(&base, "quarantine table")?;
-        let mut iso = Isolation {
-            applied: BTreeMap::new(),
-            orphans: BTreeSet::new(),
-            bridged: BTreeSet::new(),
-        };
         let listing = std::process::Command::new("nft")
             .args(["-j", "list", "table", "bridge", "virtsec_q"])
             .output()
             .map_err(EnforceError::Spawn)?;
         let v: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap_or_default();
+        let (iso, has_rule) = Isolation::read_back(&v);
+        let mut s = String::new();
+        if !has_rule[0] {
+            s.push_str(&format!("add rule {TABLE} prerouting iifname vmap @q_in\n"));
+        }
+        if !has_rule[1] {
+            s.push_str(&format!("add rule {TABLE} forward oifname vmap @q_out\n"));
+        }
+        if !has_rule[2] {
+            s.push_str(&format!("add rule {TABLE} output oifname vmap @q_out\n"));
+        }
+        if !s.is_empty() {
+            nft(&s, "quarantine hooks")?;
+        }
+        Ok(iso)
+    }
+
+    /// What a previous run left, from `nft -j list table bridge virtsec_q`: per VM its chains
+    /// and mapped interfaces, which of them isolate, the `q_bridged` elements; and which base
+    /// chains have their dispatch rule.
+    fn read_back(v: &serde_json::Value) -> (Isolation, [bool; 3]) {
+        let mut iso = Isolation {
+            applied: BTreeMap::new(),
+            orphans: BTreeSet::new(),
+            bridged: BTreeSet::new(),
+            isolating: BTreeSet::new(),
+        };
         let mut has_rule = [false; 3];
         for item in v["nftables"].as_array().into_iter().flatten() {
             if let Some(c) = item.get("chain") {
@@ -154,6 +178,11 @@ impl Isolation {
                     Some("prerouting") => has_rule[0] = true,
                     Some("forward") => has_rule[1] = true,
                     Some("output") => has_rule[2] = true,
+                    Some(c) if r["comment"] == "quarantine-isolate" => {
+                        if let Some(k) = c.strip_prefix("qi_") {
+                            iso.isolating.insert(k.replace('_', "-"));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -187,20 +216,17 @@ impl Isolation {
                 }
             }
         }
-        let mut s = String::new();
-        if !has_rule[0] {
-            s.push_str(&format!("add rule {TABLE} prerouting iifname vmap @q_in\n"));
-        }
-        if !has_rule[1] {
-            s.push_str(&format!("add rule {TABLE} forward oifname vmap @q_out\n"));
-        }
-        if !has_rule[2] {
-            s.push_str(&format!("add rule {TABLE} output oifname vmap @q_out\n"));
-        }
-        if !s.is_empty() {
-            nft(&s, "quarantine hooks")?;
-        }
-        Ok(iso)
+        (iso, has_rule)
+    }
+
+    /// How the kernel holds `uuid`, as read back at start: `(isolates, on the quarantine
+    /// bridge's list)`.
+    pub fn held_as(&self, uuid: &str) -> (bool, bool) {
+        let bridged = self
+            .applied
+            .get(uuid)
+            .is_some_and(|(_, ports)| ports.iter().any(|p| self.bridged.contains(p)));
+        (self.isolating.contains(uuid), bridged)
     }
 
     /// UUIDs the kernel holds (from a previous run or this one).
@@ -345,6 +371,42 @@ mod tests {
             bridge: false,
         };
         assert!(rules(&t, true)[0].starts_with("limit rate over 100 kbytes/second"));
+    }
+
+    #[test]
+    fn what_a_previous_run_left_is_read_back_with_its_kind() {
+        // `nft -j list table bridge virtsec_q`, trimmed: VM ..05 isolated, ..07 bridged.
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"nftables":[
+              {"table":{"family":"bridge","name":"virtsec_q"}},
+              {"set":{"family":"bridge","name":"q_bridged","table":"virtsec_q","type":"ifname","elem":["vif7.0"]}},
+              {"map":{"family":"bridge","name":"q_in","table":"virtsec_q","type":"ifname","map":"verdict",
+                "elem":[["vif5.0",{"jump":{"target":"qi_5e1ab000_0000_4000_8000_000000000005"}}],
+                        ["vif7.0",{"jump":{"target":"qi_5e1ab000_0000_4000_8000_000000000007"}}]]}},
+              {"chain":{"family":"bridge","table":"virtsec_q","name":"prerouting"}},
+              {"chain":{"family":"bridge","table":"virtsec_q","name":"qi_5e1ab000_0000_4000_8000_000000000005"}},
+              {"chain":{"family":"bridge","table":"virtsec_q","name":"qi_5e1ab000_0000_4000_8000_000000000007"}},
+              {"rule":{"family":"bridge","table":"virtsec_q","chain":"prerouting","expr":[]}},
+              {"rule":{"family":"bridge","table":"virtsec_q","chain":"qi_5e1ab000_0000_4000_8000_000000000005","comment":"quarantine-isolate","expr":[]}},
+              {"rule":{"family":"bridge","table":"virtsec_q","chain":"qi_5e1ab000_0000_4000_8000_000000000007","expr":[]}}
+            ]}"#,
+        )
+        .unwrap();
+        let (iso, has_rule) = Isolation::read_back(&v);
+        assert_eq!(has_rule, [true, false, false]);
+        assert_eq!(iso.held().count(), 2);
+        assert_eq!(
+            iso.held_as("5e1ab000-0000-4000-8000-000000000005"),
+            (true, false)
+        );
+        assert_eq!(
+            iso.held_as("5e1ab000-0000-4000-8000-000000000007"),
+            (false, true)
+        );
+        assert_eq!(
+            iso.held_as("5e1ab000-0000-4000-8000-0000000000ff"),
+            (false, false)
+        );
         // bridge: nothing from another bridged VM reaches it; its own frames are not limited
         // here (its bridge membership holds them).
         let b = Hold {

@@ -321,11 +321,21 @@ impl Quarantine {
             if q.records.contains_key(&u) || q.corrupt_uuids.contains(&u) {
                 continue;
             }
+            // What the kernel says it was; a hold of no known kind (a policer) is kept as an
+            // isolation: stricter, never looser.
+            let (isolates, bridged) = q.iso.as_ref().map_or((true, false), |i| i.held_as(&u));
+            let mut actions = Vec::new();
+            if bridged {
+                actions.push(Action::Bridge);
+            }
+            if isolates || !bridged {
+                actions.push(Action::Isolate);
+            }
             let r = Record {
                 uuid: u.clone(),
                 name: None,
                 domid: None,
-                actions: vec![Action::Isolate],
+                actions,
                 reason: "recovered: the kernel held this VM without a state record".into(),
                 since: now_s(),
                 by: "virtsecd (recovery)".into(),
