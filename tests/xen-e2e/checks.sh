@@ -191,6 +191,20 @@ if create_and_time guest3 00:16:3e:00:00:03 vif-virtsec; then
     # The hotplug script's wait for the policy, from its start (netback has created the
     # netdev) to virtsecd reporting the vif attached: creation-to-policy on real Xen.
     ok "script=vif-virtsec: guest3's vif connected after virtsecd put its policy in place" "$(grep -h -m1 -o "vif $G3/0 ([^)]*): policy in place (waited [0-9]* ms)" /tmp/xl-create-guest3.log /var/log/xen/xl-guest3.log 2>/dev/null | head -1 || true); listed ${LAT_MS} ms after Connected"
+    # 7c. A VM quarantined with `bridge` that is destroyed and created again (same UUID, new
+    #     domid) goes through the gate onto the quarantine bridge: vif-virtsec lets vif-bridge
+    #     run only once the backend key names it.
+    U3=$(xenstore-read "/local/domain/$G3/vm" | sed 's,^/vm/,,')
+    virtsec quarantine guest3 --action bridge --reason "e2e: bridge reboot" >/tmp/q3.log 2>&1
+    xl destroy guest3
+    echo "uuid = \"$U3\"" >> /xen-e2e/guest3.cfg
+    if xl create /xen-e2e/guest3.cfg >/tmp/xl-create-guest3b.log 2>&1 && G3B=$(xl domid guest3) \
+       && until_ms 10000 sh -c "ip -d link show dev vif$G3B.0 2>/dev/null | grep -q 'master vsquarantine' && ip -d link show dev vif$G3B.0 | grep -q 'isolated on'"; then
+        ok "quarantine follows the VM through vif-virtsec: guest3 re-created as domain $G3B joins the quarantine bridge, isolated" "$(ip -d link show dev "vif$G3B.0" | grep -o 'master [^ ]*\|isolated [a-z]*' | tr '\n' ' '); backend key $(xenstore-read "$(be "$G3B" 0)/bridge")"
+    else
+        notok "quarantine follows guest3 onto the quarantine bridge" "$(cat /tmp/q3.log /tmp/xl-create-guest3b.log | tr '\n' ' '); $(ip -d link show dev "vif${G3B:-x}.0" 2>&1 | tr '\n' ' ')"
+    fi
+    virtsec release guest3 --reason "e2e: bridge reboot done" >>/tmp/q3.log 2>&1
     xl destroy guest3
 else
     notok "script=vif-virtsec: guest3 connected" "$(cat /tmp/xl-create-guest3.log | tr '\n' ' ')"
