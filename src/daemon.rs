@@ -1184,7 +1184,7 @@ impl State {
             Completion::Reply(Op::Cleanup, _) => {}
             Completion::Reply(Op::DdPaused(dd), res) => {
                 if let (Some(st), Ok(list)) = (self.driver_domains.get_mut(&dd), res) {
-                    st.paused = crate::inventory::identity::backed(&list);
+                    st.paused = crate::inventory::identity::domids(&list);
                 }
             }
             Completion::Reply(Op::DdRequest(dd, id), res) => {
@@ -1196,7 +1196,7 @@ impl State {
             Completion::Reply(Op::DdResponse(node), res) => {
                 if let Ok(v) = res {
                     let v: serde_json::Value =
-                        serde_json::from_slice(v.strip_suffix(&[0]).unwrap_or(&v))
+                        serde_json::from_slice(crate::xenstore::wire::strip_nul(&v))
                             .unwrap_or_default();
                     if v["ok"] == true {
                         log::info!("dom0's virtsec did {}", v["request"]);
@@ -1215,7 +1215,7 @@ impl State {
                     return;
                 };
                 match res {
-                    Ok(list) => st.backed = Some(crate::inventory::identity::backed(&list)),
+                    Ok(list) => st.backed = Some(crate::inventory::identity::domids(&list)),
                     Err(e) if e == "ENOENT" => st.backed = Some(BTreeSet::new()),
                     Err(e) => {
                         log::warn!("cannot list driver domain {dd}'s backend vifs: {e}");

@@ -75,23 +75,22 @@ pub fn port(ifname: &str) -> Option<Port> {
     parse_port(&ip(&["-d", "-j", "link", "show", "dev", ifname]).ok()?)
 }
 
-/// Whether `name` is a bridge.
-fn is_bridge(name: &str) -> bool {
-    ip(&["-d", "-j", "link", "show", "dev", name])
-        .ok()
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
-        .is_some_and(|v| v[0]["linkinfo"]["info_kind"].as_str() == Some("bridge"))
-}
-
 /// Creates the quarantine bridge if it does not exist (no address, no uplink: what reaches
 /// it is what the administrator attached) and brings it up. An existing interface of that
 /// name that is not a bridge is an error, never replaced.
 pub fn ensure_bridge(name: &str) -> Result<(), EnforceError> {
-    if port(name).is_none() {
-        ip(&["link", "add", name, "type", "bridge"])?;
-        log::info!("quarantine bridge {name} created");
-    } else if !is_bridge(name) {
-        return Err(EnforceError::NotABridge(name.into()));
+    // One look: absent, a bridge, or something else.
+    let kind = ip(&["-d", "-j", "link", "show", "dev", name])
+        .ok()
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .map(|v| v[0]["linkinfo"]["info_kind"].as_str() == Some("bridge"));
+    match kind {
+        None => {
+            ip(&["link", "add", name, "type", "bridge"])?;
+            log::info!("quarantine bridge {name} created");
+        }
+        Some(false) => return Err(EnforceError::NotABridge(name.into())),
+        Some(true) => {}
     }
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     super::nft(&host_drop_script(name), "quarantine bridge host drop")?;

@@ -79,8 +79,7 @@ pub fn parse(value: &[u8]) -> Option<Identity> {
         uuid: String,
         name: Option<String>,
     }
-    let value = value.strip_suffix(&[0]).unwrap_or(value);
-    let raw: Raw = serde_json::from_slice(value).ok()?;
+    let raw: Raw = serde_json::from_slice(crate::xenstore::wire::strip_nul(value)).ok()?;
     if !valid_uuid(&raw.uuid) {
         return None;
     }
@@ -94,8 +93,9 @@ pub fn parse(value: &[u8]) -> Option<Identity> {
     })
 }
 
-/// The frontend domids under a driver domain's `backend/vif` listing.
-pub fn backed(listing: &[u8]) -> BTreeSet<u32> {
+/// The domids of a directory listing (a driver domain's `backend/vif`, what dom0 paused for
+/// it); names that are not domids are skipped.
+pub fn domids(listing: &[u8]) -> BTreeSet<u32> {
     crate::xenstore::wire::split_list(listing)
         .into_iter()
         .filter_map(|n| std::str::from_utf8(n).ok()?.parse().ok())
@@ -130,7 +130,7 @@ mod tests {
             },
         );
         // dd 3 backs 5 and 6 (6 has no UUID dom0 could read) and not 7.
-        let e = entries(&guests, &backed(b"5\x006\x00"));
+        let e = entries(&guests, &domids(b"5\x006\x00"));
         assert_eq!(e.len(), 1);
         assert_eq!(
             parse(e[&5].as_bytes()),
@@ -166,6 +166,6 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(backed(b"5\x00x\x0012\x00"), BTreeSet::from([5, 12]));
+        assert_eq!(domids(b"5\x00x\x0012\x00"), BTreeSet::from([5, 12]));
     }
 }

@@ -58,9 +58,8 @@ pub fn decide(
     backed: &BTreeSet<u32>,
     paused: &BTreeSet<u32>,
 ) -> Result<Request, Refusal> {
-    let value = value.strip_suffix(&[0]).unwrap_or(value);
-    let req: Request =
-        serde_json::from_slice(value).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    let req: Request = serde_json::from_slice(crate::xenstore::wire::strip_nul(value))
+        .map_err(|e| Refusal::Malformed(e.to_string()))?;
     let domid = req.domid();
     match req {
         // What it paused stays liftable after the guest left its backend tree.
