@@ -37,6 +37,48 @@ fn follows_libxl_lifecycle_within_100ms() {
         serde_json::json!([]),
         "dom0 is not a guest"
     );
+    // An operator following the inventory sees each change as one JSON line.
+    let mut watcher = Proc(
+        std::process::Command::new(VIRTSEC)
+            .arg("--control-socket")
+            .arg(dir.path().join("control.sock"))
+            .args(["domains", "--follow", "--json", "--interval", "0.02"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let out = watcher.0.stdout.take().unwrap();
+        let followed = followed.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v = serde_json::from_str::<serde_json::Value>(&l).unwrap();
+                followed.lock().unwrap().push(v);
+            }
+        });
+    }
+    // Waits until the follower printed an inventory for which `f` holds, at or after line
+    // `from`; its index.
+    let shown = |from: usize, what: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(i) = followed.lock().unwrap().iter().skip(from).position(f) {
+                return from + i;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "--follow never showed {what}: {:?}",
+                followed.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert_eq!(
+        shown(0, "the empty inventory", &|d| d == &serde_json::json!([])),
+        0
+    );
 
     // xl create, the guest's netfront writing through its own connection.
     let mut g5c = Client::open(dir.path().join("d5.sock")).unwrap();
@@ -47,6 +89,7 @@ fn follows_libxl_lifecycle_within_100ms() {
         connected(d, 5, 0)
     });
     eprintln!("create followed in {took:?}");
+    let created = shown(0, "guest 5 connected", &|d| connected(d, 5, 0));
     let g = guest(&domains(dir.path()), 5).unwrap();
     assert_eq!(g["name"], "web");
     assert_eq!(g["uuid"], web.uuid.as_str());
@@ -64,6 +107,7 @@ fn follows_libxl_lifecycle_within_100ms() {
     db.vifs[0].vifname = Some("db-eth0".into());
     ts.create(&db, None).unwrap();
     follow(dir.path(), "guest 6", FOLLOW, |d| connected(d, 6, 0));
+    let db = shown(created, "guest 6", &|d| connected(d, 6, 0));
     let g = guest(&domains(dir.path()), 6).unwrap();
     assert_eq!(vif(&g, 0)["ifname"], "db-eth0");
     assert_eq!(vif(&g, 0)["emu_ifname"], "db-eth0-emu");
@@ -108,6 +152,9 @@ fn follows_libxl_lifecycle_within_100ms() {
         guest(d, 6).is_none()
     });
     eprintln!("destroy followed in {took:?}");
+    let gone = shown(db, "guest 6 gone", &|d| {
+        guest(d, 5).is_some() && guest(d, 6).is_none()
+    });
 
     // A new VM reuses domid 6: it inherits nothing of the old one.
     let fresh = GuestSpec {
@@ -124,6 +171,18 @@ fn follows_libxl_lifecycle_within_100ms() {
             })
             .unwrap_or(false)
     });
+
+    // The follower printed each inventory above in order, one line per change (never the same
+    // twice in a row), the last one being what is there now.
+    let reused = shown(gone, "guest 6 reused", &|d| {
+        guest(d, 6).map(|g| g["name"] == "fresh").unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    watcher.sigkill();
+    let lines = followed.lock().unwrap().clone();
+    assert!(created < db && db < gone && gone < reused, "{lines:?}");
+    assert!(lines.windows(2).all(|w| w[0] != w[1]), "{lines:?}");
+    assert_eq!(lines.last(), Some(&domains(dir.path())));
 
     // The human-readable forms work too.
     let out = cli(dir.path(), &["domains"]);

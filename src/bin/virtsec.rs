@@ -36,6 +36,18 @@ enum Cmd {
     Domains {
         #[arg(long)]
         json: bool,
+        /// Keep running and print the inventory again each time it changes (with --json, one
+        /// line per change).
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how often to ask the service, in seconds.
+        #[arg(
+            long,
+            default_value_t = 0.5,
+            value_name = "SECONDS",
+            requires = "follow"
+        )]
+        interval: f64,
     },
     /// Alerts of the running service (live traffic), oldest first.
     Alerts {
@@ -349,14 +361,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Domains { json } => {
-            let d = control::call(&cli.control_socket, &ControlRequest::Domains)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
-            } else {
-                print_domains(&d);
+        Cmd::Domains {
+            json,
+            follow,
+            interval,
+        } => {
+            if !(interval.is_finite() && (0.001..=3600.0).contains(&interval)) {
+                bail!("--interval {interval}: expected seconds between 0.001 and 3600");
             }
-            Ok(ExitCode::SUCCESS)
+            let mut last = None;
+            loop {
+                let d = control::call(&cli.control_socket, &ControlRequest::Domains)?;
+                if last.as_ref() != Some(&d) {
+                    match (json, follow) {
+                        (true, false) => println!("{}", serde_json::to_string_pretty(&d)?),
+                        (true, true) => println!("{}", serde_json::to_string(&d)?),
+                        (false, false) => print_domains(&d),
+                        (false, true) => {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default();
+                            println!(
+                                "-- {}",
+                                virtsec::inspect::eve::format_ts(now.as_micros() as u64)
+                            );
+                            print_domains(&d);
+                        }
+                    }
+                    use std::io::Write as _;
+                    std::io::stdout().flush()?;
+                }
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                last = Some(d);
+                std::thread::sleep(Duration::from_secs_f64(interval));
+            }
         }
         Cmd::Attach {
             backend,
