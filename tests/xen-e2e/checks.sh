@@ -42,26 +42,54 @@ CFG
 }
 
 # A guest is "listed" when virtsec shows its identity and vif 0 connected with the
-# toolstack's MAC and bridge.
+# toolstack's MAC and bridge (LISTED: a jq filter over `virtsec domains --json`).
+LISTED='.[] | select(.domid == $d and .name == $n and .uuid == $u)
+         | .vifs["0"] | select(.ifname == "vif\($d).0" and .mac == $m and .bridge == "xenbr0"
+                               and .state == "connected" and .hotplug_status == "connected")'
 listed() { # domid name mac
     uuid=$(xenstore-read "/local/domain/$1/vm" | sed 's,^/vm/,,')
-    doms | jq -e --argjson d "$1" --arg n "$2" --arg m "$3" --arg u "$uuid" \
-        '.[] | select(.domid == $d and .name == $n and .uuid == $u)
-             | .vifs["0"] | select(.ifname == "vif\($d).0" and .mac == $m and .bridge == "xenbr0"
-                                   and .state == "connected" and .hotplug_status == "connected")'
+    doms | jq -e --argjson d "$1" --arg n "$2" --arg m "$3" --arg u "$uuid" "$LISTED"
+}
+
+# stamped NAME CMD: runs CMD in the background, each line of its output written to
+# /tmp/NAME.log behind the microsecond it arrived. bash stamps with $EPOCHREALTIME, without a
+# process per line, so a stamp is as late as the line and not as late as a `date` (which takes
+# 30-130 ms to start under TCG). Returns once CMD printed its first line.
+stamped() {
+    : > "/tmp/$1.log"
+    bash -c "$2"' | while IFS= read -r l; do echo "${EPOCHREALTIME//[.,]/} $l"; done' > "/tmp/$1.log" 2>/dev/null &
+    until_ms 10000 test -s "/tmp/$1.log"
 }
 
 create_and_time() { # name mac [script] -> sets DOMID, LAT_MS
+    # LAT_MS: from the moment oxenstored's watch reported the vif's backend state node written
+    # Connected (xenstore-watch, a C client) to the first inventory `virtsec domains --follow`
+    # printed with the vif listed (polling the control socket every 20 ms). Both are stamped as
+    # they arrive. The checks' own polls (xenstore-read, virtsec, jq: a process each, 50-600 ms
+    # apiece under TCG) only confirm what happened and are not part of the latency.
+    pkill -f "xenstore-watch /local/domain/0/backend/vif"; pkill -f "virtsec domains --follow"
+    stamped xsw-$1 "exec xenstore-watch /local/domain/0/backend/vif" || return 1
+    stamped fol-$1 "exec virtsec domains --follow --json --interval 0.02" || return 1
     mkcfg "$1" "$2" "${3:-}"
     xl create "/xen-e2e/$1.cfg" >/tmp/xl-create-$1.log 2>&1 &
     xl_pid=$!
+    LAT_MS=
     until_ms 60000 xl domid "$1" || return 1
     DOMID=$(xl domid "$1")
     until_ms 60000 sh -c "[ \"\$(xenstore-read $(be "$DOMID" 0)/state 2>/dev/null)\" = 4 ]" || return 1
-    t0=$(now_ms)
     until_ms 5000 listed "$DOMID" "$1" "$2" || return 1
-    LAT_MS=$(( $(now_ms) - t0 ))
+    pkill -f "xenstore-watch /local/domain/0/backend/vif"
+    pkill -f "virtsec domains --follow"
     wait "$xl_pid"
+    # The backend's state node changes once more (Closing) only when the vif goes: its last
+    # event so far is the write of Connected.
+    t_conn=$(awk -v p="$(be "$DOMID" 0)/state" '$2 == p { t = $1 } END { print t }' "/tmp/xsw-$1.log")
+    uuid=$(xenstore-read "/local/domain/$DOMID/vm" | sed 's,^/vm/,,')
+    t_listed=$(jq -Rr --argjson d "$DOMID" --arg n "$1" --arg m "$2" --arg u "$uuid" \
+        "capture(\"^(?<t>[0-9]+) (?<j>.*)\$\") | select(.j | fromjson | $LISTED) | .t" \
+        "/tmp/fol-$1.log" | head -1)
+    [ -n "$t_conn" ] && [ -n "$t_listed" ] || { echo "# $1: no Connected event ($t_conn) or listing ($t_listed) stamped"; return 1; }
+    LAT_MS=$(( (t_listed - t_conn) / 1000 ))
 }
 
 # 0. virtsec is installed as an administrator does it, and its init script starts it.
