@@ -113,7 +113,9 @@ alert icmp any any -> 169.254.1.1 any (msg:"virtsec e2e: guest pings dom0"; cont
 RULES
 sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
     -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' \
-    -e 's|^counters_interval_s = .*|counters_interval_s = 2|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+    -e 's|^counters_interval_s = .*|counters_interval_s = 2|' \
+    -e 's|^# driver_domains = .*|driver_domains = ["guest1"]|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+grep -q '^driver_domains = \["guest1"\]' /run/e2e.toml || echo "# the sample configuration no longer has the driver_domains line this script edits"
 
 # 1. The service starts in dom0 and connects to the real xenstored.
 start_virtsecd
@@ -198,6 +200,62 @@ if create_and_time guest2 00:16:3e:00:00:02 && [ "$LAT_MS" -le 1000 ]; then
 else
     G2=${DOMID:-}
     notok "xl create guest2 later: its own entry" "latency ${LAT_MS:-none} ms; $(cat /tmp/xl-create-guest2.log)"
+fi
+
+# 6b. A network driver domain's contract with dom0's virtsec, on oxenstored's permissions and
+#     with a real pause: guest1 plays the driver domain (virtsecd serves driver_domains =
+#     ["guest1"]) once guest1's backend tree lists a vif of guest2, as libxl writes it for a
+#     vif with backend=guest1. guest1 does with its C client what a driver domain's virtsec
+#     does (guest-init.sh, data/please-dd); guest2 tries the same on guest1's directory.
+ddask() { # guest id dd domid op -> prints what the guest reported
+    xenstore-write "/local/domain/$1/data/please-dd" "$2 $3 $4 $5"
+    until_ms 40000 xenstore-read "/local/domain/$1/data/dd-$2" && xenstore-read "/local/domain/$1/data/dd-$2"
+}
+answer() { # what ddask printed, jq filter -> whether dom0's answer passes the filter
+    case "$1" in *" response="*) echo "${1#* response=}" | jq -e "$2" >/dev/null 2>&1 ;; *) return 1 ;; esac
+}
+paused() { xl list "$1" | awk 'NR == 2 { print ($5 ~ /p/) ? "paused" : "running" }'; }
+if [ -n "$G1" ] && [ -n "$G2" ]; then
+    ddir=/local/domain/0/virtsec/dd/$G1
+    u2=$(xenstore-read "/local/domain/$G2/vm" | sed 's,^/vm/,,')
+    xenstore-write "/local/domain/$G1/backend/vif/$G2/0/frontend-id" "$G2"
+    if until_ms 10000 xenstore-read "$ddir/vm/$G2" \
+       && xenstore-read "$ddir/vm/$G2" | jq -e --arg u "$u2" '. == {uuid: $u, name: "guest2"}' >/dev/null; then
+        ok "dom0's virtsec publishes the identity of the guest a driver domain backs" "$ddir/vm/$G2 = $(xenstore-read "$ddir/vm/$G2")"
+    else
+        notok "dom0's virtsec publishes the identity of the guest a driver domain backs" "$(xenstore-ls -p /local/domain/0/virtsec 2>&1 | head -20 | tr '\n' ' ')"
+    fi
+    other=$(ddask "$G2" p1 "$G1" "$G2" pause)
+    refused=$(ddask "$G1" r1 "$G1" 0 pause)
+    asked=$(ddask "$G1" r2 "$G1" "$G2" pause)
+    st_paused=$(paused guest2)
+    pause_rec=$(xenstore-read "$ddir/paused/$G2" >/dev/null 2>&1 && echo kept || echo missing)
+    if [ "$other" = "read=denied forge=denied request=denied" ] \
+       && [ "${refused% response=*}" = "read=denied forge=denied request=written" ] \
+       && answer "$refused" '.ok == false and (.error | test("has no vif backed by driver domain"))' \
+       && [ "${asked% response=*}" = "read=$(xenstore-read "$ddir/vm/$G2") forge=denied request=written" ] \
+       && answer "$asked" ".ok == true and .request == \"pause domain $G2\"" \
+       && [ "$st_paused" = paused ] && [ "$pause_rec" = kept ] \
+       && ! xenstore-read "$ddir/response/e2e-r2" >/dev/null 2>&1; then
+        ok "the driver domain reads its guest's identity and has it paused through dom0; another guest can do neither" "guest2 $st_paused; guest1: $asked"
+    else
+        notok "driver domain contract on oxenstored" "guest2: $other; guest1 on dom0: $refused; guest1 on guest2: $asked; guest2 $st_paused; pause record $pause_rec; $(xenstore-ls -p "$ddir" 2>&1 | tr '\n' ' ')"
+    fi
+    freed=$(ddask "$G1" r3 "$G1" "$G2" unpause)
+    again=$(ddask "$G1" r4 "$G1" "$G2" unpause)
+    xenstore-rm "/local/domain/$G1/backend"
+    delegated=$(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op == "delegated" or .quarantine.op == "refused") | .quarantine.op]')
+    if answer "$freed" ".ok == true and .request == \"unpause domain $G2\"" && [ "$(paused guest2)" = running ] \
+       && answer "$again" '.ok == false and (.error | test("only those pauses are lifted"))' \
+       && until_ms 10000 sh -c "! xenstore-read $ddir/vm/$G2" \
+       && [ "$delegated" = '["refused","delegated","delegated","refused"]' ]; then
+        ok "the driver domain lifts only its own pause; its guest's identity goes with the backend entry; each request audited" "audit $delegated"
+    else
+        notok "driver domain: unpause, retraction, audit" "unpause: $freed; again: $again; guest2 $(paused guest2); identity $(xenstore-read "$ddir/vm/$G2" 2>&1); audit $delegated"
+    fi
+else
+    notok "driver domain contract on oxenstored" "no guest1 or guest2"
+    notok "driver domain: unpause, retraction, audit" "no guest1 or guest2"
 fi
 
 # 7. xl network-detach: the vif is gone within 1 s.

@@ -14,6 +14,7 @@ ip addr add "169.254.1.$((10 + d))/24" dev eth0
 forged=0
 asked=0
 hammered=0
+dd_last=
 while true; do
     ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1
     if [ "$forged" = 0 ] && xenstore-read data/please-forge >/dev/null 2>&1; then
@@ -49,6 +50,36 @@ while true; do
         xenstore-write device/vif/0/mac "$big" 2>/dev/null; xenstore-write device/vif/0/handle "-1" device/vif/0/backend-id nonsense 2>/dev/null
         xenstore-write data/hammered "$ok"
         hammered=1
+    fi
+    # On request (dom0 writes data/please-dd = "ID DD GUEST OP"): do what the virtsec of
+    # network driver domain DD does with the directory dom0's virtsec keeps for it (or, when
+    # this guest is not DD, try to): read GUEST's published identity, try to overwrite it, ask
+    # dom0 for OP (pause/unpause) on GUEST and collect the answer. What happened goes to
+    # data/dd-ID.
+    dd=$(xenstore-read data/please-dd 2>/dev/null)
+    if [ -n "$dd" ] && [ "$dd" != "$dd_last" ]; then
+        dd_last=$dd
+        set -- $dd
+        dir=/local/domain/0/virtsec/dd/$2
+        r="read=$(xenstore-read "$dir/vm/$3" 2>/dev/null || echo denied)"
+        if xenstore-write "$dir/vm/$3" '{"uuid":"00000000-0000-4000-8000-00000000000f","name":"forged"}' 2>/dev/null; then
+            r="$r forge=WRITTEN"
+        else
+            r="$r forge=denied"
+        fi
+        if xenstore-write "$dir/request/e2e-$1" "{\"op\":\"$4\",\"domid\":$3}" 2>/dev/null; then
+            a=none
+            for _ in $(seq 1 60); do
+                a=$(xenstore-read "$dir/response/e2e-$1" 2>/dev/null) && break
+                a=none
+                sleep 0.25
+            done
+            xenstore-rm "$dir/response/e2e-$1" 2>/dev/null
+            r="$r request=written response=$a"
+        else
+            r="$r request=denied"
+        fi
+        xenstore-write "data/dd-$1" "$r"
     fi
     sleep 0.5
 done

@@ -101,8 +101,9 @@ if [ ! -s "$guest_img" ]; then
         *.zst) zstd -qdc "$nf" > "$g/lib/modules/xen-netfront.ko" ;;
         *) cp "$nf" "$g/lib/modules/xen-netfront.ko" ;;
     esac
-    # Debian's xenstore-write and its libraries: the guest writes its own frontend nodes.
-    for b in /usr/bin/xenstore-write /usr/bin/xenstore-read /usr/bin/xenstore; do cp -a "$b" "$g/usr/bin/" 2>/dev/null || true; done
+    # Debian's xenstore-write and its libraries: the guest writes its own frontend nodes (and
+    # plays a driver domain's virtsec in dom0's XenStore tree).
+    for b in /usr/bin/xenstore-write /usr/bin/xenstore-read /usr/bin/xenstore-rm /usr/bin/xenstore; do cp -a "$b" "$g/usr/bin/" 2>/dev/null || true; done
     for lib in $(ldd /usr/bin/xenstore | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
         mkdir -p "$g$(dirname "$lib")" && cp -L "$lib" "$g$lib"
     done
