@@ -191,6 +191,10 @@ struct State {
     ready_sent: bool,
     last_status_publish: Instant,
     last_status_body: Option<String>,
+    /// xenstored refused a write under our own `/local/domain/<self>/virtsec` (a driver domain
+    /// cannot create it; dom0's virtsec or the administrator does): everything there is
+    /// published again when that directory appears.
+    own_dir_denied: bool,
     last_counters_publish: Instant,
     /// Per-vif counters as last written to XenStore on this connection, by (domid, node);
     /// `None` until the first publication, which starts by removing what an earlier run or
@@ -346,6 +350,7 @@ impl Daemon {
                 ready_sent: false,
                 last_status_publish: now,
                 last_status_body: None,
+                own_dir_denied: false,
                 last_counters_publish: now,
                 published_counters: None,
                 requests: Default::default(),
@@ -1065,6 +1070,25 @@ impl State {
         }
     }
 
+    /// Automation's request directory: ours, and no other domain's (dom0 writes anyway, being
+    /// privileged). Requests are also executed only if GET_PERMS names dom0 or this domain as
+    /// the node's owner (quarantine::requests), for setups where the directory is shared.
+    fn make_request_dir(&mut self) {
+        let Some(d) = self.self_domid else { return };
+        if self.quarantine.is_none() {
+            return;
+        }
+        let req_dir = format!("/local/domain/{d}/virtsec/request");
+        self.submit(
+            Request::Mkdir(req_dir.clone()),
+            Op::Publish(req_dir.clone()),
+        );
+        self.submit(
+            Request::SetPerms(req_dir.clone(), vec![format!("n{d}")]),
+            Op::Publish(req_dir),
+        );
+    }
+
     fn after_domid(&mut self) {
         let Some(d) = self.self_domid else { return };
         if let Some(q) = self.quarantine.as_mut() {
@@ -1072,25 +1096,19 @@ impl State {
             q.republish();
         }
         let backend = format!("/local/domain/{d}/backend/vif");
-        // Automation's request directory: ours, and no other domain's (dom0 writes anyway, being
-        // privileged). Requests are also executed only if GET_PERMS names dom0 as the node's
-        // owner (quarantine::requests), for setups where the directory is shared.
         let req_dir = format!("/local/domain/{d}/virtsec/request");
-        if self.quarantine.is_some() {
-            self.submit(
-                Request::Mkdir(req_dir.clone()),
-                Op::Publish(req_dir.clone()),
-            );
-            self.submit(
-                Request::SetPerms(req_dir.clone(), vec![format!("n{d}")]),
-                Op::Publish(req_dir.clone()),
-            );
-        }
-        for (path, token) in [
+        self.make_request_dir();
+        let mut watches = vec![
             ("@introduceDomain".to_string(), "domains"),
             ("@releaseDomain".to_string(), "domains"),
             (backend, "backend"),
-        ] {
+        ];
+        if d != 0 {
+            // A driver domain cannot create its own `virtsec` directory: dom0's virtsec (or
+            // the administrator) does, and we publish again when it appears.
+            watches.push((format!("/local/domain/{d}/virtsec"), "owndir"));
+        }
+        for (path, token) in watches {
             self.submit(Request::Watch(path.clone(), token.into()), Op::Watch(path));
         }
         if self.quarantine.is_some() {
@@ -1224,9 +1242,28 @@ impl State {
                 }
                 self.publish_identities(dd);
             }
-            Completion::Reply(Op::Publish(_), Ok(_)) => {}
+            Completion::Reply(Op::Publish(_), Ok(_)) => self.own_dir_denied = false,
             Completion::Reply(Op::Publish(path), Err(e)) => {
-                log::warn!("cannot publish {path} in XenStore: {e}");
+                let own = self
+                    .self_domid
+                    .map(|d| format!("/local/domain/{d}/virtsec"))
+                    .filter(|own| crate::xenstore::path::is_subpath(own, &path) && e == "EACCES");
+                match own {
+                    Some(_) if self.own_dir_denied => {
+                        log::debug!("cannot publish {path} in XenStore: {e}");
+                    }
+                    Some(own) => {
+                        self.own_dir_denied = true;
+                        log::warn!(
+                            "cannot publish {path} in XenStore: {e}: this domain cannot write {own}. \
+                             In a driver domain dom0's virtsec creates it when this domain is in its \
+                             [xenstore] driver_domains; by hand: xenstore-write {own} '' && \
+                             xenstore-chmod {own} n{}. Published again when it appears.",
+                            self.self_domid.unwrap_or(0)
+                        );
+                    }
+                    None => log::warn!("cannot publish {path} in XenStore: {e}"),
+                }
             }
             Completion::Reply(Op::Pass(tag), res) => {
                 let mut outbox = Vec::new();
@@ -1267,6 +1304,22 @@ impl State {
                 }
             }
             "domains" | "backend" | "identity" => self.request_reconcile(),
+            "owndir" => {
+                // The directory itself (created or its permissions changed), not our own
+                // writes below it.
+                let own = self
+                    .self_domid
+                    .map(|d| format!("/local/domain/{d}/virtsec"));
+                if self.own_dir_denied && own.as_deref() == Some(path) {
+                    log::info!("{path} appeared: publishing there again");
+                    self.last_status_body = None;
+                    self.published_counters = None;
+                    self.make_request_dir();
+                    if let Some(q) = self.quarantine.as_mut() {
+                        q.republish();
+                    }
+                }
+            }
             t if t.starts_with("ddrequest/") => {
                 if let Some(Ok(dd)) = t.strip_prefix("ddrequest/").map(str::parse::<u32>) {
                     let dir = format!("{}/", crate::quarantine::delegate::request_dir(dd));
@@ -1400,7 +1453,7 @@ impl State {
             return;
         };
         let decision = match perms {
-            Ok(p) => crate::quarantine::requests::decide(&value, &p),
+            Ok(p) => crate::quarantine::requests::decide(&value, &p, self.self_domid.unwrap_or(0)),
             Err(e) => Err(crate::quarantine::requests::Refusal::NoPerms(e)),
         };
         use crate::quarantine::requests::XsRequest;
@@ -1599,7 +1652,13 @@ impl State {
                 for p in [format!("{dir}/vm"), request_dir(dd), response_dir(dd)] {
                     self.submit(Request::Rm(p), Op::Cleanup);
                 }
+                // The driver domain's own `virtsec` directory (its counters, status and
+                // automation's requests), which a domain cannot create under its
+                // `/local/domain/<dd>`: it owns it, nobody else has access.
+                let own = format!("/local/domain/{dd}/virtsec");
+                let owned = vec![format!("n{dd}")];
                 for (p, perms) in [
+                    (own, &owned),
                     (dir.clone(), &read),
                     (format!("{dir}/vm"), &read),
                     (paused_dir(dd), &read),

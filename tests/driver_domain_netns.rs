@@ -132,6 +132,10 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
         "attach reported a vif of an unknown VM"
     );
 
+    // Nor can it publish its status: a domain cannot create /local/domain/<self>/virtsec.
+    let mut c = Client::open(&xs).unwrap();
+    assert!(c.read("/local/domain/3/virtsec/status").is_err());
+
     // dom0's service publishes the identities of the driver domain's guests, and only those.
     // dom0's toolstack here is a stand-in `xl` that records what it is asked.
     let bin = dir.path().join("bin");
@@ -164,7 +168,13 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
             })
         },
     );
-    let mut c = Client::open(&xs).unwrap();
+    // It also makes the driver domain its own directory, where the driver domain's service
+    // then publishes what it could not before.
+    wait_for(
+        "the driver domain's status published",
+        Duration::from_secs(5),
+        || c.read("/local/domain/3/virtsec/status").is_ok(),
+    );
     let listed = c.directory("/local/domain/0/virtsec/dd/3/vm").unwrap();
     assert_eq!(listed, vec!["5".to_string(), "7".to_string()]);
     // The guest can neither read nor forge it.
@@ -265,6 +275,39 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
         Duration::from_secs(5),
         || c.read("/local/domain/0/virtsec/dd/3/paused/8").is_err(),
     );
+
+    // Automation in dom0 drives the driver domain's service through XenStore, as it does
+    // dom0's: a request in the driver domain's request directory. The node dom0 creates there
+    // is owned by the driver domain (it inherits the directory's owner, on oxenstored as here),
+    // and it is obeyed: nobody but dom0 and the driver domain can write there.
+    c.write(
+        "/local/domain/3/virtsec/request/auto1",
+        r#"{"op":"quarantine","target":"web","action":"isolate","reason":"SOAR case 11"}"#,
+    )
+    .unwrap();
+    wait_for("dom0's request answered", Duration::from_secs(5), || {
+        c.read("/local/domain/3/virtsec/response/auto1").is_ok()
+    });
+    let answer: serde_json::Value =
+        serde_json::from_slice(&c.read("/local/domain/3/virtsec/response/auto1").unwrap()).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(!ping(&g5, &["10.96.0.7"]), "isolated guest still talks");
+    c.write(
+        "/local/domain/3/virtsec/request/auto2",
+        r#"{"op":"release","target":"web","reason":"SOAR case 11 closed"}"#,
+    )
+    .unwrap();
+    wait_for("released through XenStore", Duration::from_secs(5), || {
+        ping(&g5, &["10.96.0.7"])
+    });
+    // Another domain cannot write there at all.
+    let mut g5c = Client::open(dir.path().join("d5.sock")).unwrap();
+    assert!(g5c
+        .write(
+            "/local/domain/3/virtsec/request/evil",
+            r#"{"op":"release","target":"web","reason":"me"}"#
+        )
+        .is_err());
 
     // What the driver domain may not have done for it: another backend's guest, a pause it
     // did not ask for, anything from a guest.

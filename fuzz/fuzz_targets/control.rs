@@ -8,5 +8,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = virtsec::control::parse_request(data);
     let (value, perms) = data.split_at(data.len() / 2);
-    let _ = virtsec::quarantine::requests::decide(value, perms);
+    // As dom0's service and as a driver domain's (domain 3).
+    let _ = virtsec::quarantine::requests::decide(value, perms, 0);
+    let _ = virtsec::quarantine::requests::decide(value, perms, 3);
 });

@@ -219,11 +219,19 @@ if [ -n "$G1" ] && [ -n "$G2" ]; then
     ddir=/local/domain/0/virtsec/dd/$G1
     u2=$(xenstore-read "/local/domain/$G2/vm" | sed 's,^/vm/,,')
     xenstore-write "/local/domain/$G1/backend/vif/$G2/0/frontend-id" "$G2"
+    # It also gives the driver domain its own virtsec directory (which a domain cannot create
+    # under its /local/domain/<D>); a request automation in dom0 writes there is owned by the
+    # driver domain on oxenstored (what the driver domain's service accepts as dom0's).
+    until_ms 10000 xenstore-read "/local/domain/$G1/virtsec"
+    xenstore-write "/local/domain/$G1/virtsec/request/e2e-owner" '{}'
+    owner=$(xenstore-ls -p "/local/domain/$G1/virtsec/request" | sed -n 's/^e2e-owner = .*(\(.*\))$/\1/p')
+    xenstore-rm "/local/domain/$G1/virtsec/request/e2e-owner"
     if until_ms 10000 xenstore-read "$ddir/vm/$G2" \
-       && xenstore-read "$ddir/vm/$G2" | jq -e --arg u "$u2" '. == {uuid: $u, name: "guest2"}' >/dev/null; then
-        ok "dom0's virtsec publishes the identity of the guest a driver domain backs" "$ddir/vm/$G2 = $(xenstore-read "$ddir/vm/$G2")"
+       && xenstore-read "$ddir/vm/$G2" | jq -e --arg u "$u2" '. == {uuid: $u, name: "guest2"}' >/dev/null \
+       && [ "$owner" = "n$G1" ]; then
+        ok "dom0's virtsec publishes the identity of the guest a driver domain backs, and gives the driver domain its own directory" "$ddir/vm/$G2 = $(xenstore-read "$ddir/vm/$G2"); dom0's request there owned by $owner"
     else
-        notok "dom0's virtsec publishes the identity of the guest a driver domain backs" "$(xenstore-ls -p /local/domain/0/virtsec 2>&1 | head -20 | tr '\n' ' ')"
+        notok "dom0's virtsec publishes the identity of the guest a driver domain backs" "dom0's request node perms ($owner); $(xenstore-ls -p /local/domain/0/virtsec 2>&1 | head -20 | tr '\n' ' ')"
     fi
     other=$(ddask "$G2" p1 "$G1" "$G2" pause)
     refused=$(ddask "$G1" r1 "$G1" 0 pause)
