@@ -10,8 +10,15 @@
 //!
 //! The engine never blocks: a write that does not fit the socket buffer waits in `out` until
 //! the socket is writable again.
+//!
+//! On the xenbus device (a driver domain) one write can block all the same: the kernel
+//! registers a `WATCH` or `UNWATCH` itself, synchronously inside `write` (`xs_talkv`), and
+//! the real-Xen harness saw that write never return when it was issued while replies to
+//! earlier pipelined requests were still coming (the service's only thread stuck in
+//! `xs_talkv`, 3 of 4 driver-domain boots). There a watch request waits in `held`, with
+//! everything submitted after it, until no reply is outstanding.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -60,6 +67,9 @@ pub struct Engine<T> {
     out: Vec<u8>,
     pending: HashMap<u32, Pending<T>>,
     next_req: u32,
+    /// xenbus device only: requests waiting for the replies in `pending` (see the module
+    /// documentation), in submission order.
+    held: VecDeque<(u32, Request, T)>,
 }
 
 impl<T> Engine<T> {
@@ -71,6 +81,7 @@ impl<T> Engine<T> {
             out: Vec::new(),
             pending: HashMap::new(),
             next_req: 1,
+            held: VecDeque::new(),
         })
     }
 
@@ -78,9 +89,32 @@ impl<T> Engine<T> {
         self.stream.as_raw_fd()
     }
 
-    /// Requests still waiting for a reply.
+    /// Requests still waiting for a reply (sent or held back).
     pub fn outstanding(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.held.len()
+    }
+
+    /// Whether `req` must wait in `held` rather than be written now.
+    fn must_hold(&self, req: &Request) -> bool {
+        matches!(self.stream, Stream::Device(_))
+            && (!self.held.is_empty()
+                || (matches!(req, Request::Watch(..) | Request::Unwatch(..))
+                    && !self.pending.is_empty()))
+    }
+
+    /// Sends what `held` can send now.
+    fn release_held(&mut self) -> Result<(), XsError> {
+        while let Some((_, req, _)) = self.held.front() {
+            if matches!(req, Request::Watch(..) | Request::Unwatch(..)) && !self.pending.is_empty()
+            {
+                break;
+            }
+            let Some((tx, req, tag)) = self.held.pop_front() else {
+                break;
+            };
+            self.submit_now(tx, req, tag)?;
+        }
+        Ok(())
     }
 
     /// Whether bytes wait for the socket to become writable.
@@ -90,6 +124,14 @@ impl<T> Engine<T> {
 
     /// Queues `req` in transaction `tx`; its reply comes back as `Completion::Reply(tag, ..)`.
     pub fn submit(&mut self, tx: u32, req: Request, tag: T) -> Result<(), XsError> {
+        if self.must_hold(&req) {
+            self.held.push_back((tx, req, tag));
+            return Ok(());
+        }
+        self.submit_now(tx, req, tag)
+    }
+
+    fn submit_now(&mut self, tx: u32, req: Request, tag: T) -> Result<(), XsError> {
         let kind = match &req {
             Request::Directory(p) => Kind::Dir {
                 path: p.clone(),
@@ -156,6 +198,7 @@ impl<T> Engine<T> {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.release_held()?;
         self.flush()
     }
 
@@ -244,4 +287,53 @@ impl<T> Engine<T> {
 
 fn join(names: &[String]) -> Vec<u8> {
     super::wire::join_list(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds xenstored's bytes as if read from the stream.
+    fn feed(e: &mut Engine<&'static str>, m: Message) -> Vec<Completion<&'static str>> {
+        let mut bytes = Vec::new();
+        m.encode(&mut bytes).unwrap();
+        e.dec.feed(&bytes);
+        let mut sink = Vec::new();
+        e.drain_frames(&mut sink).unwrap();
+        e.release_held().unwrap();
+        sink
+    }
+
+    #[test]
+    fn on_the_xenbus_device_a_watch_waits_for_outstanding_replies() {
+        // /dev/null is a character device: the engine treats it as the xenbus device.
+        let mut e: Engine<&'static str> = Engine::connect(Path::new("/dev/null")).unwrap();
+        e.submit(0, Request::Read("/a".into()), "a").unwrap();
+        e.submit(0, Request::Watch("/w".into(), "t".into()), "w")
+            .unwrap();
+        e.submit(0, Request::Read("/b".into()), "b").unwrap();
+        // Only the first read went out; the watch and what follows it wait, in order.
+        assert_eq!(e.pending.len(), 1);
+        assert_eq!(e.outstanding(), 3);
+        let done = feed(&mut e, Message::new(MsgType::Read, 1, 0, b"x".to_vec()));
+        assert!(matches!(done[..], [Completion::Reply("a", Ok(_))]));
+        // Now the watch is written (request 2) and the read after it (request 3).
+        assert!(e.held.is_empty());
+        let mut ids: Vec<_> = e.pending.iter().map(|(id, p)| (*id, p.tag)).collect();
+        ids.sort();
+        assert_eq!(ids, vec![(2, "w"), (3, "b")]);
+    }
+
+    #[test]
+    fn on_a_socket_requests_are_pipelined_as_they_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xs.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut e: Engine<&'static str> = Engine::connect(&path).unwrap();
+        e.submit(0, Request::Read("/a".into()), "a").unwrap();
+        e.submit(0, Request::Watch("/w".into(), "t".into()), "w")
+            .unwrap();
+        assert_eq!(e.pending.len(), 2);
+        assert!(e.held.is_empty());
+    }
 }
