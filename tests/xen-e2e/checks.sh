@@ -114,8 +114,8 @@ RULES
 sed -e 's|^rules = \[\]|rules = ["/run/e2e.rules"]|' \
     -e 's|^throttle_kbytes_per_s = .*|throttle_kbytes_per_s = 16|' \
     -e 's|^counters_interval_s = .*|counters_interval_s = 2|' \
-    -e 's|^# driver_domains = .*|driver_domains = ["guest1"]|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
-grep -q '^driver_domains = \["guest1"\]' /run/e2e.toml || echo "# the sample configuration no longer has the driver_domains line this script edits"
+    -e 's|^# driver_domains = .*|driver_domains = ["guest1", "netdd"]|' /etc/virtsec/virtsecd.toml > /run/e2e.toml
+grep -q '^driver_domains = \["guest1", "netdd"\]' /run/e2e.toml || echo "# the sample configuration no longer has the driver_domains line this script edits"
 
 # 1. The service starts in dom0 and connects to the real xenstored.
 start_virtsecd
@@ -576,6 +576,78 @@ for g in guest1 guest2; do
         notok "xl destroy $g: gone within 1 s" "$(doms | jq -c .)"
     fi
 done
+
+# 9b. A real network driver domain: netdd, a PV domain with netback, `xl devd` and virtsecd set
+#     up as docs/quarantine.md says (dd-init.sh), backs guest5's vif (backend=netdd). Its
+#     virtsecd cannot read guest5's identity itself; dom0's virtsecd (driver_domains) tells
+#     it, gives it its own XenStore directory and pauses for it.
+cat > /xen-e2e/netdd.cfg <<CFG
+name = "netdd"
+type = "pv"
+kernel = "/xen-e2e/vmlinuz"
+ramdisk = "/xen-e2e/dd.cpio.zst"
+extra = "console=hvc0 rdinit=/init quiet"
+memory = 448
+vcpus = 1
+driver_domain = 1
+on_crash = "destroy"
+CFG
+ddcon() { tr -d '\r' < /var/log/xen/console/guest-netdd.log 2>/dev/null | grep '^dd: ' | tail -"${1:-12}" | tr '\n' ' '; }
+DD=
+echo "# 9b starts $(cut -d' ' -f1 /proc/uptime) s after dom0 boot"
+if xl create /xen-e2e/netdd.cfg >/tmp/xl-create-netdd.log 2>&1 && DD=$(xl domid netdd) \
+   && until_ms 150000 xenstore-read "/local/domain/$DD/data/dd-ready" \
+   && xenstore-read "/local/domain/$DD/data/dd-ready" | jq -e --argjson d "$DD" '.in_sync and .self_domid == $d' >/dev/null; then
+    ok "a network driver domain boots with netback, xl devd and virtsecd" "domain $DD: $(xenstore-read "/local/domain/$DD/data/dd-ready")"
+else
+    notok "a network driver domain boots with netback, xl devd and virtsecd" "xl: $(tr '\n' ' ' < /tmp/xl-create-netdd.log | tail -c 300); console: $(ddcon)"
+fi
+G5=
+echo "# netdd ready or given up $(cut -d' ' -f1 /proc/uptime) s after dom0 boot"
+if [ -n "$DD" ]; then
+    mkcfg guest5 00:16:3e:00:00:05
+    sed -i "s|^vif = \[ '|vif = [ 'backend=netdd,|" /xen-e2e/guest5.cfg
+    xl create /xen-e2e/guest5.cfg >/tmp/xl-create-guest5.log 2>&1 && G5=$(xl domid guest5)
+fi
+if [ -n "$G5" ]; then
+    bk=/local/domain/$DD/backend/vif/$G5/0
+    u5=$(xenstore-read "/local/domain/$G5/vm" | sed 's,^/vm/,,')
+    c5() { xenstore-read "/local/domain/$DD/virtsec/vif/$G5/0" 2>/dev/null; }
+    if until_ms 60000 sh -c "[ \"\$(xenstore-read $bk/state 2>/dev/null)\" = 4 ]" \
+       && [ "$(xenstore-read "$bk/hotplug-status")" = connected ] \
+       && until_ms 30000 sh -c "xenstore-read /local/domain/$DD/virtsec/vif/$G5/0 | jq -e --arg u $u5 '.uuid == \$u and .name == \"guest5\" and .frames > 0 and .alerts >= 1'"; then
+        ok "netdd's virtsecd inspects guest5's vif on netdd's netback and names the guest from dom0's identities" "$(c5)"
+    else
+        notok "netdd's virtsecd inspects guest5's vif" "state $(xenstore-read "$bk/state" 2>&1) hotplug $(xenstore-read "$bk/hotplug-status" 2>&1); counters $(c5); identity $(xenstore-read "/local/domain/0/virtsec/dd/$DD/vm/$G5" 2>&1); console: $(ddcon)"
+    fi
+    # Automation in dom0 quarantines guest5 through the driver domain's request directory with
+    # `pause`: netdd's virtsecd asks dom0's, which pauses it; the release unpauses it.
+    rq=/local/domain/$DD/virtsec
+    xenstore-write "$rq/request/e2e-dd1" '{"op":"quarantine","target":"guest5","action":"pause","reason":"e2e: driver domain"}'
+    if until_ms 20000 sh -c "[ \"\$(xl list guest5 | awk 'NR == 2 { print \$5 }' | grep -c p)\" = 1 ]" \
+       && until_ms 10000 xenstore-read "$rq/response/e2e-dd1" \
+       && xenstore-read "$rq/response/e2e-dd1" | jq -e '.ok and .record.actions == ["pause"]' >/dev/null \
+       && xenstore-read "/local/domain/0/virtsec/dd/$DD/paused/$G5" >/dev/null 2>&1; then
+        ok "a quarantine request in the driver domain's directory pauses guest5 through dom0" "$(xl list guest5 | awk 'NR == 2 { print $5 }')"
+    else
+        notok "a quarantine request in the driver domain's directory pauses guest5 through dom0" "xl $(xl list guest5 | tail -1); response $(xenstore-read "$rq/response/e2e-dd1" 2>&1); console: $(ddcon)"
+    fi
+    xenstore-write "$rq/request/e2e-dd2" '{"op":"release","target":"guest5","reason":"e2e: driver domain done"}'
+    if until_ms 20000 sh -c "[ \"\$(xl list guest5 | awk 'NR == 2 { print \$5 }' | grep -c p)\" = 0 ]" \
+       && until_ms 10000 sh -c "! xenstore-read /local/domain/0/virtsec/dd/$DD/paused/$G5"; then
+        ok "its release unpauses guest5 through dom0" "$(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op == "delegated") | .quarantine.request] | .[-2:]')"
+    else
+        notok "its release unpauses guest5 through dom0" "xl $(xl list guest5 | tail -1); response $(xenstore-read "$rq/response/e2e-dd2" 2>&1); console: $(ddcon)"
+    fi
+    xl destroy guest5
+else
+    notok "netdd's virtsecd inspects guest5's vif" "no guest5: $(tr '\n' ' ' < /tmp/xl-create-guest5.log 2>/dev/null | tail -c 400); console: $(ddcon)"
+    notok "a quarantine request in the driver domain's directory pauses guest5 through dom0" "no guest5"
+    notok "its release unpauses guest5 through dom0" "no guest5"
+fi
+echo "# netdd console:"
+tr -d '\r' < /var/log/xen/console/guest-netdd.log 2>/dev/null | grep '^dd: ' | grep -v 'DEBUG: guest .* wrote its frontend' | tail -100 | sed 's/^/#   /'
+[ -n "$DD" ] && xl destroy netdd
 
 # 10. No warnings beyond the guest's forged frontend writes, and the service is still in sync.
 if in_sync >/dev/null && status | jq -e '.warnings.invalid_values == 0 and (.warnings.errors | length) == 0 and .warnings.watch_failures == 0' >/dev/null; then

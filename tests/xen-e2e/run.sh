@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${XEN_E2E_CACHE:-/var/cache/virtsec/xen-e2e}
-timeout_s=${XEN_E2E_TIMEOUT:-300}
+timeout_s=${XEN_E2E_TIMEOUT:-600}
 t_start=$(date +%s)
 
 say() { echo "xen-e2e: $*" >&2; }
@@ -127,6 +127,18 @@ cp "$deb" "$ov/xen-e2e/virtsec.deb"
 cp "$here/dom0-init.sh" "$ov/init"
 cp "$here/checks.sh" "$img/vmlinuz" "$ov/xen-e2e/"
 cp "$guest_img" "$ov/xen-e2e/guest.cpio.gz"
+# The network driver domain (check 9b): dom0's root file system without what it does not run
+# (Python, apt, charset converters), this tree's .deb unpacked, and its own /init.
+dd_ov=$work/dd-overlay
+mkdir -p "$dd_ov"
+dpkg-deb -x "$deb" "$dd_ov"
+cp "$here/dd-init.sh" "$dd_ov/init" && chmod +x "$dd_ov/init"
+(cd "$img/rootfs" && find . \( -path ./usr/lib/python3.11 -o -path ./usr/lib/x86_64-linux-gnu/gconv \
+        -o -path ./usr/lib/apt -o -path ./var/lib/apt -o -path ./var/lib/dpkg -o -path ./var/cache \) -prune \
+        -o -print | cpio -o -H newc --quiet) > "$work/dd.cpio"
+(cd "$dd_ov" && find . | cpio -o -H newc --quiet) >> "$work/dd.cpio"
+zstd -q -1 -T0 "$work/dd.cpio" -o "$ov/xen-e2e/dd.cpio.zst"
+rm -f "$work/dd.cpio"
 chmod +x "$ov/init" "$ov/xen-e2e/checks.sh"
 (cd "$img/rootfs" && find . | cpio -o -H newc --quiet) > "$work/root.cpio"
 (cd "$ov" && find . | cpio -o -H newc --quiet) >> "$work/root.cpio.ov"
