@@ -1089,6 +1089,13 @@ impl State {
         );
     }
 
+    /// Whether `path` is in this service's own `/local/domain/<self>/virtsec`.
+    fn in_own_dir(&self, path: &str) -> bool {
+        self.self_domid.is_some_and(|d| {
+            crate::xenstore::path::is_subpath(&format!("/local/domain/{d}/virtsec"), path)
+        })
+    }
+
     fn after_domid(&mut self) {
         let Some(d) = self.self_domid else { return };
         if let Some(q) = self.quarantine.as_mut() {
@@ -1242,12 +1249,16 @@ impl State {
                 }
                 self.publish_identities(dd);
             }
-            Completion::Reply(Op::Publish(_), Ok(_)) => self.own_dir_denied = false,
+            Completion::Reply(Op::Publish(path), Ok(_)) => {
+                if self.in_own_dir(&path) {
+                    self.own_dir_denied = false;
+                }
+            }
             Completion::Reply(Op::Publish(path), Err(e)) => {
                 let own = self
                     .self_domid
                     .map(|d| format!("/local/domain/{d}/virtsec"))
-                    .filter(|own| crate::xenstore::path::is_subpath(own, &path) && e == "EACCES");
+                    .filter(|_| self.in_own_dir(&path) && e == "EACCES");
                 match own {
                     Some(_) if self.own_dir_denied => {
                         log::debug!("cannot publish {path} in XenStore: {e}");
