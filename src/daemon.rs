@@ -1089,11 +1089,16 @@ impl State {
         );
     }
 
-    /// Whether `path` is in this service's own `/local/domain/<self>/virtsec`.
+    /// This service's own directory, `/local/domain/<self>/virtsec`.
+    fn own_dir(&self) -> Option<String> {
+        self.self_domid
+            .map(|d| format!("/local/domain/{d}/virtsec"))
+    }
+
+    /// Whether `path` is in [`Self::own_dir`].
     fn in_own_dir(&self, path: &str) -> bool {
-        self.self_domid.is_some_and(|d| {
-            crate::xenstore::path::is_subpath(&format!("/local/domain/{d}/virtsec"), path)
-        })
+        self.own_dir()
+            .is_some_and(|own| crate::xenstore::path::is_subpath(&own, path))
     }
 
     fn after_domid(&mut self) {
@@ -1113,7 +1118,7 @@ impl State {
         if d != 0 {
             // A driver domain cannot create its own `virtsec` directory: dom0's virtsec (or
             // the administrator) does, and we publish again when it appears.
-            watches.push((format!("/local/domain/{d}/virtsec"), "owndir"));
+            watches.extend(self.own_dir().map(|own| (own, "owndir")));
         }
         for (path, token) in watches {
             self.submit(Request::Watch(path.clone(), token.into()), Op::Watch(path));
@@ -1256,8 +1261,7 @@ impl State {
             }
             Completion::Reply(Op::Publish(path), Err(e)) => {
                 let own = self
-                    .self_domid
-                    .map(|d| format!("/local/domain/{d}/virtsec"))
+                    .own_dir()
                     .filter(|_| self.in_own_dir(&path) && e == "EACCES");
                 match own {
                     Some(_) if self.own_dir_denied => {
@@ -1315,22 +1319,18 @@ impl State {
                 }
             }
             "domains" | "backend" | "identity" => self.request_reconcile(),
-            "owndir" => {
-                // The directory itself (created or its permissions changed), not our own
-                // writes below it.
-                let own = self
-                    .self_domid
-                    .map(|d| format!("/local/domain/{d}/virtsec"));
-                if self.own_dir_denied && own.as_deref() == Some(path) {
-                    log::info!("{path} appeared: publishing there again");
-                    self.last_status_body = None;
-                    self.published_counters = None;
-                    self.make_request_dir();
-                    if let Some(q) = self.quarantine.as_mut() {
-                        q.republish();
-                    }
+            // The directory itself (created or its permissions changed), not our own writes
+            // below it.
+            "owndir" if self.own_dir_denied && self.own_dir().as_deref() == Some(path) => {
+                log::info!("{path} appeared: publishing there again");
+                self.last_status_body = None;
+                self.published_counters = None;
+                self.make_request_dir();
+                if let Some(q) = self.quarantine.as_mut() {
+                    q.republish();
                 }
             }
+            "owndir" => {}
             t if t.starts_with("ddrequest/") => {
                 if let Some(Ok(dd)) = t.strip_prefix("ddrequest/").map(str::parse::<u32>) {
                     let dir = format!("{}/", crate::quarantine::delegate::request_dir(dd));

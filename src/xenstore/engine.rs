@@ -59,6 +59,11 @@ struct Pending<T> {
     kind: Kind,
 }
 
+/// A request the xenbus device's kernel side sends synchronously inside `write`.
+fn registers_watch(req: &Request) -> bool {
+    matches!(req, Request::Watch(..) | Request::Unwatch(..))
+}
+
 /// One connection to xenstored driven by an event loop.
 #[derive(Debug)]
 pub struct Engine<T> {
@@ -97,16 +102,13 @@ impl<T> Engine<T> {
     /// Whether `req` must wait in `held` rather than be written now.
     fn must_hold(&self, req: &Request) -> bool {
         matches!(self.stream, Stream::Device(_))
-            && (!self.held.is_empty()
-                || (matches!(req, Request::Watch(..) | Request::Unwatch(..))
-                    && !self.pending.is_empty()))
+            && (!self.held.is_empty() || (registers_watch(req) && !self.pending.is_empty()))
     }
 
     /// Sends what `held` can send now.
     fn release_held(&mut self) -> Result<(), XsError> {
         while let Some((_, req, _)) = self.held.front() {
-            if matches!(req, Request::Watch(..) | Request::Unwatch(..)) && !self.pending.is_empty()
-            {
+            if registers_watch(req) && !self.pending.is_empty() {
                 break;
             }
             let Some((tx, req, tag)) = self.held.pop_front() else {

@@ -624,7 +624,8 @@ if [ -n "$G5" ]; then
     # `pause`: netdd's virtsecd asks dom0's, which pauses it; the release unpauses it.
     rq=/local/domain/$DD/virtsec
     xenstore-write "$rq/request/e2e-dd1" '{"op":"quarantine","target":"guest5","action":"pause","reason":"e2e: driver domain"}'
-    if until_ms 20000 sh -c "[ \"\$(xl list guest5 | awk 'NR == 2 { print \$5 }' | grep -c p)\" = 1 ]" \
+    g5paused() { [ "$(paused guest5)" = "$1" ]; }
+    if until_ms 20000 g5paused paused \
        && until_ms 10000 xenstore-read "$rq/response/e2e-dd1" \
        && xenstore-read "$rq/response/e2e-dd1" | jq -e '.ok and .record.actions == ["pause"]' >/dev/null \
        && xenstore-read "/local/domain/0/virtsec/dd/$DD/paused/$G5" >/dev/null 2>&1; then
@@ -633,7 +634,7 @@ if [ -n "$G5" ]; then
         notok "a quarantine request in the driver domain's directory pauses guest5 through dom0" "xl $(xl list guest5 | tail -1); response $(xenstore-read "$rq/response/e2e-dd1" 2>&1); console: $(ddcon)"
     fi
     xenstore-write "$rq/request/e2e-dd2" '{"op":"release","target":"guest5","reason":"e2e: driver domain done"}'
-    if until_ms 20000 sh -c "[ \"\$(xl list guest5 | awk 'NR == 2 { print \$5 }' | grep -c p)\" = 0 ]" \
+    if until_ms 20000 g5paused running \
        && until_ms 10000 sh -c "! xenstore-read /local/domain/0/virtsec/dd/$DD/paused/$G5"; then
         ok "its release unpauses guest5 through dom0" "$(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op == "delegated") | .quarantine.request] | .[-2:]')"
     else
