@@ -11,12 +11,19 @@
 //! The engine never blocks: a write that does not fit the socket buffer waits in `out` until
 //! the socket is writable again.
 //!
-//! On the xenbus device (a driver domain) one write can block all the same: the kernel
-//! registers a `WATCH` or `UNWATCH` itself, synchronously inside `write` (`xs_talkv`), and
-//! the real-Xen harness saw that write never return when it was issued while replies to
-//! earlier pipelined requests were still coming (the service's only thread stuck in
-//! `xs_talkv`, 3 of 4 driver-domain boots). There a watch request waits in `held`, with
-//! everything submitted after it, until no reply is outstanding.
+//! On the xenbus device (a driver domain) requests are not pipelined: one is written only
+//! once the previous one has its reply, as libxenstore does. The kernel takes one message per
+//! `write` into a per-file buffer and queues it for its xenbus thread with the payload still
+//! pointing into that buffer (Linux `xenbus_dev_request_and_reply`); the payload reaches the
+//! ring only when that thread runs. A second `write` before then overwrites the first
+//! request's payload: in the real-Xen harness's driver domain, oxenstored answered `EINVAL`
+//! to bursts of the service's reads (the status listed every key of a vif as `EINVAL` and a
+//! request from automation went unanswered), and a corrupted `WRITE` could as well have
+//! written another request's bytes to another node. A reply proves the kernel has sent the
+//! request, so serial requests are safe. (A `WATCH` or `UNWATCH` is sent synchronously inside
+//! `write`, `xs_talkv`, and was seen to block there for good when written behind pipelined
+//! requests: serial requests avoid that too.) A reconcile pass there costs one round trip
+//! per node instead of a few in all; a driver domain backs few vifs.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -59,11 +66,6 @@ struct Pending<T> {
     kind: Kind,
 }
 
-/// A request the xenbus device's kernel side sends synchronously inside `write`.
-fn registers_watch(req: &Request) -> bool {
-    matches!(req, Request::Watch(..) | Request::Unwatch(..))
-}
-
 /// One connection to xenstored driven by an event loop.
 #[derive(Debug)]
 pub struct Engine<T> {
@@ -72,7 +74,7 @@ pub struct Engine<T> {
     out: Vec<u8>,
     pending: HashMap<u32, Pending<T>>,
     next_req: u32,
-    /// xenbus device only: requests waiting for the replies in `pending` (see the module
+    /// xenbus device only: requests waiting for the reply in `pending` (see the module
     /// documentation), in submission order.
     held: VecDeque<(u32, Request, T)>,
 }
@@ -99,24 +101,22 @@ impl<T> Engine<T> {
         self.pending.len() + self.held.len()
     }
 
-    /// Whether `req` must wait in `held` rather than be written now.
-    fn must_hold(&self, req: &Request) -> bool {
+    /// Whether a request must wait in `held` rather than be written now: on the xenbus
+    /// device while another request waits for its reply.
+    fn must_hold(&self) -> bool {
         matches!(self.stream, Stream::Device(_))
-            && (!self.held.is_empty() || (registers_watch(req) && !self.pending.is_empty()))
+            && (!self.held.is_empty() || !self.pending.is_empty())
     }
 
-    /// Sends what `held` can send now.
+    /// Sends the next held request once nothing waits for a reply.
     fn release_held(&mut self) -> Result<(), XsError> {
-        while let Some((_, req, _)) = self.held.front() {
-            if registers_watch(req) && !self.pending.is_empty() {
-                break;
-            }
-            let Some((tx, req, tag)) = self.held.pop_front() else {
-                break;
-            };
-            self.submit_now(tx, req, tag)?;
+        if !self.pending.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        match self.held.pop_front() {
+            Some((tx, req, tag)) => self.submit_now(tx, req, tag),
+            None => Ok(()),
+        }
     }
 
     /// Whether bytes wait for the socket to become writable.
@@ -126,7 +126,7 @@ impl<T> Engine<T> {
 
     /// Queues `req` in transaction `tx`; its reply comes back as `Completion::Reply(tag, ..)`.
     pub fn submit(&mut self, tx: u32, req: Request, tag: T) -> Result<(), XsError> {
-        if self.must_hold(&req) {
+        if self.must_hold() {
             self.held.push_back((tx, req, tag));
             return Ok(());
         }
@@ -307,23 +307,50 @@ mod tests {
     }
 
     #[test]
-    fn on_the_xenbus_device_a_watch_waits_for_outstanding_replies() {
+    fn on_the_xenbus_device_one_request_at_a_time() {
         // /dev/null is a character device: the engine treats it as the xenbus device.
         let mut e: Engine<&'static str> = Engine::connect(Path::new("/dev/null")).unwrap();
         e.submit(0, Request::Read("/a".into()), "a").unwrap();
+        e.submit(0, Request::Write("/b".into(), b"1".to_vec()), "b")
+            .unwrap();
         e.submit(0, Request::Watch("/w".into(), "t".into()), "w")
             .unwrap();
-        e.submit(0, Request::Read("/b".into()), "b").unwrap();
-        // Only the first read went out; the watch and what follows it wait, in order.
+        // Only the first read went out; the rest wait, in order.
         assert_eq!(e.pending.len(), 1);
         assert_eq!(e.outstanding(), 3);
         let done = feed(&mut e, Message::new(MsgType::Read, 1, 0, b"x".to_vec()));
         assert!(matches!(done[..], [Completion::Reply("a", Ok(_))]));
-        // Now the watch is written (request 2) and the read after it (request 3).
+        // The write went out (request 2), the watch still waits for its reply.
+        let ids: Vec<_> = e.pending.iter().map(|(id, p)| (*id, p.tag)).collect();
+        assert_eq!(ids, vec![(2, "b")]);
+        assert_eq!(e.held.len(), 1);
+        // An error reply releases the next one as well.
+        let done = feed(
+            &mut e,
+            Message::new(MsgType::Error, 2, 0, b"EACCES\0".to_vec()),
+        );
+        assert!(matches!(&done[..], [Completion::Reply("b", Err(x))] if x == "EACCES"));
+        let ids: Vec<_> = e.pending.iter().map(|(id, p)| (*id, p.tag)).collect();
+        assert_eq!(ids, vec![(3, "w")]);
         assert!(e.held.is_empty());
-        let mut ids: Vec<_> = e.pending.iter().map(|(id, p)| (*id, p.tag)).collect();
-        ids.sort();
-        assert_eq!(ids, vec![(2, "w"), (3, "b")]);
+    }
+
+    #[test]
+    fn on_the_xenbus_device_a_directory_fallback_keeps_one_request_outstanding() {
+        let mut e: Engine<&'static str> = Engine::connect(Path::new("/dev/null")).unwrap();
+        e.submit(0, Request::Directory("/big".into()), "dir")
+            .unwrap();
+        e.submit(0, Request::Read("/after".into()), "after")
+            .unwrap();
+        // E2BIG: the engine asks again with DIRECTORY_PART, still before the held read.
+        let done = feed(
+            &mut e,
+            Message::new(MsgType::Error, 1, 0, b"E2BIG\0".to_vec()),
+        );
+        assert!(done.is_empty());
+        let ids: Vec<_> = e.pending.iter().map(|(id, p)| (*id, p.tag)).collect();
+        assert_eq!(ids, vec![(2, "dir")]);
+        assert_eq!(e.held.len(), 1);
     }
 
     #[test]
