@@ -632,7 +632,9 @@ fi
 G5=
 echo "# netdd ready or given up $(cut -d' ' -f1 /proc/uptime) s after dom0 boot"
 if [ -n "$DD" ]; then
-    mkcfg guest5 00:16:3e:00:00:05
+    # Its vif goes through Xen's gate in the driver domain: xl devd there runs vif-virtsec,
+    # which lets vif-bridge connect it once netdd's virtsecd has its policy (and identity).
+    mkcfg guest5 00:16:3e:00:00:05 vif-virtsec
     sed -i "s|^vif = \[ '|vif = [ 'backend=netdd,|" /xen-e2e/guest5.cfg
     xl create /xen-e2e/guest5.cfg >/tmp/xl-create-guest5.log 2>&1 && G5=$(xl domid guest5)
 fi
@@ -644,7 +646,14 @@ if [ -n "$G5" ]; then
        && [ "$(xenstore-read "$bk/hotplug-status")" = connected ] \
        && until_ms 30000 sh -c "xenstore-read /local/domain/$DD/virtsec/vif/$G5/0 | jq -e --arg u $u5 '.uuid == \$u and .name == \"guest5\" and .frames > 0 and .alerts >= 1'"; then
         ok "netdd's virtsecd inspects guest5's vif on netdd's netback and names the guest from dom0's identities" "$(c5)"
+        gate=$(tr -d '\r' < /var/log/xen/console/guest-netdd.log | grep -o "vif $G5/0 ([^)]*): policy in place (waited [0-9]* ms)" | head -1)
+        if [ -n "$gate" ]; then
+            ok "script=vif-virtsec in the driver domain: guest5's vif connected once netdd's virtsecd had its policy" "$gate"
+        else
+            notok "script=vif-virtsec in the driver domain" "no 'policy in place' for vif $G5/0 on netdd's console: $(ddcon 30)"
+        fi
     else
+        notok "script=vif-virtsec in the driver domain" "guest5's vif not connected"
         notok "netdd's virtsecd inspects guest5's vif" "state $(xenstore-read "$bk/state" 2>&1) hotplug $(xenstore-read "$bk/hotplug-status" 2>&1); counters $(c5); identity $(xenstore-read "/local/domain/0/virtsec/dd/$DD/vm/$G5" 2>&1); console: $(ddcon)"
     fi
     # Automation in dom0 quarantines guest5 through the driver domain's request directory with
@@ -667,14 +676,62 @@ if [ -n "$G5" ]; then
     else
         notok "its release unpauses guest5 through dom0" "xl $(xl list guest5 | tail -1); response $(xenstore-read "$rq/response/e2e-dd2" 2>&1); console: $(ddcon)"
     fi
+    # isolate acts in netdd's own kernel (its bridge's quarantine rules): guest5's pings to
+    # netdd's address (169.254.1.1) stop being answered, as guest5 itself counts them; after
+    # the release they are answered again.
+    xenstore-write "/local/domain/$G5/data/please-count" 1
+    pings5() { xenstore-read "/local/domain/$G5/data/pings" 2>/dev/null || echo 0; }
+    until_ms 10000 xenstore-read "/local/domain/$G5/data/pings"
+    p0=$(pings5)
+    xenstore-write "$rq/request/e2e-dd3" '{"op":"quarantine","target":"guest5","action":"isolate","reason":"e2e: driver domain isolate"}'
+    if until_ms 20000 xenstore-read "$rq/response/e2e-dd3" \
+       && xenstore-read "$rq/response/e2e-dd3" | jq -e '.ok and .record.actions == ["isolate"]' >/dev/null \
+       && sleep 2 && p1=$(pings5) && sleep 4 && p2=$(pings5) && [ "$p1" = "$p2" ]; then
+        ok "isolate from the driver domain: netdd drops guest5's traffic in its own kernel" "pings answered: $p0 before, $p1 -> $p2 over 4 s isolated"
+    else
+        notok "isolate from the driver domain" "pings $p0, ${p1:-?} -> ${p2:-?}; response $(xenstore-read "$rq/response/e2e-dd3" 2>&1); console: $(ddcon)"
+    fi
+    xenstore-write "$rq/request/e2e-dd4" '{"op":"release","target":"guest5","reason":"e2e: driver domain isolate done"}'
+    answered() { [ "$(pings5)" -gt "${p2:-0}" ]; }
+    if until_ms 20000 xenstore-read "$rq/response/e2e-dd4" && until_ms 15000 answered; then
+        ok "its release lets guest5's pings through again" "pings answered: $(pings5)"
+    else
+        notok "release of an isolate from the driver domain" "pings $(pings5) (isolated: ${p2:-?}); response $(xenstore-read "$rq/response/e2e-dd4" 2>&1); console: $(ddcon)"
+    fi
+    # detach needs dom0's toolstack: netdd asks dom0's virtsecd, which runs xl network-detach.
+    xenstore-write "$rq/request/e2e-dd5" '{"op":"quarantine","target":"guest5","action":"detach","reason":"e2e: driver domain detach"}'
+    if until_ms 30000 sh -c "! xenstore-read $bk/state" \
+       && until_ms 10000 xenstore-read "$rq/response/e2e-dd5" \
+       && [ "$(xl network-list guest5 2>/dev/null | tail -n +2 | wc -l)" = 0 ] \
+       && virtsec quarantined --json | jq -e '[.audit[] | select(.quarantine.op == "delegated" and .quarantine.request.op == "detach")] | length == 1' >/dev/null; then
+        ok "detach from the driver domain: dom0's virtsecd detaches guest5's vif from netdd" "$(xenstore-read "$rq/response/e2e-dd5" | jq -c '.record.actions')"
+    else
+        notok "detach from the driver domain" "backend $(xenstore-read "$bk/state" 2>&1); response $(xenstore-read "$rq/response/e2e-dd5" 2>&1); xl $(xl network-list guest5 2>&1 | tr '\n' ' '); audit $(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op != null) | .quarantine] | .[-3:]'); console: $(ddcon)"
+    fi
+    xenstore-write "$rq/request/e2e-dd6" '{"op":"release","target":"guest5","reason":"e2e: driver domain detach done"}'
     xl destroy guest5
 else
+    notok "script=vif-virtsec in the driver domain" "no guest5"
     notok "netdd's virtsecd inspects guest5's vif" "no guest5: $(tr '\n' ' ' < /tmp/xl-create-guest5.log 2>/dev/null | tail -c 400); console: $(ddcon)"
     notok "a quarantine request in the driver domain's directory pauses guest5 through dom0" "no guest5"
     notok "its release unpauses guest5 through dom0" "no guest5"
+    notok "isolate from the driver domain" "no guest5"
+    notok "release of an isolate from the driver domain" "no guest5"
+    notok "detach from the driver domain" "no guest5"
 fi
 echo "# netdd console:"
 tr -d '\r' < /var/log/xen/console/guest-netdd.log 2>/dev/null | grep '^dd: ' | grep -v 'DEBUG: guest .* wrote its frontend' | tail -100 | sed 's/^/#   /'
+# oxenstored's access log names each error it answered: none of netdd's requests may be
+# malformed (the xenbus device loses the payload of a request written behind another one
+# still queued in the kernel; the service then got EINVAL for whole reconcile passes).
+if [ -n "$DD" ]; then
+    bad=$(grep -c " D$DD  *error  *EINVAL" /var/log/xen/xenstored-access.log)
+    if [ -f /var/log/xen/xenstored-access.log ] && [ "$bad" = 0 ]; then
+        ok "oxenstored answered none of netdd's requests with EINVAL" "$(grep -c " D$DD " /var/log/xen/xenstored-access.log) access-log lines for domain $DD"
+    else
+        notok "oxenstored answered none of netdd's requests with EINVAL" "$bad EINVAL: $(grep " D$DD " /var/log/xen/xenstored-access.log | grep -B2 EINVAL | head -9 | tr -s ' ' | tr '\n' ';')"
+    fi
+fi
 [ -n "$DD" ] && xl destroy netdd
 
 # 10. No warnings beyond the guest's forged frontend writes, and the service is still in sync.

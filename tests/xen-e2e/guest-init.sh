@@ -1,5 +1,5 @@
 #!/bin/sh
-# /init of the busybox PV guest: netfront up, ping dom0 forever; on request (dom0 writes
+# /init of the busybox PV guest: netfront up, ping 169.254.1.1 (its backend domain) forever; on request (dom0 writes
 # data/please-forge) write nonsense into its own frontend nodes, as a hostile guest would.
 # It leaves device/vif/0/state alone: a guest may legitimately close its own vif that way
 # (netback then moves the backend to Closing, which the inventory follows as it should).
@@ -15,8 +15,11 @@ forged=0
 asked=0
 hammered=0
 dd_last=
+pings=0
 while true; do
-    ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1
+    ping -c 1 -W 1 169.254.1.1 >/dev/null 2>&1 && pings=$((pings + 1))
+    # On request (dom0 writes data/please-count): how many of its pings were answered so far.
+    xenstore-read data/please-count >/dev/null 2>&1 && xenstore-write data/pings "$pings"
     if [ "$forged" = 0 ] && xenstore-read data/please-forge >/dev/null 2>&1; then
         xenstore-write device/vif/0/mac de:ad:be:ef:00:01 \
                        device/vif/0/backend /local/domain/0/backend/vif/999/0 \
