@@ -22,8 +22,9 @@
 //! directly. What this module does is for vifs already on a bridge: move them, and back on
 //! release.
 //!
-//! Commands go through `ip` (iproute2), like the inline splice, so what changed is what an
-//! administrator reads back with `ip -d link` and `bridge link`.
+//! Changes go through `ip` (iproute2), like the inline splice, so what changed is what an
+//! administrator reads back with `ip -d link` and `bridge link`; reading a port's state is
+//! two sysfs reads.
 
 use std::process::Command;
 
@@ -54,25 +55,32 @@ fn ip(args: &[&str]) -> Result<String, EnforceError> {
     }
 }
 
-/// Parses `ip -d -j link show dev X` output.
-fn parse_port(json: &str) -> Option<Port> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let l = v.get(0)?;
-    let name = l["ifname"].as_str()?.to_string();
-    let master = l["master"].as_str().map(str::to_string);
-    let info = &l["linkinfo"];
-    let isolated = info["info_slave_kind"].as_str() == Some("bridge")
-        && info["info_slave_data"]["isolated"].as_bool() == Some(true);
+/// The interface `ifname`, `None` if it does not exist. Read from sysfs (`master` link,
+/// `brport/isolated`), not from `ip`: the quarantine's sync pass asks for every port of every
+/// VM held on the bridge, each time, and a process per port would be its main cost.
+pub fn port(ifname: &str) -> Option<Port> {
+    port_in(std::path::Path::new("/sys/class/net"), ifname)
+}
+
+fn port_in(sys: &std::path::Path, ifname: &str) -> Option<Port> {
+    // A name with a `/` (or `..`) would leave the directory; the kernel allows neither.
+    if ifname.is_empty() || ifname.contains('/') || ifname == "." || ifname == ".." {
+        return None;
+    }
+    let dir = sys.join(ifname);
+    if !dir.exists() {
+        return None;
+    }
+    let master = std::fs::read_link(dir.join("master"))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let isolated =
+        std::fs::read_to_string(dir.join("brport/isolated")).is_ok_and(|v| v.trim() == "1");
     Some(Port {
-        name,
+        name: ifname.to_string(),
         master,
         isolated,
     })
-}
-
-/// The interface `ifname`, `None` if it does not exist.
-pub fn port(ifname: &str) -> Option<Port> {
-    parse_port(&ip(&["-d", "-j", "link", "show", "dev", ifname]).ok()?)
 }
 
 /// Creates the quarantine bridge if it does not exist (no address, no uplink: what reaches
@@ -147,27 +155,45 @@ mod tests {
     }
 
     #[test]
-    fn a_bridge_port_is_read_from_ip_json() {
-        // `ip -d -j link show dev vif5.0` on a bridge port, trimmed to the fields read.
-        let j = r#"[{"ifindex":7,"ifname":"vif5.0","master":"vsquarantine","linkinfo":{"info_kind":"veth","info_slave_kind":"bridge","info_slave_data":{"state":"forwarding","isolated":true}}}]"#;
+    fn a_bridge_port_is_read_from_sysfs() {
+        // The layout of /sys/class/net for a bridge port and for a lone interface.
+        let sys = tempfile::tempdir().unwrap();
+        let port = sys.path().join("vif5.0");
+        std::fs::create_dir_all(port.join("brport")).unwrap();
+        std::fs::create_dir_all(sys.path().join("vsquarantine")).unwrap();
+        std::os::unix::fs::symlink("../vsquarantine", port.join("master")).unwrap();
+        std::fs::write(port.join("brport/isolated"), "1\n").unwrap();
         assert_eq!(
-            parse_port(j),
+            port_in(sys.path(), "vif5.0"),
             Some(Port {
                 name: "vif5.0".into(),
                 master: Some("vsquarantine".into()),
                 isolated: true,
             })
         );
-        let j = r#"[{"ifindex":7,"ifname":"vif5.0","linkinfo":{"info_kind":"veth"}}]"#;
+        std::fs::write(port.join("brport/isolated"), "0\n").unwrap();
         assert_eq!(
-            parse_port(j),
+            port_in(sys.path(), "vif5.0").map(|p| p.isolated),
+            Some(false)
+        );
+        std::fs::create_dir_all(sys.path().join("vif6.0")).unwrap();
+        assert_eq!(
+            port_in(sys.path(), "vif6.0"),
             Some(Port {
-                name: "vif5.0".into(),
+                name: "vif6.0".into(),
                 master: None,
                 isolated: false,
             })
         );
-        assert_eq!(parse_port("[]"), None);
-        assert_eq!(parse_port("not json"), None);
+        assert_eq!(port_in(sys.path(), "vif7.0"), None);
+        assert_eq!(port_in(sys.path(), ".."), None);
+        assert_eq!(port_in(sys.path(), "../vif5.0"), None);
+    }
+
+    #[test]
+    fn a_real_bridge_port_is_read() {
+        // The loopback device exists everywhere and is nobody's bridge port.
+        let lo = port("lo").unwrap();
+        assert_eq!((lo.master, lo.isolated), (None, false));
     }
 }
