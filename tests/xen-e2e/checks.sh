@@ -698,6 +698,30 @@ if [ -n "$G5" ]; then
     else
         notok "release of an isolate from the driver domain" "pings $(pings5) (isolated: ${p2:-?}); response $(xenstore-read "$rq/response/e2e-dd4" 2>&1); console: $(ddcon)"
     fi
+    # bridge and throttle also act in netdd: the vif moves to netdd's quarantine bridge (the
+    # backend key its vif-bridge reads follows, and netdd's own stack is off that bridge, so
+    # the pings stop) and netback meters it by the backend rate key; one release undoes both.
+    xenstore-write "$rq/request/e2e-dd7" '{"op":"quarantine","target":"guest5","action":"bridge","reason":"e2e: driver domain bridge"}'
+    until_ms 20000 xenstore-read "$rq/response/e2e-dd7"
+    xenstore-write "$rq/request/e2e-dd8" '{"op":"quarantine","target":"guest5","action":"throttle","reason":"e2e: driver domain throttle"}'
+    key5() { xenstore-read "$bk/$1" 2>/dev/null; }
+    if until_ms 20000 xenstore-read "$rq/response/e2e-dd8" \
+       && xenstore-read "$rq/response/e2e-dd8" | jq -e '.ok and (.record.actions | sort) == ["bridge", "throttle"]' >/dev/null \
+       && [ "$(key5 bridge)" = vsquarantine ] && [ -n "$(key5 rate)" ] \
+       && p3=$(pings5) && sleep 4 && [ "$(pings5)" = "$p3" ]; then
+        ok "bridge and throttle from the driver domain: netdd's backend keys follow (bridge $(key5 bridge), rate $(key5 rate)), guest5's pings stop" "pings $p3 -> $(pings5) over 4 s"
+    else
+        notok "bridge and throttle from the driver domain" "bridge $(key5 bridge) rate $(key5 rate); pings ${p3:-?} -> $(pings5); responses $(xenstore-read "$rq/response/e2e-dd7" 2>&1) $(xenstore-read "$rq/response/e2e-dd8" 2>&1); console: $(ddcon)"
+    fi
+    p4=$(pings5)
+    xenstore-write "$rq/request/e2e-dd9" '{"op":"release","target":"guest5","reason":"e2e: driver domain bridge done"}'
+    answered4() { [ "$(pings5)" -gt "$p4" ]; }
+    if until_ms 20000 sh -c "[ \"\$(xenstore-read $bk/bridge)\" = xenbr0 ]" && [ -z "$(key5 rate)" ] \
+       && until_ms 15000 answered4; then
+        ok "its release puts guest5 back on netdd's xenbr0, unthrottled" "pings answered: $(pings5)"
+    else
+        notok "release of bridge and throttle from the driver domain" "bridge $(key5 bridge) rate $(key5 rate); pings $(pings5) (held: $p4); console: $(ddcon)"
+    fi
     # detach needs dom0's toolstack: netdd asks dom0's virtsecd, which runs xl network-detach.
     xenstore-write "$rq/request/e2e-dd5" '{"op":"quarantine","target":"guest5","action":"detach","reason":"e2e: driver domain detach"}'
     if until_ms 30000 sh -c "! xenstore-read $bk/state" \
@@ -717,6 +741,8 @@ else
     notok "its release unpauses guest5 through dom0" "no guest5"
     notok "isolate from the driver domain" "no guest5"
     notok "release of an isolate from the driver domain" "no guest5"
+    notok "bridge and throttle from the driver domain" "no guest5"
+    notok "release of bridge and throttle from the driver domain" "no guest5"
     notok "detach from the driver domain" "no guest5"
 fi
 echo "# netdd console:"
