@@ -733,6 +733,38 @@ if [ -n "$G5" ]; then
         notok "detach from the driver domain" "backend $(xenstore-read "$bk/state" 2>&1); response $(xenstore-read "$rq/response/e2e-dd5" 2>&1); xl $(xl network-list guest5 2>&1 | tr '\n' ' '); audit $(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op != null) | .quarantine] | .[-3:]'); console: $(ddcon)"
     fi
     xenstore-write "$rq/request/e2e-dd6" '{"op":"release","target":"guest5","reason":"e2e: driver domain detach done"}'
+    until_ms 20000 xenstore-read "$rq/response/e2e-dd6"
+    # A quarantined VM rebooting behind the driver domain: isolated in netdd by its UUID (its
+    # vif is detached, so netdd no longer backs a guest of that name), it comes back on a new
+    # domid; netdd's gate lets the new vif connect only once dom0 told netdd who it is and the
+    # isolation holds, so not one of its pings is answered.
+    xenstore-write "$rq/request/e2e-ddr1" "{\"op\":\"quarantine\",\"target\":\"$u5\",\"action\":\"isolate\",\"reason\":\"e2e: driver domain reboot\"}"
+    G5B=
+    if until_ms 20000 xenstore-read "$rq/response/e2e-ddr1" \
+       && xenstore-read "$rq/response/e2e-ddr1" | jq -e '.ok' >/dev/null && xl destroy guest5 \
+       && echo "uuid = \"$u5\"" >> /xen-e2e/guest5.cfg \
+       && xl create /xen-e2e/guest5.cfg >/tmp/xl-create-guest5b.log 2>&1 && G5B=$(xl domid guest5); then
+        xenstore-write "/local/domain/$G5B/data/please-count" 1
+        bkb=/local/domain/$DD/backend/vif/$G5B/0
+        gateb() { tr -d '\r' < /var/log/xen/console/guest-netdd.log | grep -o "vif $G5B/0 ([^)]*): policy in place (waited [0-9]* ms)" | head -1; }
+        if until_ms 60000 sh -c "[ \"\$(xenstore-read $bkb/state 2>/dev/null)\" = 4 ]" \
+           && until_ms 20000 xenstore-read "/local/domain/$G5B/data/pings" && sleep 5 \
+           && [ "$(xenstore-read "/local/domain/$G5B/data/pings")" = 0 ] && [ -n "$(gateb)" ]; then
+            ok "guest5 rebooted as domain $G5B behind netdd: its vif passed netdd's gate with the isolation in place, no ping answered" "$(gateb)"
+        else
+            notok "a quarantined guest rebooting behind netdd stays isolated" "state $(xenstore-read "$bkb/state" 2>&1); pings $(xenstore-read "/local/domain/$G5B/data/pings" 2>&1); gate '$(gateb)'; console: $(ddcon)"
+        fi
+        xenstore-write "$rq/request/e2e-ddr2" '{"op":"release","target":"guest5","reason":"e2e: driver domain reboot done"}'
+        talks() { [ "$(xenstore-read "/local/domain/$G5B/data/pings" 2>/dev/null || echo 0)" -gt 0 ]; }
+        if until_ms 20000 talks; then
+            ok "the release lets the rebooted guest5 talk" "pings answered: $(xenstore-read "/local/domain/$G5B/data/pings")"
+        else
+            notok "the release lets the rebooted guest5 talk" "pings $(xenstore-read "/local/domain/$G5B/data/pings" 2>&1); response $(xenstore-read "$rq/response/e2e-ddr2" 2>&1); console: $(ddcon)"
+        fi
+    else
+        notok "a quarantined guest rebooting behind netdd stays isolated" "$(tr '\n' ' ' < /tmp/xl-create-guest5b.log 2>/dev/null | tail -c 300); response $(xenstore-read "$rq/response/e2e-ddr1" 2>&1)"
+        notok "the release lets the rebooted guest5 talk" "no guest5 rebooted"
+    fi
     xl destroy guest5
 else
     notok "script=vif-virtsec in the driver domain" "no guest5"
@@ -744,6 +776,8 @@ else
     notok "bridge and throttle from the driver domain" "no guest5"
     notok "release of bridge and throttle from the driver domain" "no guest5"
     notok "detach from the driver domain" "no guest5"
+    notok "a quarantined guest rebooting behind netdd stays isolated" "no guest5"
+    notok "the release lets the rebooted guest5 talk" "no guest5"
 fi
 echo "# netdd console:"
 tr -d '\r' < /var/log/xen/console/guest-netdd.log 2>/dev/null | grep '^dd: ' | grep -v 'DEBUG: guest .* wrote its frontend' | tail -100 | sed 's/^/#   /'
