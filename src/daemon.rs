@@ -1064,7 +1064,9 @@ impl State {
                 self.last_progress = Instant::now();
             }
             if let Err(e) = engine.submit(0, req, op) {
-                // The write failed: the next readiness event reports the broken connection.
+                // The write failed: the next readiness event reports a broken socket; on the
+                // xenbus device the request stays unanswered and `maintain`'s request
+                // timeout reconnects.
                 log::debug!("xenstored submit failed: {e}");
             }
         }
