@@ -692,8 +692,8 @@ if [ -n "$G5" ]; then
         notok "isolate from the driver domain" "pings $p0, ${p1:-?} -> ${p2:-?}; response $(xenstore-read "$rq/response/e2e-dd3" 2>&1); console: $(ddcon)"
     fi
     xenstore-write "$rq/request/e2e-dd4" '{"op":"release","target":"guest5","reason":"e2e: driver domain isolate done"}'
-    answered() { [ "$(pings5)" -gt "${p2:-0}" ]; }
-    if until_ms 20000 xenstore-read "$rq/response/e2e-dd4" && until_ms 15000 answered; then
+    pings_over() { [ "$(pings5)" -gt "$1" ]; }
+    if until_ms 20000 xenstore-read "$rq/response/e2e-dd4" && until_ms 15000 pings_over "${p2:-0}"; then
         ok "its release lets guest5's pings through again" "pings answered: $(pings5)"
     else
         notok "release of an isolate from the driver domain" "pings $(pings5) (isolated: ${p2:-?}); response $(xenstore-read "$rq/response/e2e-dd4" 2>&1); console: $(ddcon)"
@@ -715,9 +715,8 @@ if [ -n "$G5" ]; then
     fi
     p4=$(pings5)
     xenstore-write "$rq/request/e2e-dd9" '{"op":"release","target":"guest5","reason":"e2e: driver domain bridge done"}'
-    answered4() { [ "$(pings5)" -gt "$p4" ]; }
     if until_ms 20000 sh -c "[ \"\$(xenstore-read $bk/bridge)\" = xenbr0 ]" && [ -z "$(key5 rate)" ] \
-       && until_ms 15000 answered4; then
+       && until_ms 15000 pings_over "$p4"; then
         ok "its release puts guest5 back on netdd's xenbr0, unthrottled" "pings answered: $(pings5)"
     else
         notok "release of bridge and throttle from the driver domain" "bridge $(key5 bridge) rate $(key5 rate); pings $(pings5) (held: $p4); console: $(ddcon)"
