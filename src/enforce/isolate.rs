@@ -131,11 +131,7 @@ impl Isolation {
              add chain {TABLE} output {{ type filter hook output priority -300; policy accept; }}\n"
         );
         nft(&base, "quarantine table")?;
-        let listing = std::process::Command::new("nft")
-            .args(["-j", "list", "table", "bridge", "virtsec_q"])
-            .output()
-            .map_err(EnforceError::Spawn)?;
-        let v: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap_or_default();
+        let v = super::nft_json("list table bridge virtsec_q")?;
         let (iso, has_rule) = Isolation::read_back(&v);
         let mut s = String::new();
         if !has_rule[0] {

@@ -18,14 +18,17 @@
 //! the service is down. Drop rules carry counters and comments; [`AntiSpoof::counters`] reads
 //! them back per vif for `virtsec status`.
 //!
-//! Why text through the `nft` binary rather than a crate: the `nftables` crate drives the same
+//! Why nftables' text syntax rather than a crate: the `nftables` crate drives the `nft`
 //! binary through its JSON syntax, and the netlink crates do not cover nftables' bridge family
 //! expressions; the text syntax is what an administrator reads back with `nft list ruleset`,
-//! and the transactions stay atomic either way. Counters are read with `nft -j`.
+//! and the transactions stay atomic either way. The text goes to libnftables in-process
+//! ([`libnft`], the library `nft` itself is built on), or to `nft -f -` where the library does
+//! not load. Counters are read back as `nft -j` prints them.
 
 pub mod bridge;
 pub mod domctl;
 pub mod isolate;
+pub mod libnft;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -251,7 +254,16 @@ fn remove_script(ifname: &str) -> String {
 /// Anti-spoofing drop counters: reason → packets, per chain (`*` for the default deny).
 pub type Counters = BTreeMap<String, BTreeMap<String, u64>>;
 
+/// Runs one nftables transaction: in-process through libnftables where it loads (see
+/// [`libnft`]), else through `nft -f -`. Both apply the whole script or none of it.
 pub(crate) fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
+    let failed = |stderr: String| EnforceError::Nft {
+        what: what.into(),
+        stderr,
+    };
+    if let Some(outcome) = libnft::run(script, false) {
+        return outcome.map(drop).map_err(failed);
+    }
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -268,11 +280,27 @@ pub(crate) fn nft(script: &str, what: &str) -> Result<(), EnforceError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(EnforceError::Nft {
-            what: what.into(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
+}
+
+/// A listing as `nft -j` prints it (`command` is e.g. `list table bridge virtsec`), parsed.
+/// A table that does not exist yet reads as `Null`.
+pub(crate) fn nft_json(command: &str) -> Result<serde_json::Value, EnforceError> {
+    let text = match libnft::run(command, true) {
+        Some(outcome) => outcome.unwrap_or_default(),
+        None => {
+            let out = Command::new("nft")
+                .arg("-j")
+                .args(command.split_whitespace())
+                .output()
+                .map_err(EnforceError::Spawn)?;
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    Ok(serde_json::from_str(&text).unwrap_or_default())
 }
 
 /// Anti-spoofing rules for every vif of the inventory.
@@ -355,13 +383,7 @@ impl AntiSpoof {
     /// (`no-policy-yet`, under the key `*`).
     pub fn counters() -> Counters {
         let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        let Ok(o) = Command::new("nft")
-            .args(["-j", "list", "table", "bridge", "virtsec"])
-            .output()
-        else {
-            return out;
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+        let Ok(v) = nft_json("list table bridge virtsec") else {
             return out;
         };
         for item in v["nftables"].as_array().into_iter().flatten() {

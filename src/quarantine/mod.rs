@@ -280,11 +280,8 @@ impl Quarantine {
         });
         // The kernel table is touched only when there is (or was) something to hold: a host
         // that never quarantined anything keeps its ruleset as it was.
-        let table_exists = std::process::Command::new("nft")
-            .args(["list", "table", "bridge", "virtsec_q"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        let table_exists =
+            crate::enforce::nft_json("list table bridge virtsec_q").is_ok_and(|v| !v.is_null());
         let mut q = Quarantine {
             cfg,
             store,
