@@ -31,7 +31,7 @@ mkcfg() { # name mac [hotplug-script]
     cat > "/xen-e2e/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
-kernel = "/xen-e2e/vmlinuz"
+kernel = "/xen-e2e/vmlinux.gz"
 ramdisk = "/xen-e2e/guest.cpio.gz"
 extra = "console=hvc0 quiet"
 memory = 96
@@ -39,6 +39,18 @@ vcpus = 1
 vif = [ 'mac=$2,bridge=xenbr0${3:+,script=$3}' ]
 on_crash = "destroy"
 CFG
+}
+
+# What dom0 was doing when a guest did not come up: the step create_and_time waited for, the
+# busiest processes, the ends of virtsecd's and libxl's logs (as "# " lines).
+diag() { # guest name
+    {
+        echo "waited for: ${STEP:-?}"
+        ps -eo pid,pcpu,time,stat,args --sort=-time | head -8
+        for p in $(pidof virtsecd); do ps -L -o tid,pcpu,time,comm -p "$p" --sort=-time | head -6; done
+        tail -8 /var/log/virtsecd.log
+        free -m | head -2
+    } 2>&1 | cut -c1-200 | sed 's/^/# diag: /'
 }
 
 # A guest is "listed" when virtsec shows its identity and vif 0 connected with the
@@ -98,10 +110,11 @@ create_and_time() { # name mac [script] -> sets DOMID, LAT_MS
     mkcfg "$1" "$2" "${3:-}"
     xl create "/xen-e2e/$1.cfg" >/tmp/xl-create-$1.log 2>&1 &
     xl_pid=$!
-    LAT_MS=
+    LAT_MS= DOMID= STEP="domain $1 created"
     until_ms 60000 xl domid "$1" || return 1
-    DOMID=$(xl domid "$1")
+    DOMID=$(xl domid "$1") STEP="vif $DOMID/0 Connected"
     until_ms 60000 sh -c "[ \"\$(xenstore-read $(be "$DOMID" 0)/state 2>/dev/null)\" = 4 ]" || return 1
+    STEP="vif $DOMID/0 listed by virtsec"
     until_ms 5000 listed "$DOMID" "$1" "$2" || return 1
     pkill -f "xenstore-watch /local/domain/0/backend/vif"
     pkill -f "virtsec domains --follow"
@@ -223,6 +236,7 @@ if create_and_time guest2 00:16:3e:00:00:02 && [ "$LAT_MS" -le 1000 ]; then
 else
     G2=${DOMID:-}
     notok "xl create guest2 later: its own entry" "latency ${LAT_MS:-none} ms; $(cat /tmp/xl-create-guest2.log)"
+    diag guest2
 fi
 
 # 6b. A network driver domain's contract with dom0's virtsec, on oxenstored's permissions and
@@ -327,6 +341,7 @@ if create_and_time guest3 00:16:3e:00:00:03 vif-virtsec; then
     xl destroy guest3
 else
     notok "script=vif-virtsec: guest3 connected" "$(cat /tmp/xl-create-guest3.log | tr '\n' ' ')"
+    diag guest3
 fi
 kill "$(cat /run/virtsecd.pid)"; sleep 0.5
 echo "VIRTSEC_ATTACH_TIMEOUT=2" > /etc/default/virtsec
@@ -611,7 +626,7 @@ pkill -f "virtsec domains --follow"
 cat > /xen-e2e/netdd.cfg <<CFG
 name = "netdd"
 type = "pv"
-kernel = "/xen-e2e/vmlinuz"
+kernel = "/xen-e2e/vmlinux.gz"
 ramdisk = "/xen-e2e/dd.cpio.zst"
 extra = "console=hvc0 rdinit=/init quiet"
 memory = 448
