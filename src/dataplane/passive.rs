@@ -59,6 +59,12 @@ pub(super) fn run(mut ins: Inspector, fanout: Option<u16>, (ring_mib, block_ms):
                 (f.data.len() as u64) < u64::from(f.wire_len),
             );
         });
+        if let Some(e) = ring.take_error() {
+            log::info!(
+                "{}: the capture socket reported: {e} (capture resumes when the vif is up)",
+                vif.ifname
+            );
+        }
         ins.sync_filter();
         ins.poll_counts();
         if let Err(e) = res {
