@@ -415,20 +415,11 @@ impl Ring {
     /// per vif, seen in the lab and in dom0 on real Xen). The socket itself keeps working:
     /// the kernel re-attaches it when the interface comes back up.
     fn read_error(&mut self) {
-        let mut err: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `err` and `len` are valid for writes of the advertised size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                &mut err as *mut _ as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc == 0 && err != 0 {
-            self.error = Some(io::Error::from_raw_os_error(err));
+        use nix::sys::socket::{getsockopt, sockopt::SocketError};
+        if let Ok(err) = getsockopt(&self.fd, SocketError) {
+            if err != 0 {
+                self.error = Some(io::Error::from_raw_os_error(err));
+            }
         }
     }
 
