@@ -169,6 +169,9 @@ struct State {
     pass: Option<(Pass, Instant)>,
     dirty: bool,
     inventory: Guests,
+    /// Counts the inventory's replacements (each finished pass): what followers of the
+    /// control socket were last pushed is compared against it.
+    inventory_gen: u64,
     report: PassReport,
     /// Guests whose per-guest watches are registered.
     watched: BTreeSet<u32>,
@@ -331,6 +334,7 @@ impl Daemon {
                 pass: None,
                 dirty: false,
                 inventory: Guests::new(),
+                inventory_gen: 0,
                 report: PassReport::default(),
                 watched: BTreeSet::new(),
                 driver_domains: BTreeMap::new(),
@@ -373,8 +377,17 @@ impl Daemon {
             env!("CARGO_PKG_VERSION"),
             self.control.path().display()
         );
+        let mut pushed_gen = 0;
         loop {
             self.state.maintain(&self.poll);
+            if self.state.inventory_gen != pushed_gen && self.control.has_followers() {
+                pushed_gen = self.state.inventory_gen;
+                if let Ok(v) =
+                    serde_json::to_value(self.state.inventory.values().collect::<Vec<_>>())
+                {
+                    self.control.push_domains(self.poll.registry(), v);
+                }
+            }
             let timeout = self.state.next_wakeup();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -494,7 +507,7 @@ impl State {
                     }))
                 }
                 ControlRequest::Status => serde_json::to_value(self.status(refused)),
-                ControlRequest::Domains => {
+                ControlRequest::Domains { .. } => {
                     serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
                 }
                 ControlRequest::Alerts { after } => {
@@ -1399,6 +1412,7 @@ impl State {
         self.xs.reconciles += 1;
         self.xs.last_reconcile_ms = elapsed;
         self.inventory = guests;
+        self.inventory_gen += 1;
         self.report = report;
         // Quarantine first: a rebooted quarantined VM's new vifs are held before the
         // anti-spoofing chain that would let them pass exists.

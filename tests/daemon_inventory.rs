@@ -42,7 +42,7 @@ fn follows_libxl_lifecycle_within_100ms() {
         std::process::Command::new(VIRTSEC)
             .arg("--control-socket")
             .arg(dir.path().join("control.sock"))
-            .args(["domains", "--follow", "--json", "--interval", "0.02"])
+            .args(["domains", "--follow", "--json"])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),

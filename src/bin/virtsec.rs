@@ -37,17 +37,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Keep running and print the inventory again each time it changes (with --json, one
-        /// line per change).
+        /// line per change); the service sends each change as it happens.
         #[arg(long)]
         follow: bool,
-        /// With --follow: how often to ask the service, in seconds.
-        #[arg(
-            long,
-            default_value_t = 0.5,
-            value_name = "SECONDS",
-            requires = "follow"
-        )]
-        interval: f64,
     },
     /// Alerts of the running service (live traffic), oldest first.
     Alerts {
@@ -361,41 +353,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Domains {
-            json,
-            follow,
-            interval,
-        } => {
-            if !(interval.is_finite() && (0.001..=3600.0).contains(&interval)) {
-                bail!("--interval {interval}: expected seconds between 0.001 and 3600");
-            }
-            let mut last = None;
-            loop {
-                let d = control::call(&cli.control_socket, &ControlRequest::Domains)?;
-                if last.as_ref() != Some(&d) {
-                    match (json, follow) {
-                        (true, false) => println!("{}", serde_json::to_string_pretty(&d)?),
-                        (true, true) => println!("{}", serde_json::to_string(&d)?),
-                        (false, false) => print_domains(&d),
-                        (false, true) => {
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .unwrap_or_default();
-                            println!(
-                                "-- {}",
-                                virtsec::inspect::eve::format_ts(now.as_micros() as u64)
-                            );
-                            print_domains(&d);
-                        }
+        Cmd::Domains { json, follow } => {
+            let print = |d: &serde_json::Value| -> anyhow::Result<()> {
+                match (json, follow) {
+                    (true, false) => println!("{}", serde_json::to_string_pretty(d)?),
+                    (true, true) => println!("{}", serde_json::to_string(d)?),
+                    (false, false) => print_domains(d),
+                    (false, true) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default();
+                        println!(
+                            "-- {}",
+                            virtsec::inspect::eve::format_ts(now.as_micros() as u64)
+                        );
+                        print_domains(d);
                     }
-                    use std::io::Write as _;
-                    std::io::stdout().flush()?;
                 }
-                if !follow {
-                    return Ok(ExitCode::SUCCESS);
-                }
-                last = Some(d);
-                std::thread::sleep(Duration::from_secs_f64(interval));
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                Ok(())
+            };
+            if !follow {
+                let d = control::call(
+                    &cli.control_socket,
+                    &ControlRequest::Domains { follow: false },
+                )?;
+                print(&d)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            // The service pushes the inventory on each change; stdout closing (the reader
+            // went away) ends the loop.
+            let mut failed = None;
+            control::follow(
+                &cli.control_socket,
+                &ControlRequest::Domains { follow: true },
+                &mut |d| match print(&d) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                },
+            )?;
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(ExitCode::SUCCESS),
             }
         }
         Cmd::Attach {
@@ -988,7 +991,7 @@ fn attach_ready(
     let vifs: Vec<(u32, u32)> = match wanted {
         Attach::Vif(v) => vec![*v],
         Attach::Vm(uuid) => {
-            let d = control::call(socket, &ControlRequest::Domains)?;
+            let d = control::call(socket, &ControlRequest::Domains { follow: false })?;
             let guest = d
                 .as_array()
                 .into_iter()

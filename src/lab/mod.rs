@@ -151,7 +151,7 @@ struct Scenario<'a> {
 }
 
 fn domains(control: &Path) -> Option<serde_json::Value> {
-    control::call(control, &ControlRequest::Domains).ok()
+    control::call(control, &ControlRequest::Domains { follow: false }).ok()
 }
 
 fn find_guest(doms: &serde_json::Value, domid: u32) -> Option<&serde_json::Value> {

@@ -588,7 +588,7 @@ pub fn run(opts: &LabOptions) -> Result<Vec<StepRecord>, LabError> {
             if s["antispoof"].get("vif3.0").is_some() {
                 return Err("vif3.0 still has anti-spoofing rules".into());
             }
-            let d = call(&ctl, &ControlRequest::Domains)?;
+            let d = call(&ctl, &ControlRequest::Domains { follow: false })?;
             let doms = d.as_array().cloned().unwrap_or_default();
             if doms.iter().any(|g| g["domid"] == c) {
                 return Err("domain 3 still listed".into());

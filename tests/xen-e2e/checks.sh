@@ -92,16 +92,17 @@ gone_ms() {
 }
 has_stamp() { [ -n "$(first_stamp "$@")" ]; }
 since_xl() { if [ "$1" -lt 0 ]; then echo "$((-$1)) ms before xl returned"; else echo "$1 ms after xl returned"; fi; }
-# follow NAME: stamps `virtsec domains --follow --json` (polling every 20 ms) into /tmp/NAME.log.
+# follow NAME: stamps `virtsec domains --follow --json` (the service sends each change of
+# its inventory as it makes it) into /tmp/NAME.log.
 follow() {
     pkill -f "virtsec domains --follow"
-    stamped "$1" "exec virtsec domains --follow --json --interval 0.02"
+    stamped "$1" "exec virtsec domains --follow --json"
 }
 
 create_and_time() { # name mac [script] -> sets DOMID, LAT_MS
     # LAT_MS: from the moment oxenstored's watch reported the vif's backend state node written
     # Connected (xenstore-watch, a C client) to the first inventory `virtsec domains --follow`
-    # printed with the vif listed (polling the control socket every 20 ms). Both are stamped as
+    # printed with the vif listed (the service pushes each change). Both are stamped as
     # they arrive. The checks' own polls (xenstore-read, virtsec, jq: a process each, 50-600 ms
     # apiece under TCG) only confirm what happened and are not part of the latency.
     pkill -f "xenstore-watch /local/domain/0/backend/vif"

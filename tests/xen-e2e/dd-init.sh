@@ -36,7 +36,7 @@ for k in 'path = "/dev/xen/xenbus"' 'dom0_identities = true' 'domain_control = "
 done
 virtsecd --config /run/dd.toml --stderr 2>&1 | sed 's/^/dd: /' &
 xl devd -F 2>&1 | sed 's/^/dd: xl devd: /' &
-(sleep 5; virtsec domains --follow --json --interval 0.2 | while IFS= read -r l; do
+(sleep 5; virtsec domains --follow --json | while IFS= read -r l; do
     echo "dd: $(cut -d' ' -f1 /proc/uptime) s: domains $(echo "$l" | jq -c 'map({domid, name, vifs: (.vifs | map_values({state, hotplug_status}))})')"
 done) &
 # What dom0's checks cannot see from outside, on the console every 10 s.
