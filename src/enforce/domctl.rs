@@ -117,6 +117,9 @@ impl DomainControl for XenCtrl {
 /// The `xl` toolstack.
 pub struct Xl;
 
+/// How long after a failed `xl network-detach` the service tries once more.
+const DETACH_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn xl(args: &[String], what: &'static str, domid: u32) -> Result<(), DomCtlError> {
     let out = Command::new("xl")
         .args(args)
@@ -146,25 +149,50 @@ impl DomainControl for Xl {
         // timeout when the guest does not answer (1.6 s in the real-Xen harness). It runs in
         // the background so the service's event loop (XenStore, new vifs' policy, the
         // control socket) does not wait with it; its outcome is logged when it ends.
-        let child = Command::new("xl")
-            .args(["network-detach", &domid.to_string(), &devid.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|_| DomCtlError::Unavailable {
-                what: "detach a vif of",
-                domid,
-            })?;
-        let report = move |child: std::process::Child| match child.wait_with_output() {
-            Ok(o) if o.status.success() => {
-                log::info!("quarantine: vif {devid} of domain {domid} detached (xl network-detach)")
+        let detach = move || {
+            Command::new("xl")
+                .args(["network-detach", &domid.to_string(), &devid.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+        };
+        let child = detach().map_err(|_| DomCtlError::Unavailable {
+            what: "detach a vif of",
+            domid,
+        })?;
+        // libxl gives the backend domain 10 s to remove its backend. A busy driver domain
+        // can take longer (seen under emulation: netdd's `xl devd` removed it just after):
+        // libxl then reports failure and keeps the vif in its records (`xl network-list`).
+        // One more `xl network-detach` a few seconds later finds the backend gone and
+        // completes the removal.
+        let report = move |child: std::process::Child| {
+            let failed =
+                |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+            match child.wait_with_output() {
+                Ok(o) if o.status.success() => log::info!(
+                    "quarantine: vif {devid} of domain {domid} detached (xl network-detach)"
+                ),
+                Ok(o) => {
+                    log::warn!(
+                        "quarantine: xl could not detach vif {devid} of domain {domid}, trying again in {} s: {}",
+                        DETACH_RETRY.as_secs(),
+                        failed(&o)
+                    );
+                    std::thread::sleep(DETACH_RETRY);
+                    match detach().and_then(|c| c.wait_with_output()) {
+                        Ok(o) if o.status.success() => log::info!(
+                            "quarantine: vif {devid} of domain {domid} detached (xl network-detach) on the second try"
+                        ),
+                        Ok(o) => log::error!(
+                            "quarantine: xl could not detach vif {devid} of domain {domid}: {}",
+                            failed(&o)
+                        ),
+                        Err(e) => log::error!("quarantine: xl network-detach {domid} {devid}: {e}"),
+                    }
+                }
+                Err(e) => log::error!("quarantine: xl network-detach {domid} {devid}: {e}"),
             }
-            Ok(o) => log::error!(
-                "quarantine: xl could not detach vif {devid} of domain {domid}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => log::error!("quarantine: xl network-detach {domid} {devid}: {e}"),
         };
         if let Err(e) = std::thread::Builder::new()
             .name("xl network-detach".into())
