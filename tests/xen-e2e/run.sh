@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${XEN_E2E_CACHE:-/var/cache/virtsec/xen-e2e}
-timeout_s=${XEN_E2E_TIMEOUT:-600}
+timeout_s=${XEN_E2E_TIMEOUT:-1200}
 t_start=$(date +%s)
 
 say() { echo "xen-e2e: $*" >&2; }
@@ -122,7 +122,7 @@ if [ ! -s "$guest_img" ]; then
     esac
     # Debian's xenstore-write and its libraries: the guest writes its own frontend nodes (and
     # plays a driver domain's virtsec in dom0's XenStore tree).
-    for b in /usr/bin/xenstore-write /usr/bin/xenstore-read /usr/bin/xenstore-rm /usr/bin/xenstore; do cp -a "$b" "$g/usr/bin/" 2>/dev/null || true; done
+    for b in /usr/bin/xenstore-write /usr/bin/xenstore-read /usr/bin/xenstore-rm /usr/bin/xenstore-list /usr/bin/xenstore; do cp -a "$b" "$g/usr/bin/" 2>/dev/null || true; done
     for lib in $(ldd /usr/bin/xenstore | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
         mkdir -p "$g$(dirname "$lib")" && cp -L "$lib" "$g$lib"
     done
