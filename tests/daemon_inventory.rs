@@ -184,6 +184,39 @@ fn follows_libxl_lifecycle_within_100ms() {
     assert!(lines.windows(2).all(|w| w[0] != w[1]), "{lines:?}");
     assert_eq!(lines.last(), Some(&domains(dir.path())));
 
+    // A follower whose reader went away (`| head -1`) ends quietly at the next change.
+    let mut short = std::process::Command::new(VIRTSEC)
+        .arg("--control-socket")
+        .arg(dir.path().join("control.sock"))
+        .args(["domains", "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead as _;
+        let mut first = String::new();
+        std::io::BufReader::new(short.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("fresh"), "{first}");
+    }
+    ts.destroy(6).unwrap();
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = short.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the follower did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut short.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(st.success() && err.is_empty(), "{st:?}: {err}");
+
     // The human-readable forms work too.
     let out = cli(dir.path(), &["domains"]);
     assert!(out.status.success());

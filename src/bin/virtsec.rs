@@ -354,24 +354,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Domains { json, follow } => {
+            // Written with writeln! (println! panics when the reader went away, e.g. `| head`).
             let print = |d: &serde_json::Value| -> anyhow::Result<()> {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
                 match (json, follow) {
-                    (true, false) => println!("{}", serde_json::to_string_pretty(d)?),
-                    (true, true) => println!("{}", serde_json::to_string(d)?),
-                    (false, false) => print_domains(d),
+                    (true, false) => writeln!(out, "{}", serde_json::to_string_pretty(d)?)?,
+                    (true, true) => writeln!(out, "{}", serde_json::to_string(d)?)?,
+                    (false, false) => print_domains(&mut out, d)?,
                     (false, true) => {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .unwrap_or_default();
-                        println!(
+                        writeln!(
+                            out,
                             "-- {}",
                             virtsec::inspect::eve::format_ts(now.as_micros() as u64)
-                        );
-                        print_domains(d);
+                        )?;
+                        print_domains(&mut out, d)?;
                     }
                 }
-                use std::io::Write as _;
-                std::io::stdout().flush()?;
+                out.flush()?;
                 Ok(())
             };
             if !follow {
@@ -383,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             // The service pushes the inventory on each change; stdout closing (the reader
-            // went away) ends the loop.
+            // went away, `| head`) ends the loop without an error.
             let mut failed = None;
             control::follow(
                 &cli.control_socket,
@@ -391,7 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &mut |d| match print(&d) {
                     Ok(()) => true,
                     Err(e) => {
-                        failed = Some(e);
+                        let gone = e
+                            .downcast_ref::<std::io::Error>()
+                            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+                        if !gone {
+                            failed = Some(e);
+                        }
                         false
                     }
                 },
@@ -1028,25 +1036,28 @@ fn attach_ready(
     Ok(Ok(ready))
 }
 
-fn print_domains(d: &serde_json::Value) {
-    println!(
+fn print_domains(out: &mut dyn std::io::Write, d: &serde_json::Value) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{:>5}  {:<20} {:<36}  {:<12} {:<17} {:<10} {:<11} hotplug",
         "DOMID", "NAME", "UUID", "VIF", "MAC", "BRIDGE", "STATE"
-    );
+    )?;
     for g in d.as_array().into_iter().flatten() {
         let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
         let vifs = g["vifs"].as_object();
         if vifs.map(|v| v.is_empty()).unwrap_or(true) {
-            println!(
+            writeln!(
+                out,
                 "{:>5}  {:<20} {:<36}  -",
                 g["domid"],
                 s(&g["name"]),
                 s(&g["uuid"])
-            );
+            )?;
             continue;
         }
         for v in vifs.into_iter().flat_map(|m| m.values()) {
-            println!(
+            writeln!(
+                out,
                 "{:>5}  {:<20} {:<36}  {:<12} {:<17} {:<10} {:<11} {}",
                 g["domid"],
                 s(&g["name"]),
@@ -1056,7 +1067,8 @@ fn print_domains(d: &serde_json::Value) {
                 s(&v["bridge"]),
                 s(&v["state"]),
                 s(&v["hotplug_status"])
-            );
+            )?;
         }
     }
+    Ok(())
 }
