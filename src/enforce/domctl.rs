@@ -166,32 +166,40 @@ impl DomainControl for Xl {
         // libxl then reports failure and keeps the vif in its records (`xl network-list`).
         // One more `xl network-detach` a few seconds later finds the backend gone and
         // completes the removal.
-        let report = move |child: std::process::Child| {
-            let failed =
-                |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
-            match child.wait_with_output() {
-                Ok(o) if o.status.success() => log::info!(
-                    "quarantine: vif {devid} of domain {domid} detached (xl network-detach)"
-                ),
-                Ok(o) => {
-                    log::warn!(
-                        "quarantine: xl could not detach vif {devid} of domain {domid}, trying again in {} s: {}",
-                        DETACH_RETRY.as_secs(),
-                        failed(&o)
-                    );
-                    std::thread::sleep(DETACH_RETRY);
-                    match detach().and_then(|c| c.wait_with_output()) {
-                        Ok(o) if o.status.success() => log::info!(
-                            "quarantine: vif {devid} of domain {domid} detached (xl network-detach) on the second try"
-                        ),
-                        Ok(o) => log::error!(
-                            "quarantine: xl could not detach vif {devid} of domain {domid}: {}",
-                            failed(&o)
-                        ),
-                        Err(e) => log::error!("quarantine: xl network-detach {domid} {devid}: {e}"),
+        let report = move |first: std::process::Child| {
+            let mut child = Ok(first);
+            for attempt in 1..=2 {
+                let o = match child.and_then(|c| c.wait_with_output()) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        log::error!("quarantine: xl network-detach {domid} {devid}: {e}");
+                        return;
                     }
+                };
+                let again = if attempt == 1 {
+                    ""
+                } else {
+                    " on the second try"
+                };
+                if o.status.success() {
+                    log::info!(
+                        "quarantine: vif {devid} of domain {domid} detached (xl network-detach){again}"
+                    );
+                    return;
                 }
-                Err(e) => log::error!("quarantine: xl network-detach {domid} {devid}: {e}"),
+                let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                if attempt == 2 {
+                    log::error!(
+                        "quarantine: xl could not detach vif {devid} of domain {domid}: {why}"
+                    );
+                    return;
+                }
+                log::warn!(
+                    "quarantine: xl could not detach vif {devid} of domain {domid}, trying again in {} s: {why}",
+                    DETACH_RETRY.as_secs()
+                );
+                std::thread::sleep(DETACH_RETRY);
+                child = detach();
             }
         };
         if let Err(e) = std::thread::Builder::new()
