@@ -117,8 +117,73 @@ impl DomainControl for XenCtrl {
 /// The `xl` toolstack.
 pub struct Xl;
 
-/// How long after a failed `xl network-detach` the service tries once more.
+/// How often the service runs `xl network-detach` for one vif before it gives up, and how
+/// long it waits between tries. libxl gives the backend domain 10 s per try, so a vif whose
+/// backend domain never removes it is given up after about a minute.
+const DETACH_TRIES: u32 = 5;
 const DETACH_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How a background detach ended.
+#[derive(Debug, PartialEq, Eq)]
+enum DetachOutcome {
+    /// `xl network-detach` succeeded on this try (1-based).
+    Detached { tries: u32 },
+    /// Every try failed; `why` is the last one's message.
+    GaveUp { tries: u32, why: String },
+    /// `xl` could not be run or waited for.
+    Error(String),
+}
+
+/// Runs `<program> network-detach <domid> <devid>` until it succeeds, at most `tries` times,
+/// `delay` apart; `first` is the already started first try. Each failure but the last is
+/// logged as a warning.
+fn detach_until_done(
+    program: &std::ffi::OsStr,
+    first: std::process::Child,
+    domid: u32,
+    devid: u32,
+    tries: u32,
+    delay: std::time::Duration,
+) -> DetachOutcome {
+    let mut child = Ok(first);
+    let mut attempt = 1;
+    loop {
+        let o = match child.and_then(|c| c.wait_with_output()) {
+            Ok(o) => o,
+            Err(e) => return DetachOutcome::Error(e.to_string()),
+        };
+        if o.status.success() {
+            return DetachOutcome::Detached { tries: attempt };
+        }
+        let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        if attempt >= tries {
+            return DetachOutcome::GaveUp {
+                tries: attempt,
+                why,
+            };
+        }
+        log::warn!(
+            "quarantine: xl could not detach vif {devid} of domain {domid} (try {attempt} of {tries}), trying again in {} s: {why}",
+            delay.as_secs_f32()
+        );
+        std::thread::sleep(delay);
+        child = spawn_detach(program, domid, devid);
+        attempt += 1;
+    }
+}
+
+fn spawn_detach(
+    program: &std::ffi::OsStr,
+    domid: u32,
+    devid: u32,
+) -> std::io::Result<std::process::Child> {
+    Command::new(program)
+        .args(["network-detach", &domid.to_string(), &devid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+}
 
 fn xl(args: &[String], what: &'static str, domid: u32) -> Result<(), DomCtlError> {
     let out = Command::new("xl")
@@ -149,58 +214,38 @@ impl DomainControl for Xl {
         // timeout when the guest does not answer (1.6 s in the real-Xen harness). It runs in
         // the background so the service's event loop (XenStore, new vifs' policy, the
         // control socket) does not wait with it; its outcome is logged when it ends.
-        let detach = move || {
-            Command::new("xl")
-                .args(["network-detach", &domid.to_string(), &devid.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-        };
-        let child = detach().map_err(|_| DomCtlError::Unavailable {
+        let program = std::ffi::OsStr::new("xl");
+        let child = spawn_detach(program, domid, devid).map_err(|_| DomCtlError::Unavailable {
             what: "detach a vif of",
             domid,
         })?;
         // libxl gives the backend domain 10 s to remove its backend. A busy driver domain
-        // can take longer (seen under emulation: netdd's `xl devd` removed it just after):
+        // can take longer (seen under emulation: netdd's `xl devd` removed it 10-25 s late):
         // libxl then reports failure and keeps the vif in its records (`xl network-list`).
-        // One more `xl network-detach` a few seconds later finds the backend gone and
-        // completes the removal.
-        let report = move |first: std::process::Child| {
-            let mut child = Ok(first);
-            for attempt in 1..=2 {
-                let o = match child.and_then(|c| c.wait_with_output()) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        log::error!("quarantine: xl network-detach {domid} {devid}: {e}");
-                        return;
-                    }
-                };
-                let again = if attempt == 1 {
-                    ""
-                } else {
-                    " on the second try"
-                };
-                if o.status.success() {
-                    log::info!(
-                        "quarantine: vif {devid} of domain {domid} detached (xl network-detach){again}"
-                    );
-                    return;
-                }
-                let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
-                if attempt == 2 {
-                    log::error!(
-                        "quarantine: xl could not detach vif {devid} of domain {domid}: {why}"
-                    );
-                    return;
-                }
-                log::warn!(
-                    "quarantine: xl could not detach vif {devid} of domain {domid}, trying again in {} s: {why}",
-                    DETACH_RETRY.as_secs()
-                );
-                std::thread::sleep(DETACH_RETRY);
-                child = detach();
+        // Another `xl network-detach` a few seconds later finds the backend gone and
+        // completes the removal, so the service tries until one succeeds (bounded).
+        let report = move |first| {
+            match detach_until_done(
+            program,
+            first,
+            domid,
+            devid,
+            DETACH_TRIES,
+            DETACH_RETRY,
+        ) {
+            DetachOutcome::Detached { tries: 1 } => {
+                log::info!("quarantine: vif {devid} of domain {domid} detached (xl network-detach)")
             }
+            DetachOutcome::Detached { tries } => log::info!(
+                "quarantine: vif {devid} of domain {domid} detached (xl network-detach) on try {tries}"
+            ),
+            DetachOutcome::GaveUp { tries, why } => log::error!(
+                "quarantine: xl could not detach vif {devid} of domain {domid} in {tries} tries, gave up: {why}"
+            ),
+            DetachOutcome::Error(e) => {
+                log::error!("quarantine: xl network-detach {domid} {devid}: {e}")
+            }
+        }
         };
         if let Err(e) = std::thread::Builder::new()
             .name("xl network-detach".into())
@@ -352,5 +397,77 @@ pub fn open(choice: &str) -> Box<dyn DomainControl> {
                 Box::new(NoXen)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    /// A stand-in `xl` that records each call and fails until its `succeed_on`-th call
+    /// (never when 0), with libxl's timeout message on stderr.
+    fn fake_xl(dir: &std::path::Path, succeed_on: u32) -> std::path::PathBuf {
+        let calls = dir.join("calls");
+        let prog = dir.join("xl");
+        std::fs::write(
+            &prog,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {calls}\nn=$(wc -l < {calls})\n\
+                 [ {succeed_on} -ne 0 ] && [ \"$n\" -ge {succeed_on} ] && exit 0\n\
+                 echo \"libxl: error: timed out while waiting for backend to be removed (call $n)\" >&2\nexit 1\n",
+                calls = calls.display()
+            ),
+        )
+        .expect("write the fake xl");
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755))
+            .expect("make the fake xl executable");
+        prog
+    }
+
+    fn calls(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_backend_domain_is_waited_for_with_more_tries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let xl = fake_xl(dir.path(), 3);
+        let first = spawn_detach(xl.as_os_str(), 7, 1).expect("run the fake xl");
+        let outcome = detach_until_done(xl.as_os_str(), first, 7, 1, 5, Duration::from_millis(10));
+        assert_eq!(outcome, DetachOutcome::Detached { tries: 3 });
+        assert_eq!(calls(dir.path()), vec!["network-detach 7 1"; 3]);
+    }
+
+    #[test]
+    fn detach_gives_up_after_its_last_try_with_the_last_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let xl = fake_xl(dir.path(), 0);
+        let first = spawn_detach(xl.as_os_str(), 9, 0).expect("run the fake xl");
+        let outcome = detach_until_done(xl.as_os_str(), first, 9, 0, 4, Duration::from_millis(10));
+        assert_eq!(
+            outcome,
+            DetachOutcome::GaveUp {
+                tries: 4,
+                why: "libxl: error: timed out while waiting for backend to be removed (call 4)"
+                    .into()
+            }
+        );
+        assert_eq!(calls(dir.path()).len(), 4);
+    }
+
+    #[test]
+    fn a_detach_that_succeeds_at_once_runs_xl_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let xl = fake_xl(dir.path(), 1);
+        let first = spawn_detach(xl.as_os_str(), 3, 0).expect("run the fake xl");
+        let outcome = detach_until_done(xl.as_os_str(), first, 3, 0, 5, Duration::from_secs(30));
+        assert_eq!(outcome, DetachOutcome::Detached { tries: 1 });
+        assert_eq!(calls(dir.path()).len(), 1);
     }
 }

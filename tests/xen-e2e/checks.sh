@@ -772,11 +772,11 @@ if [ -n "$G5" ]; then
     xenstore-write "$rq/request/e2e-dd5" '{"op":"quarantine","target":"guest5","action":"detach","reason":"e2e: driver domain detach"}'
     if until_ms 30000 sh -c "! xenstore-read $bk/state" \
        && until_ms 10000 xenstore-read "$rq/response/e2e-dd5" \
-       && until_ms 20000 sh -c "[ \"\$(xl network-list guest5 2>/dev/null | tail -n +2 | wc -l)\" = 0 ]" \
+       && until_ms 45000 sh -c "[ \"\$(xl network-list guest5 2>/dev/null | tail -n +2 | wc -l)\" = 0 ]" \
        && virtsec quarantined --json | jq -e '[.audit[] | select(.quarantine.op == "delegated" and .quarantine.request.op == "detach")] | length == 1' >/dev/null; then
-        ok "detach from the driver domain: dom0's virtsecd detaches guest5's vif from netdd" "$(xenstore-read "$rq/response/e2e-dd5" | jq -c '.record.actions')"
+        ok "detach from the driver domain: dom0's virtsecd detaches guest5's vif from netdd" "$(xenstore-read "$rq/response/e2e-dd5" | jq -c '.record.actions'); $(grep "of domain $G5 detached" /var/log/virtsecd.log | tail -1 | sed 's/.*quarantine: //')"
     else
-        notok "detach from the driver domain" "backend $(xenstore-read "$bk/state" 2>&1); response $(xenstore-read "$rq/response/e2e-dd5" 2>&1); xl $(xl network-list guest5 2>&1 | tr '\n' ' '); audit $(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op != null) | .quarantine] | .[-3:]'); console: $(ddcon)"
+        notok "detach from the driver domain" "backend $(xenstore-read "$bk/state" 2>&1); response $(xenstore-read "$rq/response/e2e-dd5" 2>&1); xl $(xl network-list guest5 2>&1 | tr '\n' ' '); audit $(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op != null) | .quarantine] | .[-3:]'); virtsecd: $(grep 'network-detach\|detach vif' /var/log/virtsecd.log | tail -4 | tr '\n' ' '); console: $(ddcon)"
     fi
     xenstore-write "$rq/request/e2e-dd6" '{"op":"release","target":"guest5","reason":"e2e: driver domain detach done"}'
     until_ms 20000 xenstore-read "$rq/response/e2e-dd6"
