@@ -8,6 +8,8 @@
 //! - A guest isolated by an operator stays cut off across a SIGKILL and restart of the
 //!   service (not one packet passes), across a reboot with a new domid (same UUID), and a new
 //!   VM reusing its domid starts clean; an unreadable state file is reported, not dropped.
+//! - `detach` cuts the guest off at once and keeps it cut off while the toolstack fails to
+//!   detach (a stand-in `xl`), retrying; the release lets it talk again.
 //!
 //! Needs root and nftables; reports itself skipped otherwise.
 
@@ -796,5 +798,95 @@ fn the_bridge_action_moves_the_guest_to_the_quarantine_bridge_until_release() {
     succeeded(cli(h.dir.path(), &["release", "app", "--reason", "clean"]));
     wait_for("app talks to db again", Duration::from_secs(5), || {
         ping(&g7, &["10.95.0.6"])
+    });
+}
+
+/// `detach` cuts the guest off at once and keeps it cut off while the toolstack cannot
+/// detach: the stand-in `xl` here fails every `network-detach` as libxl does when the
+/// backend domain does not remove the backend in time.
+#[test]
+fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release() {
+    if !usable("a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release") {
+        return;
+    }
+    let id = std::process::id();
+    let mut h = host("d", &["vqd5", "vqd6"]);
+    let _log = LogOnPanic(h.dir.path().to_path_buf());
+    let (g5, g6) = (format!("vqd5{id}"), format!("vqd6{id}"));
+    let bin = h.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let xl_log = h.dir.path().join("xl.log");
+    std::fs::write(
+        bin.join("xl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\necho 'libxl: error: timed out while waiting for the backend to be removed' >&2\nexit 1\n",
+            xl_log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("xl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let extra = format!(
+        "[enforce]\nantispoof = true\n[quarantine]\nstate_dir = {:?}\ndomain_control = \"xl\"\n",
+        h.dir.path().join("state").display().to_string()
+    );
+    let _d = virtsecd_with_bin(h.dir.path(), Some(&h.dd), &extra, Some(&bin));
+    h.ts.create(&spec(5, "web", 5), None).unwrap();
+    bridged_guest(&h.dd, &g5, "vif5.0", &mac(5), "10.95.0.5/24");
+    h.ts.create(&spec(6, "db", 6), None).unwrap();
+    bridged_guest(&h.dd, &g6, "vif6.0", &mac(6), "10.95.0.6/24");
+    wait_for("guests talk", Duration::from_secs(5), || {
+        ping(&g5, &["10.95.0.6"])
+    });
+
+    let t = Instant::now();
+    succeeded(cli(
+        h.dir.path(),
+        &[
+            "quarantine",
+            "web",
+            "--action",
+            "detach",
+            "--reason",
+            "case 11",
+        ],
+    ));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "detach waited for the toolstack: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !ping(&g5, &["10.95.0.6"]),
+        "the guest talks while being detached"
+    );
+    let xl = || std::fs::read_to_string(&xl_log).unwrap_or_default();
+    assert!(xl().lines().any(|l| l == "network-detach 5 0"), "{}", xl());
+    // The toolstack failed and the service tries again: still cut off.
+    let log = h.dir.path().join("virtsecd.log");
+    wait_for("a second xl network-detach", Duration::from_secs(8), || {
+        xl().lines().filter(|l| *l == "network-detach 5 0").count() >= 2
+    });
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("xl could not detach vif 0 of domain 5 (try 1 of 5)"),
+        "{logged}"
+    );
+    assert!(
+        !ping(&g5, &["10.95.0.6"]),
+        "the guest talks after xl failed"
+    );
+    let st = status(h.dir.path()).unwrap();
+    assert_eq!(
+        st["quarantine"]["vms"][0], "5e1ab000-0000-4000-8000-000000000005",
+        "{st}"
+    );
+
+    succeeded(cli(h.dir.path(), &["release", "web", "--reason", "clean"]));
+    wait_for("web talks again", Duration::from_secs(5), || {
+        ping(&g5, &["10.95.0.6"])
     });
 }

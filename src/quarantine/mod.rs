@@ -12,7 +12,7 @@
 //! | `throttle` | the backend `rate` key (`<bytes>,<usecs>`, netback applies it at run time) and an nftables policer (where there is no netback, as in the lab) | the toolstack's `rate` restored |
 //! | `pause` | libxenctrl or `xl pause` (`enforce::domctl`); Xen's pause is reference-counted, so the domid this service paused is recorded and unpaused exactly once | unpaused once |
 //! | `bridge` | the VM's bridge ports moved to `[quarantine] bridge` as isolated ports (`enforce::bridge`), and its vifs' backend `bridge` keys rewritten so a vif that appears later joins it directly | ports moved back to the bridge they came from, keys restored |
-//! | `detach` | `xl network-detach` per vif | not re-attached (the operator re-attaches) |
+//! | `detach` | `xl network-detach` per vif, in the background, retried while it fails (bounded); the VM's vifs are isolated as with `isolate` meanwhile, so the guest is cut off at once and stays cut off if the toolstack fails | not re-attached (the operator re-attaches); the isolation removed |
 //!
 //! **Order and durability.** The kernel hold is applied first (it is what stops traffic; the
 //! isolation latency is measured from the attack packet), then the record is written
@@ -54,6 +54,16 @@ pub enum Action {
     Bridge,
     Pause,
     Detach,
+}
+
+impl Action {
+    /// Whether the VM's vifs are isolated in the kernel while the action holds. `detach`
+    /// isolates too: `xl network-detach` takes seconds (up to a minute with a slow backend
+    /// domain) and can fail, and the guest must not talk meanwhile nor if it fails; a vif
+    /// that is gone holds nothing, and one the operator attaches before the release is held.
+    pub fn isolates(self) -> bool {
+        matches!(self, Action::Isolate | Action::Detach)
+    }
 }
 
 impl std::str::FromStr for Action {
@@ -437,7 +447,7 @@ impl Quarantine {
     fn wanted(&self, guests: &Guests) -> BTreeMap<String, (Hold, BTreeSet<String>)> {
         let mut want = BTreeMap::new();
         for r in self.records.values() {
-            let isolate = r.actions.contains(&Action::Isolate);
+            let isolate = r.actions.iter().any(|a| a.isolates());
             let throttle = r.actions.contains(&Action::Throttle);
             let bridge = r.actions.contains(&Action::Bridge);
             if !isolate && !throttle && !bridge {
@@ -691,7 +701,7 @@ impl Quarantine {
         // The kernel first: that is what stops the traffic.
         self.records.insert(uuid.clone(), r.clone());
         let kernel_errors = self.sync_kernel(guests);
-        if action == Action::Isolate {
+        if action.isolates() {
             if let Some(g) = g {
                 flush_conntrack(g);
             }

@@ -71,6 +71,11 @@ pub fn virtsecd(dir: &Path) -> Proc {
 /// Starts virtsecd on the lab socket, inside network namespace `netns` if given, with `extra`
 /// TOML sections appended to the test configuration, and waits until it is in sync.
 pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
+    virtsecd_with_bin(dir, netns, extra, None)
+}
+
+/// [`virtsecd_with`], with `bin` first on the service's PATH (stand-ins for tools it runs).
+pub fn virtsecd_with_bin(dir: &Path, netns: Option<&str>, extra: &str, bin: Option<&Path>) -> Proc {
     let cfg = dir.join("virtsecd.toml");
     // EVE output and quarantine state stay in the test's directory.
     let extra = if extra.contains("[inspect]") {
@@ -98,7 +103,7 @@ pub fn virtsecd_with(dir: &Path, netns: Option<&str>, extra: &str) -> Proc {
         ),
     )
     .unwrap();
-    spawn_virtsecd(dir, &cfg, netns, None)
+    spawn_virtsecd(dir, &cfg, netns, bin)
 }
 
 /// Starts virtsecd with configuration `cfg` (whose control socket is `dir/control.sock`),
