@@ -276,7 +276,13 @@ impl Daemon {
                 (Box::new(ctl), Some(out))
             } else {
                 (
-                    crate::enforce::domctl::open(&cfg.quarantine.domain_control),
+                    crate::enforce::domctl::open(&cfg.quarantine.domain_control, {
+                        // A background detach wakes the loop to audit how it ended.
+                        let waker = waker.clone();
+                        crate::enforce::domctl::Reports::waking(std::sync::Arc::new(move || {
+                            let _ = waker.wake();
+                        }))
+                    }),
                     None,
                 )
             };
@@ -398,7 +404,12 @@ impl Daemon {
             for ev in events.iter() {
                 match ev.token() {
                     XS => self.state.on_xs_ready(&self.poll),
-                    WAKE => self.state.on_alerts(),
+                    WAKE => {
+                        self.state.on_alerts();
+                        if let Some(q) = self.state.quarantine.as_mut() {
+                            q.audit_domctl_reports(&self.state.inventory);
+                        }
+                    }
                     METRICS => {
                         while let Some(Ok((conn, _))) = self.metrics.as_ref().map(|l| l.accept()) {
                             use std::os::fd::{FromRawFd, IntoRawFd};

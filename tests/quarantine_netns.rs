@@ -884,9 +884,75 @@ fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release()
         st["quarantine"]["vms"][0], "5e1ab000-0000-4000-8000-000000000005",
         "{st}"
     );
+    // After its last try the service gives up, and the audit trail says so, naming the VM.
+    let audit = |op: &str| -> Vec<serde_json::Value> {
+        let out = cli(h.dir.path(), &["quarantined", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["audit"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|r| r["quarantine"]["op"] == op)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for("the failed detach audited", Duration::from_secs(20), || {
+        !audit("detach-failed").is_empty()
+    });
+    let failed = &audit("detach-failed")[0];
+    assert_eq!(failed["quarantine"]["tries"], 5, "{failed}");
+    assert_eq!(failed["quarantine"]["vif"], 0, "{failed}");
+    assert!(
+        failed["quarantine"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out")),
+        "{failed}"
+    );
+    assert_eq!(failed["xen"]["name"], "web", "{failed}");
+    assert_eq!(
+        failed["xen"]["uuid"], "5e1ab000-0000-4000-8000-000000000005",
+        "{failed}"
+    );
+    assert_eq!(xl().lines().count(), 5, "{}", xl());
+    assert!(
+        !ping(&g5, &["10.95.0.6"]),
+        "the guest talks after the service gave up"
+    );
 
     succeeded(cli(h.dir.path(), &["release", "web", "--reason", "clean"]));
     wait_for("web talks again", Duration::from_secs(5), || {
         ping(&g5, &["10.95.0.6"])
     });
+
+    // A toolstack that detaches: audited as done after one try.
+    std::fs::write(
+        bin.join("xl"),
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", xl_log.display()),
+    )
+    .unwrap();
+    succeeded(cli(
+        h.dir.path(),
+        &[
+            "quarantine",
+            "db",
+            "--action",
+            "detach",
+            "--reason",
+            "case 12",
+        ],
+    ));
+    wait_for("the detach audited", Duration::from_secs(5), || {
+        !audit("detached").is_empty()
+    });
+    let done = &audit("detached")[0];
+    assert_eq!(done["quarantine"]["tries"], 1, "{done}");
+    assert_eq!(done["xen"]["domid"], 6, "{done}");
+    assert_eq!(
+        done["quarantine"]["error"],
+        serde_json::Value::Null,
+        "{done}"
+    );
+    assert!(xl().lines().any(|l| l == "network-detach 6 0"), "{}", xl());
 }

@@ -30,6 +30,57 @@ pub trait DomainControl: Send {
     fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError>;
     /// How it acts (`xenctrl`, `xl`, `none`), for status and audit records.
     fn how(&self) -> &'static str;
+    /// How the background detaches that ended since the last call went.
+    fn take_reports(&mut self) -> Vec<DetachReport> {
+        Vec::new()
+    }
+}
+
+/// How a background `xl network-detach` ended, for the quarantine audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetachReport {
+    pub domid: u32,
+    pub devid: u32,
+    /// Tries made (1 when the first succeeded; 0 when xl could not be run).
+    pub tries: u32,
+    /// `None` when the toolstack detached the vif, else why it did not.
+    pub error: Option<String>,
+}
+
+/// Where background detaches leave their [`DetachReport`]s, and how they wake the owner's
+/// event loop to read them.
+#[derive(Clone, Default)]
+pub struct Reports {
+    queue: std::sync::Arc<std::sync::Mutex<Vec<DetachReport>>>,
+    wake: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Reports {
+    /// Reports that call `wake` after each one arrives.
+    pub fn waking(wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Reports {
+        Reports {
+            queue: Default::default(),
+            wake: Some(wake),
+        }
+    }
+
+    fn push(&self, r: DetachReport) {
+        match self.queue.lock() {
+            Ok(mut q) => q.push(r),
+            // (a thread panicked holding it; the outcome is in the log already)
+            Err(_) => return,
+        }
+        if let Some(w) = &self.wake {
+            w();
+        }
+    }
+
+    fn take(&self) -> Vec<DetachReport> {
+        self.queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
 }
 
 type XcOpen = unsafe extern "C" fn(*mut c_void, *mut c_void, u32) -> *mut c_void;
@@ -37,6 +88,8 @@ type XcDom = unsafe extern "C" fn(*mut c_void, u32) -> i32;
 
 /// libxenctrl through dlopen.
 pub struct XenCtrl {
+    /// Detaching goes through the toolstack.
+    xl: Xl,
     _lib: libloading::Library,
     xch: *mut c_void,
     pause: XcDom,
@@ -49,7 +102,7 @@ unsafe impl Send for XenCtrl {}
 
 impl XenCtrl {
     /// Loads libxenctrl and opens a handle (needs /dev/xen/privcmd, i.e. dom0).
-    pub fn open() -> Option<XenCtrl> {
+    pub fn open(reports: Reports) -> Option<XenCtrl> {
         for name in ["libxenctrl.so", "libxenctrl.so.4.17", "libxenctrl.so.4.16"] {
             // SAFETY: loading a system library; its initialisers are Xen's own.
             let Ok(lib) = (unsafe { libloading::Library::new(name) }) else {
@@ -72,6 +125,7 @@ impl XenCtrl {
                 return None;
             }
             return Some(XenCtrl {
+                xl: Xl { reports },
                 _lib: lib,
                 xch,
                 pause,
@@ -107,15 +161,21 @@ impl DomainControl for XenCtrl {
         self.call(f, "unpause", domid)
     }
     fn detach_vif(&mut self, domid: u32, devid: u32) -> Result<(), DomCtlError> {
-        Xl.detach_vif(domid, devid)
+        self.xl.detach_vif(domid, devid)
     }
     fn how(&self) -> &'static str {
         "xenctrl"
     }
+    fn take_reports(&mut self) -> Vec<DetachReport> {
+        self.xl.take_reports()
+    }
 }
 
 /// The `xl` toolstack.
-pub struct Xl;
+#[derive(Default)]
+pub struct Xl {
+    reports: Reports,
+}
 
 /// How often the service runs `xl network-detach` for one vif before it gives up, and how
 /// long it waits between tries. libxl gives the backend domain 10 s per try, so a vif whose
@@ -224,28 +284,39 @@ impl DomainControl for Xl {
         // libxl then reports failure and keeps the vif in its records (`xl network-list`).
         // Another `xl network-detach` a few seconds later finds the backend gone and
         // completes the removal, so the service tries until one succeeds (bounded).
+        let reports = self.reports.clone();
         let report = move |first| {
-            match detach_until_done(
-            program,
-            first,
-            domid,
-            devid,
-            DETACH_TRIES,
-            DETACH_RETRY,
-        ) {
-            DetachOutcome::Detached { tries: 1 } => {
-                log::info!("quarantine: vif {devid} of domain {domid} detached (xl network-detach)")
-            }
-            DetachOutcome::Detached { tries } => log::info!(
-                "quarantine: vif {devid} of domain {domid} detached (xl network-detach) on try {tries}"
-            ),
-            DetachOutcome::GaveUp { tries, why } => log::error!(
-                "quarantine: xl could not detach vif {devid} of domain {domid} in {tries} tries, gave up: {why}"
-            ),
-            DetachOutcome::Error(e) => {
-                log::error!("quarantine: xl network-detach {domid} {devid}: {e}")
-            }
-        }
+            let outcome =
+                detach_until_done(program, first, domid, devid, DETACH_TRIES, DETACH_RETRY);
+            let (tries, error) = match outcome {
+                DetachOutcome::Detached { tries } => {
+                    let on = if tries > 1 {
+                        format!(" on try {tries}")
+                    } else {
+                        String::new()
+                    };
+                    log::info!(
+                        "quarantine: vif {devid} of domain {domid} detached (xl network-detach){on}"
+                    );
+                    (tries, None)
+                }
+                DetachOutcome::GaveUp { tries, why } => {
+                    log::error!(
+                        "quarantine: xl could not detach vif {devid} of domain {domid} in {tries} tries, gave up: {why}"
+                    );
+                    (tries, Some(why))
+                }
+                DetachOutcome::Error(e) => {
+                    log::error!("quarantine: xl network-detach {domid} {devid}: {e}");
+                    (0, Some(e))
+                }
+            };
+            reports.push(DetachReport {
+                domid,
+                devid,
+                tries,
+                error,
+            });
         };
         if let Err(e) = std::thread::Builder::new()
             .name("xl network-detach".into())
@@ -258,6 +329,9 @@ impl DomainControl for Xl {
     }
     fn how(&self) -> &'static str {
         "xl"
+    }
+    fn take_reports(&mut self) -> Vec<DetachReport> {
+        self.reports.take()
     }
 }
 
@@ -373,7 +447,7 @@ impl DomainControl for Dom0 {
 
 /// `[quarantine] domain_control`: "auto" tries libxenctrl, then xl, then none. ("dom0" is
 /// built by the daemon with [`Dom0::new`], which also returns its queue.)
-pub fn open(choice: &str) -> Box<dyn DomainControl> {
+pub fn open(choice: &str, reports: Reports) -> Box<dyn DomainControl> {
     let has_xl = || {
         Command::new("xl")
             .arg("help")
@@ -382,17 +456,17 @@ pub fn open(choice: &str) -> Box<dyn DomainControl> {
             .unwrap_or(false)
     };
     match choice {
-        "xl" => Box::new(Xl),
+        "xl" => Box::new(Xl { reports }),
         "none" => Box::new(NoXen),
-        "xenctrl" => match XenCtrl::open() {
+        "xenctrl" => match XenCtrl::open(reports) {
             Some(x) => Box::new(x),
             None => Box::new(NoXen),
         },
         _ => {
-            if let Some(x) = XenCtrl::open() {
+            if let Some(x) = XenCtrl::open(reports.clone()) {
                 Box::new(x)
             } else if has_xl() {
-                Box::new(Xl)
+                Box::new(Xl { reports })
             } else {
                 Box::new(NoXen)
             }

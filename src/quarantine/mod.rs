@@ -987,6 +987,48 @@ impl Quarantine {
         r
     }
 
+    /// Audits how the toolstack's background detaches ended (`enforce::domctl`): an EVE
+    /// `quarantine` record with op `detached` or `detach-failed`, naming the guest.
+    pub fn audit_domctl_reports(&mut self, guests: &Guests) {
+        for rep in self.domctl.take_reports() {
+            let g = guests.get(&rep.domid);
+            let uuid = g.and_then(|g| g.uuid.clone());
+            let name = g.and_then(|g| g.name.clone());
+            let op = if rep.error.is_none() {
+                "detached"
+            } else {
+                "detach-failed"
+            };
+            let v = serde_json::json!({
+                "timestamp": rfc3339(SystemTime::now()),
+                "event_type": "quarantine",
+                "quarantine": {
+                    "op": op,
+                    "action": Action::Detach,
+                    "vif": rep.devid,
+                    "tries": rep.tries,
+                    "error": rep.error,
+                    "by": self.domctl.how(),
+                },
+                "xen": {"domid": rep.domid, "uuid": uuid, "name": name},
+            });
+            log::warn!(
+                target: "virtsec::event::quarantine",
+                op = op,
+                uuid = uuid.as_deref().unwrap_or_default(),
+                domid = rep.domid.to_string().as_str();
+                "quarantine {op}: vif {} of domain {} ({}) after {} tr{}{}",
+                rep.devid,
+                rep.domid,
+                name.as_deref().unwrap_or("?"),
+                rep.tries,
+                if rep.tries == 1 { "y" } else { "ies" },
+                rep.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+            );
+            self.audit_line(v);
+        }
+    }
+
     fn audit_line(&mut self, v: serde_json::Value) {
         if let Some(f) = &mut self.eve {
             let mut line = v.to_string().into_bytes();

@@ -621,8 +621,8 @@ if [ -n "$G2" ]; then
         if [ "$took" -lt 2000 ] \
            && until_ms 20000 sh -c "[ ! -e /sys/class/net/vif$G2.0 ] && ! xenstore-read $(be "$G2" 0)/state >/dev/null 2>&1" \
            && until_ms 10000 sh -c "virtsec domains --json | jq -e --argjson d $G2 '.[] | select(.domid == \$d) | .vifs | length == 0'" \
-           && until_ms 20000 grep -q "vif 0 of domain $G2 detached (xl network-detach)" /var/log/virtsecd.log; then
-            ok "quarantine --action detach: guest2's vif is gone (netdev, backend, inventory), the service answered at once" "the command took $took ms, xl network-detach had ended within $(( $(now_ms) - t0 )) ms; xl network-list: $(xl network-list guest2 2>/dev/null | tail -n +2 | wc -l) vif(s)"
+           && until_ms 20000 sh -c "virtsec quarantined --json | jq -e '.audit[] | select(.quarantine.op == \"detached\" and .xen.name == \"guest2\")' >/dev/null"; then
+            ok "quarantine --action detach: guest2's vif is gone (netdev, backend, inventory), the service answered at once and audited the detach" "the command took $took ms, xl network-detach had ended within $(( $(now_ms) - t0 )) ms; xl network-list: $(xl network-list guest2 2>/dev/null | tail -n +2 | wc -l) vif(s); $(virtsec quarantined --json | jq -c '[.audit[] | select(.quarantine.op == "detached")][-1].quarantine | {vif, tries}')"
         else
             notok "quarantine --action detach removes guest2's vif" "took $took ms; $(ls /sys/class/net | tr '\n' ' '); $(doms | jq -c .); $(grep 'quarantine: .*detach' /var/log/virtsecd.log | tail -2 | tr '\n' ' ')"
         fi
@@ -773,6 +773,7 @@ if [ -n "$G5" ]; then
     if until_ms 30000 sh -c "! xenstore-read $bk/state" \
        && until_ms 10000 xenstore-read "$rq/response/e2e-dd5" \
        && until_ms 45000 sh -c "[ \"\$(xl network-list guest5 2>/dev/null | tail -n +2 | wc -l)\" = 0 ]" \
+       && until_ms 5000 sh -c "virtsec quarantined --json | jq -e --argjson d $G5 '.audit[] | select(.quarantine.op == \"detached\" and .xen.domid == \$d and .xen.name == \"guest5\")' >/dev/null" \
        && virtsec quarantined --json | jq -e '[.audit[] | select(.quarantine.op == "delegated" and .quarantine.request.op == "detach")] | length == 1' >/dev/null; then
         ok "detach from the driver domain: dom0's virtsecd detaches guest5's vif from netdd" "$(xenstore-read "$rq/response/e2e-dd5" | jq -c '.record.actions'); $(grep "of domain $G5 detached" /var/log/virtsecd.log | tail -1 | sed 's/.*quarantine: //')"
     else
