@@ -41,7 +41,7 @@ pub trait DomainControl: Send {
 pub struct DetachReport {
     pub domid: u32,
     pub devid: u32,
-    /// Tries made (1 when the first succeeded; 0 when xl could not be run).
+    /// Tries made (1 when the first succeeded).
     pub tries: u32,
     /// `None` when the toolstack detached the vif, else why it did not.
     pub error: Option<String>,
@@ -183,20 +183,9 @@ pub struct Xl {
 const DETACH_TRIES: u32 = 5;
 const DETACH_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// How a background detach ended.
-#[derive(Debug, PartialEq, Eq)]
-enum DetachOutcome {
-    /// `xl network-detach` succeeded on this try (1-based).
-    Detached { tries: u32 },
-    /// Every try failed; `why` is the last one's message.
-    GaveUp { tries: u32, why: String },
-    /// `xl` could not be run or waited for.
-    Error(String),
-}
-
 /// Runs `<program> network-detach <domid> <devid>` until it succeeds, at most `tries` times,
 /// `delay` apart; `first` is the already started first try. Each failure but the last is
-/// logged as a warning.
+/// logged as a warning; the report says how it ended.
 fn detach_until_done(
     program: &std::ffi::OsStr,
     first: std::process::Child,
@@ -204,23 +193,26 @@ fn detach_until_done(
     devid: u32,
     tries: u32,
     delay: std::time::Duration,
-) -> DetachOutcome {
+) -> DetachReport {
+    let report = |tries, error| DetachReport {
+        domid,
+        devid,
+        tries,
+        error,
+    };
     let mut child = Ok(first);
     let mut attempt = 1;
     loop {
         let o = match child.and_then(|c| c.wait_with_output()) {
             Ok(o) => o,
-            Err(e) => return DetachOutcome::Error(e.to_string()),
+            Err(e) => return report(attempt, Some(format!("cannot run xl: {e}"))),
         };
         if o.status.success() {
-            return DetachOutcome::Detached { tries: attempt };
+            return report(attempt, None);
         }
         let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
         if attempt >= tries {
-            return DetachOutcome::GaveUp {
-                tries: attempt,
-                why,
-            };
+            return report(attempt, Some(why));
         }
         log::warn!(
             "quarantine: xl could not detach vif {devid} of domain {domid} (try {attempt} of {tries}), trying again in {} s: {why}",
@@ -286,37 +278,19 @@ impl DomainControl for Xl {
         // completes the removal, so the service tries until one succeeds (bounded).
         let reports = self.reports.clone();
         let report = move |first| {
-            let outcome =
-                detach_until_done(program, first, domid, devid, DETACH_TRIES, DETACH_RETRY);
-            let (tries, error) = match outcome {
-                DetachOutcome::Detached { tries } => {
-                    let on = if tries > 1 {
-                        format!(" on try {tries}")
-                    } else {
-                        String::new()
-                    };
-                    log::info!(
-                        "quarantine: vif {devid} of domain {domid} detached (xl network-detach){on}"
-                    );
-                    (tries, None)
-                }
-                DetachOutcome::GaveUp { tries, why } => {
-                    log::error!(
-                        "quarantine: xl could not detach vif {devid} of domain {domid} in {tries} tries, gave up: {why}"
-                    );
-                    (tries, Some(why))
-                }
-                DetachOutcome::Error(e) => {
-                    log::error!("quarantine: xl network-detach {domid} {devid}: {e}");
-                    (0, Some(e))
-                }
-            };
-            reports.push(DetachReport {
-                domid,
-                devid,
-                tries,
-                error,
-            });
+            let r = detach_until_done(program, first, domid, devid, DETACH_TRIES, DETACH_RETRY);
+            match (&r.error, r.tries) {
+                (None, 1) => log::info!(
+                    "quarantine: vif {devid} of domain {domid} detached (xl network-detach)"
+                ),
+                (None, n) => log::info!(
+                    "quarantine: vif {devid} of domain {domid} detached (xl network-detach) on try {n}"
+                ),
+                (Some(why), n) => log::error!(
+                    "quarantine: xl could not detach vif {devid} of domain {domid} in {n} tries, gave up: {why}"
+                ),
+            }
+            reports.push(r);
         };
         if let Err(e) = std::thread::Builder::new()
             .name("xl network-detach".into())
@@ -514,7 +488,7 @@ mod tests {
         let xl = fake_xl(dir.path(), 3);
         let first = spawn_detach(xl.as_os_str(), 7, 1).expect("run the fake xl");
         let outcome = detach_until_done(xl.as_os_str(), first, 7, 1, 5, Duration::from_millis(10));
-        assert_eq!(outcome, DetachOutcome::Detached { tries: 3 });
+        assert_eq!((outcome.tries, outcome.error), (3, None));
         assert_eq!(calls(dir.path()), vec!["network-detach 7 1"; 3]);
     }
 
@@ -526,10 +500,14 @@ mod tests {
         let outcome = detach_until_done(xl.as_os_str(), first, 9, 0, 4, Duration::from_millis(10));
         assert_eq!(
             outcome,
-            DetachOutcome::GaveUp {
+            DetachReport {
+                domid: 9,
+                devid: 0,
                 tries: 4,
-                why: "libxl: error: timed out while waiting for backend to be removed (call 4)"
-                    .into()
+                error: Some(
+                    "libxl: error: timed out while waiting for backend to be removed (call 4)"
+                        .into()
+                )
             }
         );
         assert_eq!(calls(dir.path()).len(), 4);
@@ -541,7 +519,7 @@ mod tests {
         let xl = fake_xl(dir.path(), 1);
         let first = spawn_detach(xl.as_os_str(), 3, 0).expect("run the fake xl");
         let outcome = detach_until_done(xl.as_os_str(), first, 3, 0, 5, Duration::from_secs(30));
-        assert_eq!(outcome, DetachOutcome::Detached { tries: 1 });
+        assert_eq!((outcome.tries, outcome.error), (1, None));
         assert_eq!(calls(dir.path()).len(), 1);
     }
 }
