@@ -138,19 +138,7 @@ fn a_driver_domain_quarantines_by_the_identities_dom0_publishes() {
 
     // dom0's service publishes the identities of the driver domain's guests, and only those.
     // dom0's toolstack here is a stand-in `xl` that records what it is asked.
-    let bin = dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let xl_log = dir.path().join("xl.log");
-    std::fs::write(
-        bin.join("xl"),
-        format!("#!/bin/sh\necho \"$*\" >> {}\n", xl_log.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        bin.join("xl"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let (bin, xl_log) = stand_in_xl(dir.path(), "");
     let _d0 = service(
         &d0,
         &xs,

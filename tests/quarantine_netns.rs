@@ -813,22 +813,10 @@ fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release()
     let mut h = host("d", &["vqd5", "vqd6"]);
     let _log = LogOnPanic(h.dir.path().to_path_buf());
     let (g5, g6) = (format!("vqd5{id}"), format!("vqd6{id}"));
-    let bin = h.dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let xl_log = h.dir.path().join("xl.log");
-    std::fs::write(
-        bin.join("xl"),
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\necho 'libxl: error: timed out while waiting for the backend to be removed' >&2\nexit 1\n",
-            xl_log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        bin.join("xl"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let (bin, xl_log) = stand_in_xl(
+        h.dir.path(),
+        "echo 'libxl: error: timed out while waiting for the backend to be removed' >&2\nexit 1",
+    );
     let extra = format!(
         "[enforce]\nantispoof = true\n[quarantine]\nstate_dir = {:?}\ndomain_control = \"xl\"\n",
         h.dir.path().join("state").display().to_string()
@@ -927,11 +915,7 @@ fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release()
     });
 
     // A toolstack that detaches: audited as done after one try.
-    std::fs::write(
-        bin.join("xl"),
-        format!("#!/bin/sh\necho \"$*\" >> {}\n", xl_log.display()),
-    )
-    .unwrap();
+    stand_in_xl(h.dir.path(), "");
     succeeded(cli(
         h.dir.path(),
         &[

@@ -356,3 +356,21 @@ pub fn bridged_spec(domid: u32, name: &str, net: &str) -> virtsec::lab::toolstac
     g.vifs[0].ip = Some(format!("{net}.{domid}"));
     g
 }
+
+/// A stand-in `xl` in `dir/bin` (created if missing, replaced if there) that appends its
+/// arguments to `dir/xl.log`, then runs the shell lines `then`. Returns the `bin` directory
+/// (to put first on virtsecd's PATH) and the log.
+pub fn stand_in_xl(dir: &Path, then: &str) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = dir.join("xl.log");
+    let xl = bin.join("xl");
+    std::fs::write(
+        &xl,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n{then}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (bin, log)
+}
