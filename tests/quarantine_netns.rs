@@ -886,10 +886,14 @@ fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release()
             })
             .unwrap_or_default()
     };
-    wait_for("the failed detach audited", Duration::from_secs(20), || {
-        !audit("detach-failed").is_empty()
-    });
-    let failed = &audit("detach-failed")[0];
+    // The first audit record with quarantine op `op`, waited for up to `within`.
+    let audited = |op: &str, within: Duration| -> serde_json::Value {
+        wait_for(&format!("a {op} audit record"), within, || {
+            !audit(op).is_empty()
+        });
+        audit(op).swap_remove(0)
+    };
+    let failed = &audited("detach-failed", Duration::from_secs(20));
     assert_eq!(failed["quarantine"]["tries"], 5, "{failed}");
     assert_eq!(failed["quarantine"]["vif"], 0, "{failed}");
     assert!(
@@ -927,10 +931,7 @@ fn a_detach_the_toolstack_cannot_finish_still_cuts_the_guest_off_until_release()
             "case 12",
         ],
     ));
-    wait_for("the detach audited", Duration::from_secs(5), || {
-        !audit("detached").is_empty()
-    });
-    let done = &audit("detached")[0];
+    let done = &audited("detached", Duration::from_secs(5));
     assert_eq!(done["quarantine"]["tries"], 1, "{done}");
     assert_eq!(done["xen"]["domid"], 6, "{done}");
     assert_eq!(

@@ -482,22 +482,32 @@ mod tests {
             .collect()
     }
 
+    /// Detaches vif `devid` of `domid` through a stand-in xl that succeeds on call
+    /// `succeed_on` (never when 0): the report and the calls xl received.
+    fn detach_with(
+        succeed_on: u32,
+        domid: u32,
+        devid: u32,
+        tries: u32,
+        delay: Duration,
+    ) -> (DetachReport, Vec<String>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let xl = fake_xl(dir.path(), succeed_on);
+        let first = spawn_detach(xl.as_os_str(), domid, devid).expect("run the fake xl");
+        let report = detach_until_done(xl.as_os_str(), first, domid, devid, tries, delay);
+        (report, calls(dir.path()))
+    }
+
     #[test]
     fn a_slow_backend_domain_is_waited_for_with_more_tries() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let xl = fake_xl(dir.path(), 3);
-        let first = spawn_detach(xl.as_os_str(), 7, 1).expect("run the fake xl");
-        let outcome = detach_until_done(xl.as_os_str(), first, 7, 1, 5, Duration::from_millis(10));
+        let (outcome, calls) = detach_with(3, 7, 1, 5, Duration::from_millis(10));
         assert_eq!((outcome.tries, outcome.error), (3, None));
-        assert_eq!(calls(dir.path()), vec!["network-detach 7 1"; 3]);
+        assert_eq!(calls, vec!["network-detach 7 1"; 3]);
     }
 
     #[test]
     fn detach_gives_up_after_its_last_try_with_the_last_reason() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let xl = fake_xl(dir.path(), 0);
-        let first = spawn_detach(xl.as_os_str(), 9, 0).expect("run the fake xl");
-        let outcome = detach_until_done(xl.as_os_str(), first, 9, 0, 4, Duration::from_millis(10));
+        let (outcome, calls) = detach_with(0, 9, 0, 4, Duration::from_millis(10));
         assert_eq!(
             outcome,
             DetachReport {
@@ -510,16 +520,13 @@ mod tests {
                 )
             }
         );
-        assert_eq!(calls(dir.path()).len(), 4);
+        assert_eq!(calls.len(), 4);
     }
 
     #[test]
     fn a_detach_that_succeeds_at_once_runs_xl_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let xl = fake_xl(dir.path(), 1);
-        let first = spawn_detach(xl.as_os_str(), 3, 0).expect("run the fake xl");
-        let outcome = detach_until_done(xl.as_os_str(), first, 3, 0, 5, Duration::from_secs(30));
+        let (outcome, calls) = detach_with(1, 3, 0, 5, Duration::from_secs(30));
         assert_eq!((outcome.tries, outcome.error), (1, None));
-        assert_eq!(calls(dir.path()).len(), 1);
+        assert_eq!(calls.len(), 1);
     }
 }
