@@ -77,120 +77,116 @@ pub struct QuarantineStatus {
     pub errors: Vec<String>,
 }
 
+/// The control answer when the quarantine manager did not open.
+const NO_QUARANTINE: &str = "quarantine is unavailable (see virtsec status: quarantine.errors)";
+
 impl State {
     pub(super) fn answer(
         &mut self,
         req: ControlRequest,
         refused: u64,
     ) -> Result<serde_json::Value, String> {
-        let v =
-            match req {
-                ControlRequest::Quarantine {
-                    target,
-                    action,
-                    reason,
-                    who,
-                } => {
-                    let q = self.quarantine.as_mut().ok_or(
-                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
-                    )?;
-                    let action: crate::quarantine::Action = action.parse()?;
-                    let by = format!("operator {who}");
-                    let r = q
-                        .apply(&target, action, &reason, &by, &self.inventory)
-                        .map_err(|e| e.to_string());
-                    self.flush_publish();
-                    serde_json::to_value(r?)
+        let v = match req {
+            ControlRequest::Quarantine {
+                target,
+                action,
+                reason,
+                who,
+            } => {
+                let q = self.quarantine.as_mut().ok_or(NO_QUARANTINE)?;
+                let action: crate::quarantine::Action = action.parse()?;
+                let by = format!("operator {who}");
+                let r = q
+                    .apply(&target, action, &reason, &by, &self.inventory)
+                    .map_err(|e| e.to_string());
+                self.flush_publish();
+                serde_json::to_value(r?)
+            }
+            ControlRequest::Release {
+                target,
+                reason,
+                who,
+            } => {
+                let q = self.quarantine.as_mut().ok_or(NO_QUARANTINE)?;
+                let by = format!("operator {who}");
+                let r = q
+                    .release(&target, &reason, &by, &self.inventory)
+                    .map_err(|e| e.to_string());
+                if let Ok(rec) = &r {
+                    self.released(&rec.uuid);
                 }
-                ControlRequest::Release {
-                    target,
-                    reason,
-                    who,
-                } => {
-                    let q = self.quarantine.as_mut().ok_or(
-                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
-                    )?;
-                    let by = format!("operator {who}");
-                    let r = q
-                        .release(&target, &reason, &by, &self.inventory)
-                        .map_err(|e| e.to_string());
-                    if let Ok(rec) = &r {
-                        self.released(&rec.uuid);
-                    }
-                    self.flush_publish();
-                    serde_json::to_value(r?)
-                }
-                ControlRequest::ReloadRules => {
-                    let dp = self
-                        .dataplane
-                        .as_mut()
-                        .ok_or("no data plane: [inspect] rules is empty and behaviour is off")?;
-                    let summary = dp.reload_rules()?;
-                    Ok(serde_json::json!({ "summary": summary }))
-                }
-                ControlRequest::Quarantined => {
-                    let q = self.quarantine.as_ref().ok_or(
-                        "quarantine is unavailable (see virtsec status: quarantine.errors)",
-                    )?;
-                    Ok(serde_json::json!({
-                        "quarantined": q.records().collect::<Vec<_>>(),
-                        "corrupt": q.corrupt(),
-                        "audit": q.audit_log().collect::<Vec<_>>(),
-                    }))
-                }
-                ControlRequest::Status => serde_json::to_value(self.status(refused)),
-                ControlRequest::Domains { .. } => {
-                    serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
-                }
-                ControlRequest::Alerts { after } => {
-                    let (total, alerts) = self
-                        .dataplane
-                        .as_ref()
-                        .map(|d| d.alerts_after(after))
-                        .unwrap_or_default();
-                    Ok(serde_json::json!({"total": total, "alerts": alerts}))
-                }
-                ControlRequest::VifReady { domid, devid } => {
-                    let guest = self.inventory.get(&domid);
-                    let vif = guest.and_then(|g| g.vifs.get(&devid));
-                    let ifname = vif.map(|v| v.ifname.clone());
-                    // A quarantined VM's new vif: held as its record says (`bridge`: the
-                    // backend key vif-bridge reads names the quarantine bridge).
-                    let quarantine = match (&self.quarantine, guest, vif) {
-                        (Some(q), Some(g), Some(v)) => q.vif_held(g, v),
-                        _ => true,
-                    };
-                    // A driver domain taking identities from dom0: not before it knows whose
-                    // vif it is (a quarantined VM is held by UUID).
-                    let identity = !self.cfg.xenstore.dom0_identities
-                        || self.self_domid == Some(0)
-                        || guest.is_some_and(|g| g.uuid.is_some());
-                    let antispoof = match (&self.antispoof, &ifname) {
-                        (Some(a), Some(n)) => Some(a.has(n)),
-                        (None, _) => None,
-                        (Some(_), None) => Some(false),
-                    };
-                    let inspection = match (&self.dataplane, &ifname) {
-                        (Some(d), Some(n)) => Some(d.attached(n)),
-                        (None, _) => None,
-                        (Some(_), None) => Some(false),
-                    };
-                    let ready = ifname.is_some()
-                        && antispoof.unwrap_or(true)
-                        && inspection.unwrap_or(true)
-                        && quarantine
-                        && identity
-                        && matches!(self.link, Link::Up(_));
-                    Ok(serde_json::json!({
-                        "ready": ready,
-                        "ifname": ifname,
-                        "antispoof": antispoof,
-                        "inspection": inspection,
-                        "quarantine": quarantine,
-                        "identity": identity,
-                    }))
-                }
-            };
+                self.flush_publish();
+                serde_json::to_value(r?)
+            }
+            ControlRequest::ReloadRules => {
+                let dp = self
+                    .dataplane
+                    .as_mut()
+                    .ok_or("no data plane: [inspect] rules is empty and behaviour is off")?;
+                let summary = dp.reload_rules()?;
+                Ok(serde_json::json!({ "summary": summary }))
+            }
+            ControlRequest::Quarantined => {
+                let q = self.quarantine.as_ref().ok_or(NO_QUARANTINE)?;
+                Ok(serde_json::json!({
+                    "quarantined": q.records().collect::<Vec<_>>(),
+                    "corrupt": q.corrupt(),
+                    "audit": q.audit_log().collect::<Vec<_>>(),
+                }))
+            }
+            ControlRequest::Status => serde_json::to_value(self.status(refused)),
+            ControlRequest::Domains { .. } => {
+                serde_json::to_value(self.inventory.values().collect::<Vec<_>>())
+            }
+            ControlRequest::Alerts { after } => {
+                let (total, alerts) = self
+                    .dataplane
+                    .as_ref()
+                    .map(|d| d.alerts_after(after))
+                    .unwrap_or_default();
+                Ok(serde_json::json!({"total": total, "alerts": alerts}))
+            }
+            ControlRequest::VifReady { domid, devid } => {
+                let guest = self.inventory.get(&domid);
+                let vif = guest.and_then(|g| g.vifs.get(&devid));
+                let ifname = vif.map(|v| v.ifname.clone());
+                // A quarantined VM's new vif: held as its record says (`bridge`: the
+                // backend key vif-bridge reads names the quarantine bridge).
+                let quarantine = match (&self.quarantine, guest, vif) {
+                    (Some(q), Some(g), Some(v)) => q.vif_held(g, v),
+                    _ => true,
+                };
+                // A driver domain taking identities from dom0: not before it knows whose
+                // vif it is (a quarantined VM is held by UUID).
+                let identity = !self.cfg.xenstore.dom0_identities
+                    || self.self_domid == Some(0)
+                    || guest.is_some_and(|g| g.uuid.is_some());
+                let antispoof = match (&self.antispoof, &ifname) {
+                    (Some(a), Some(n)) => Some(a.has(n)),
+                    (None, _) => None,
+                    (Some(_), None) => Some(false),
+                };
+                let inspection = match (&self.dataplane, &ifname) {
+                    (Some(d), Some(n)) => Some(d.attached(n)),
+                    (None, _) => None,
+                    (Some(_), None) => Some(false),
+                };
+                let ready = ifname.is_some()
+                    && antispoof.unwrap_or(true)
+                    && inspection.unwrap_or(true)
+                    && quarantine
+                    && identity
+                    && matches!(self.link, Link::Up(_));
+                Ok(serde_json::json!({
+                    "ready": ready,
+                    "ifname": ifname,
+                    "antispoof": antispoof,
+                    "inspection": inspection,
+                    "quarantine": quarantine,
+                    "identity": identity,
+                }))
+            }
+        };
         v.map_err(|e| e.to_string())
     }
 
