@@ -1,6 +1,6 @@
 //! What the service answers when asked: the control socket's requests (quarantine, release,
 //! reload, `virtsec status`, domains, alerts, a hotplug script's "is this vif ready"), and the
-//! Prometheus exposition. Everything here reads the loop's state as it is; nothing waits.
+//! Prometheus exposition. Quarantine, release and rule reloads act here, on the loop's thread.
 
 use serde::Serialize;
 
