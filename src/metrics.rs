@@ -4,10 +4,88 @@
 //! read with a short timeout (anything but `GET /metrics` gets 404) and the whole exposition
 //! is written in one go. The exposition format (version 0.0.4) is plain text and simple enough
 //! that a dependency would add more than it saves.
+//!
+//! [`Histogram`] is a fixed-bucket latency histogram the data-plane workers record into with
+//! one relaxed atomic add per sample (no lock, no allocation on the hot path), exposed as a
+//! Prometheus histogram and summarised (p50, p99) in `virtsec status --json`. Fixed buckets
+//! rather than an HDR histogram crate: the workers share one per vif across threads, and the
+//! quantiles only need the precision of the buckets below.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Upper bounds of [`Histogram`]'s buckets in microseconds; a last bucket holds the rest.
+pub const BUCKETS_US: [u64; 17] = [
+    5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000,
+];
+
+/// A latency histogram shared by threads: counts per bucket of [`BUCKETS_US`] (and one above
+/// them) and the sum of the samples.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one sample of `ns` nanoseconds.
+    pub fn record(&self, ns: u64) {
+        let i = BUCKETS_US.partition_point(|&b| b * 1000 < ns);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counts of a [`Histogram`] at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSnapshot {
+    pub counts: [u64; BUCKETS_US.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn mean_us(&self) -> Option<f64> {
+        let n = self.count();
+        (n > 0).then(|| self.sum_ns as f64 / 1000.0 / n as f64)
+    }
+
+    /// The `q` quantile in microseconds, interpolated linearly inside its bucket (as
+    /// Prometheus' `histogram_quantile` does); a quantile above the last bound is reported as
+    /// that bound. `None` without samples.
+    pub fn quantile_us(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * n as f64;
+        let mut below = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            let Some(&hi) = BUCKETS_US.get(i) else {
+                return BUCKETS_US.last().map(|&b| b as f64);
+            };
+            if c > 0 && (below + c) as f64 >= rank {
+                let lo = if i == 0 { 0 } else { BUCKETS_US[i - 1] };
+                let into = (rank - below as f64).max(0.0) / c as f64;
+                return Some(lo as f64 + into * (hi - lo) as f64);
+            }
+            below += c;
+        }
+        BUCKETS_US.last().map(|&b| b as f64)
+    }
+}
 
 /// One metric family being written.
 pub struct Exposition {
@@ -53,6 +131,23 @@ impl Exposition {
         let _ = writeln!(self.out, " {value}");
     }
 
+    /// One histogram's samples (`_bucket` with cumulative counts and `le` in seconds, `_sum`,
+    /// `_count`) under family `name`, with `labels`.
+    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
+        let mut cumulative = 0u64;
+        for (i, &c) in h.counts.iter().enumerate() {
+            cumulative += c;
+            let le = BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |&b| format!("{}", b as f64 / 1e6));
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&format!("{name}_bucket"), &l, cumulative as f64);
+        }
+        self.sample(&format!("{name}_sum"), labels, h.sum_ns as f64 / 1e9);
+        self.sample(&format!("{name}_count"), labels, cumulative as f64);
+    }
+
     pub fn finish(self) -> String {
         self.out
     }
@@ -81,6 +176,55 @@ pub fn serve(mut stream: std::net::TcpStream, body: impl FnOnce() -> String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_quantiles_and_exposition() {
+        let h = Histogram::default();
+        assert_eq!(h.snapshot().quantile_us(0.5), None);
+        // 30 samples of 42 µs (bucket 40..50), 10 of 180 µs (150..200), 1 of 20 ms (above).
+        for _ in 0..30 {
+            h.record(42_000);
+        }
+        for _ in 0..10 {
+            h.record(180_000);
+        }
+        h.record(20_000_000);
+        let s = h.snapshot();
+        assert_eq!(s.count(), 41);
+        assert_eq!(s.counts[6], 30);
+        assert_eq!(s.counts[10], 10);
+        assert_eq!(s.counts[17], 1);
+        // p50: rank 20.5 of the 30 in 40..50 µs.
+        let p50 = s.quantile_us(0.5).unwrap();
+        assert!((p50 - (40.0 + 10.0 * 20.5 / 30.0)).abs() < 1e-9, "{p50}");
+        let p90 = s.quantile_us(0.9).unwrap();
+        assert!(p90 > 150.0 && p90 <= 200.0, "{p90}");
+        assert_eq!(s.quantile_us(1.0), Some(10_000.0));
+        let mean = s.mean_us().unwrap();
+        assert!((mean - (30.0 * 42.0 + 10.0 * 180.0 + 20_000.0) / 41.0).abs() < 1e-6);
+        // A sample exactly on a bound belongs to that bound's bucket (`le`).
+        let b = Histogram::default();
+        b.record(5_000);
+        b.record(5_001);
+        assert_eq!(b.snapshot().counts[..2], [1, 1]);
+
+        let mut e = Exposition::new();
+        e.histogram("w", &[("vif", "vif5.0")], &s);
+        let text = e.finish();
+        assert!(
+            text.contains("w_bucket{vif=\"vif5.0\",le=\"0.00005\"} 30\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("w_bucket{vif=\"vif5.0\",le=\"0.01\"} 40\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("w_bucket{vif=\"vif5.0\",le=\"+Inf\"} 41\n"),
+            "{text}"
+        );
+        assert!(text.contains("w_count{vif=\"vif5.0\"} 41\n"), "{text}");
+    }
 
     #[test]
     fn exposition_format() {

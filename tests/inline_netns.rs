@@ -165,6 +165,17 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
         ping(&g5, &["10.96.0.1"]),
         "inline guest cannot reach the host"
     );
+    // Every frame the worker forwarded has its wait for the verdict measured: the two echo
+    // requests and replies at least (ARP too), each under the overload bound (2 ms).
+    let wait = &status(dir.path()).unwrap()["inspection"]["vif5.0"]["inline"]["verdict_wait_us"];
+    assert!(wait["frames"].as_u64().unwrap_or(0) >= 4, "{wait}");
+    let p50 = wait["p50"].as_f64().unwrap_or(-1.0);
+    assert!(p50 > 0.0 && p50 <= 2000.0, "{wait}");
+    let human = stdout(&cli(dir.path(), &["status"]));
+    assert!(
+        human.contains("inline verdict wait: vif5.0 p50 "),
+        "{human}"
+    );
     let srv = sink(&g6, 5001, 10);
     std::thread::sleep(Duration::from_millis(300));
     let big = vec![vec![b'x'; 8 << 20]];

@@ -260,6 +260,12 @@ fn forward(
                 pass.push(i);
             }
             let frames: Vec<&[u8]> = pass.iter().map(|&i| &bufs[i][..got[i].len]).collect();
+            let handed = now_ns();
+            for &i in &pass {
+                if got[i].ts_ns != 0 {
+                    c.verdict_wait.record(handed.saturating_sub(got[i].ts_ns));
+                }
+            }
             let sent = to.send_batch(&frames);
             if sent < frames.len() {
                 c.send_errors

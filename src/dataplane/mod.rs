@@ -66,6 +66,10 @@ pub struct VifCounters {
     pub overload_drops: AtomicU64,
     pub truncated: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Inline: how long each forwarded frame waited for its verdict, from the kernel's
+    /// receive timestamp to the worker handing it back to the kernel (the worker's wake-up,
+    /// reading and inspection; not the forwarding after it).
+    pub verdict_wait: crate::metrics::Histogram,
     /// Frames from another local guest, inspected at that guest's vif already.
     pub local: AtomicU64,
     /// Passive: frames the kernel copied headers-only (`capture::bpf`: another local guest's
@@ -160,6 +164,30 @@ pub struct InlineStatus {
     pub overload_drops: u64,
     pub truncated: u64,
     pub send_errors: u64,
+    /// How long forwarded frames waited for their verdict (`VifCounters::verdict_wait`).
+    pub verdict_wait_us: WaitStatus,
+}
+
+/// A summary of a latency histogram, in microseconds (quantiles to the precision of
+/// `metrics::BUCKETS_US`); `None` before the first frame.
+#[derive(Clone, Debug, Serialize)]
+pub struct WaitStatus {
+    pub frames: u64,
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+impl From<&crate::metrics::HistogramSnapshot> for WaitStatus {
+    fn from(h: &crate::metrics::HistogramSnapshot) -> WaitStatus {
+        let round = |x: Option<f64>| x.map(|v| (v * 10.0).round() / 10.0);
+        WaitStatus {
+            frames: h.count(),
+            mean: round(h.mean_us()),
+            p50: round(h.quantile_us(0.5)),
+            p99: round(h.quantile_us(0.99)),
+        }
+    }
 }
 
 /// Why a worker is asked to stop.
@@ -1054,6 +1082,20 @@ impl DataPlane {
                 ns as f64 / 1e9,
             );
         }
+        e.family(
+            "virtsec_inline_verdict_wait_seconds",
+            "histogram",
+            "How long an inline vif's forwarded frames waited for their verdict (kernel receive to hand-back).",
+        );
+        for (ifname, w) in &self.workers {
+            if w.mode == Mode::Inline {
+                e.histogram(
+                    "virtsec_inline_verdict_wait_seconds",
+                    &[("vif", ifname)],
+                    &w.shared.counters.verdict_wait.snapshot(),
+                );
+            }
+        }
         e.family("virtsec_alerts_total", "counter", "Alerts by rule.");
         if let Ok(l) = self.out.log.lock() {
             for ((gid, sid), n) in &l.by_sid {
@@ -1119,6 +1161,7 @@ impl DataPlane {
                             overload_drops: ld(&c.overload_drops),
                             truncated: ld(&c.truncated),
                             send_errors: ld(&c.send_errors),
+                            verdict_wait_us: (&c.verdict_wait.snapshot()).into(),
                         }),
                     },
                 )
