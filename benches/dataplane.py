@@ -5,7 +5,11 @@ A simulated backend domain (network namespace `vsbench-d0`, bridge xenbr0) with 
 (namespaces behind veths vif1.0 and vif2.0, 169.254.77.1/.2, MTU 1500, guest offloads left on),
 both listed in a lab XenStore as libxl writes them. For each configuration, in alternating
 rounds: iperf3 guest-to-guest with 1 and 4 streams, ping (p50/p99), sockperf TCP ping-pong
-(64 B, p50/p99), the inspector's CPU per Gbit/s and its capture losses.
+(64 B, p50/p99), the inspector's CPU per Gbit/s and its capture losses. For inline
+configurations, the p50 of how long the ping's frames waited in the worker for their verdict
+(the service's `virtsec_inline_verdict_wait_seconds`, read before and after the pings): each
+ping crosses the worker twice, and what the round trip adds beyond twice that wait is the
+kernel's handing over of frames (and, on a slow host, waking the pinging process).
 
 Configurations:
   none         no inspection (the baseline every ratio is against)
@@ -21,6 +25,10 @@ Configurations:
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
                kernel rules every other virtsec configuration has cost on their own
   suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed)
+  suricata-ips Suricata 7 AF_PACKET copy-mode IPS between vif1.0 and a veth into xenbr0 (the
+               topology of ../shared/docs/inline-peers.md), same rules, with the guests'
+               checksum and segmentation offloads turned off for the run (with them on its
+               TCP never connects): Suricata's inline mode as it can run, the peer of `inline`
 
 usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp]
                                  [--configs none,passive,inline,suricata-ids] [--write docs/performance.md]
@@ -38,6 +46,8 @@ VIRTSECD = BIN / "virtsecd"
 DD, G = "vsbench-d0", ["vsbench-g1", "vsbench-g2"]
 # Inspection threads per vif (--workers; default: 1 on small machines, 4 from 8 CPUs up).
 WORKERS = 1
+# virtsecd's Prometheus endpoint inside the backend domain's namespace.
+METRICS_PORT = 9977
 ADDR = ["169.254.77.1", "169.254.77.2"]
 MAC = ["02:00:00:00:77:01", "02:00:00:00:77:02"]
 
@@ -105,6 +115,7 @@ class Virtsec:
             # workers get them first, as they would get dom0's (docs/configuration.md, `nice`).
             f'nice = -10\n'
             f'[enforce]\nantispoof = true\n'
+            f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
             # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
             # vif2.0 stays passive (still inspected).
             + spin + ('[[policy]]\nname = "g1"\nmode = "inline"\n' if mode == "inline" else ""))
@@ -135,6 +146,16 @@ class Virtsec:
         except ValueError:
             return None
 
+    def waits(self):
+        """Inline vif1.0's verdict-wait histogram now: {upper bound in µs (inf last): count}."""
+        r = ns(DD, sys.executable, "-c", "import urllib.request,sys; sys.stdout.write(urllib.request."
+               f"urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())", check=False)
+        out = {}
+        for m in re.finditer(r'virtsec_inline_verdict_wait_seconds_bucket\{vif="vif1\.0",le="([^"]+)"\} (\S+)',
+                             r.stdout):
+            out[float("inf") if m.group(1) == "+Inf" else float(m.group(1)) * 1e6] = float(m.group(2))
+        return out
+
     def losses(self):
         st = self.status() or {}
         lost = seen = 0
@@ -156,8 +177,8 @@ class Virtsec:
 
 
 class Suricata:
-    def __init__(self, work, rules):
-        self.dir = work / "suricata-live"
+    def __init__(self, work, rules, iface="vif1.0"):
+        self.dir = work / ("suricata-live" if iface else "suricata-ips")
         self.dir.mkdir(exist_ok=True)
         y = self.dir / "suricata.yaml"
         if os.environ.get("SURICATA_YAML"):
@@ -169,7 +190,8 @@ class Suricata:
         self.out = open(self.dir / "stdout.txt", "w")
         self.p = subprocess.Popen(
             ["ip", "netns", "exec", DD, "suricata", "-c", str(y), "-S", str(rules), "-l", str(self.dir),
-             "-k", "none", "--af-packet=vif1.0", "--runmode", "workers", "-vv"],
+             "-k", "none", f"--af-packet={iface}" if iface else "--af-packet", "--runmode", "workers",
+             "-vv"],
             stdout=self.out, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -193,6 +215,55 @@ class Suricata:
         pk = sum(int(x) for x in re.findall(r"device: vif1\.0: packets: (\d+), drops: \d+", t))
         dr = sum(int(x) for x in re.findall(r"device: vif1\.0: packets: \d+, drops: (\d+)", t))
         return dr, pk
+
+
+# The guests' offloads Suricata's copy-mode IPS cannot carry (partial checksums, GSO).
+OFFLOADS = ["tx", "sg", "tso", "gso", "gro"]
+
+
+def guest_offloads(on):
+    for g in G:
+        ns(g, "ethtool", "-K", "eth0", *[x for o in OFFLOADS for x in (o, "on" if on else "off")],
+           check=False)
+
+
+class SuricataIps(Suricata):
+    """Suricata's AF_PACKET copy-mode IPS: vif1.0 leaves xenbr0, a veth pair (vif1.0-br in the
+    bridge, vif1.0-ips for Suricata) takes its place, and Suricata copies frames between vif1.0
+    and vif1.0-ips after inspection. Guest offloads off while it runs."""
+
+    def __init__(self, work, rules):
+        if sh("which", "ethtool", check=False).returncode:
+            sys.exit("suricata-ips needs ethtool (to turn the guests' offloads off)")
+        guest_offloads(False)
+        sh("ip", "-n", DD, "link", "set", "vif1.0", "nomaster")
+        sh("ip", "-n", DD, "link", "add", "vif1.0-br", "type", "veth", "peer", "name", "vif1.0-ips")
+        sh("ip", "-n", DD, "link", "set", "vif1.0-br", "master", "xenbr0", "up")
+        sh("ip", "-n", DD, "link", "set", "vif1.0-ips", "up")
+        d = work / "suricata-ips"
+        d.mkdir(exist_ok=True)
+        base = d / "base.yaml"
+        if not base.exists():
+            sh(sys.executable, bench / "make_suricata_yaml.py", base)
+        import yaml  # python3-yaml, as make_suricata_yaml.py needs
+        c = yaml.safe_load(base.read_text().replace("%YAML 1.1", ""))
+        side = lambda a, b, cid: {"interface": a, "threads": 1, "copy-mode": "ips", "copy-iface": b,
+                                  "cluster-id": cid, "cluster-type": "cluster_flow", "defrag": False,
+                                  "use-mmap": True}
+        c["af-packet"] = [side("vif1.0", "vif1.0-ips", 98), side("vif1.0-ips", "vif1.0", 97)]
+        y = d / "suricata.yaml"
+        y.write_text("%YAML 1.1\n---\n" + yaml.safe_dump(c, sort_keys=False))
+        os.environ["SURICATA_YAML"] = str(y)
+        try:
+            super().__init__(work, rules, iface=None)
+        finally:
+            del os.environ["SURICATA_YAML"]
+
+    def stop(self):
+        super().stop()
+        sh("ip", "-n", DD, "link", "del", "vif1.0-br", check=False)
+        sh("ip", "-n", DD, "link", "set", "vif1.0", "master", "xenbr0", "up")
+        guest_offloads(True)
 
 
 def iperf(streams, secs):
@@ -245,6 +316,27 @@ def sockperf_once(secs):
     return (2 * float(p50.group(1)), 2 * float(p99.group(1)))
 
 
+def wait_p50(before, after):
+    """p50 in µs of the verdict waits recorded between two `Virtsec.waits()` (cumulative
+    buckets), interpolated in its bucket as the service does; None without samples."""
+    bounds = sorted(after)
+    counts, prev = [], 0.0
+    for b in bounds:
+        cum = after[b] - before.get(b, 0.0)
+        counts.append(cum - prev)
+        prev = cum
+    n = sum(counts)
+    if n <= 0:
+        return None
+    rank, below, lo = n / 2, 0.0, 0.0
+    for b, c in zip(bounds, counts):
+        if c > 0 and below + c >= rank:
+            return lo if b == float("inf") else lo + (rank - below) / c * (b - lo)
+        below += c
+        lo = b
+    return lo
+
+
 def med(xs):
     return statistics.median(xs) if xs else 0.0
 
@@ -266,9 +358,10 @@ def main():
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, nftables)")
     configs = a.configs.split(",")
-    if "suricata-ids" in configs and sh("which", "suricata", check=False).returncode:
-        print("suricata not installed: skipping the suricata-ids column", file=sys.stderr)
-        configs.remove("suricata-ids")
+    for c in ("suricata-ids", "suricata-ips"):
+        if c in configs and sh("which", "suricata", check=False).returncode:
+            print(f"suricata not installed: skipping the {c} column", file=sys.stderr)
+            configs.remove(c)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_build:
@@ -285,7 +378,7 @@ def main():
         srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], "iperf3", "-s"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
-        res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": []}
+        res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": [], "wait": []}
                for c in configs}
         for rnd in range(a.rounds):
             for c in configs:
@@ -294,12 +387,20 @@ def main():
                     svc = Virtsec(work, c, a.rules)
                 elif c == "suricata-ids":
                     svc = Suricata(work, a.rules)
+                elif c == "suricata-ips":
+                    svc = SuricataIps(work, a.rules)
                 ping(50)  # warm ARP and the flow tables
                 c0, t0 = (cpu_s(svc.pid()) if svc else 0.0), time.time()
                 g1 = iperf(1, a.secs)
                 g4 = iperf(4, a.secs)
                 c1, t1 = (cpu_s(svc.pid()) if svc else 0.0), time.time()
+                inline = isinstance(svc, Virtsec) and c.startswith("inline")
+                w0 = svc.waits() if inline else {}
                 p = ping(1000 if a.secs >= 5 else 200)
+                if inline:
+                    wp = wait_p50(w0, svc.waits())
+                    if wp is not None:
+                        res[c]["wait"].append(wp)
                 rr = sockperf(max(2, a.secs // 2))
                 if svc:
                     if isinstance(svc, Suricata):
@@ -316,7 +417,8 @@ def main():
                     r["rr"].append(rr)
                 r["cpu"].append((c1 - c0) / (t1 - t0) * 100 if svc else 0.0)
                 r["lost"].append(lost); r["seen"].append(seen)
-                print(f"round {rnd + 1} {c:>12}: {g1:6.2f} / {g4:6.2f} Gbit/s, ping p50 {p[0]:.0f} us, "
+                wt = f" (verdict wait p50 {r['wait'][-1]:.0f} us)" if inline and r["wait"] else ""
+                print(f"round {rnd + 1} {c:>12}: {g1:6.2f} / {g4:6.2f} Gbit/s, ping p50 {p[0]:.0f} us{wt}, "
                       f"RR p50 {f'{rr[0]:.0f} us' if rr else 'failed'}, cpu {r['cpu'][-1]:.0f}%, lost {lost}/{seen}", flush=True)
     finally:
         for s in srv:
@@ -338,14 +440,14 @@ def main():
         lost, seen = sum(r["lost"]), sum(r["seen"])
         rows.append(
             f"| {c} | {g1:.2f} / {g4:.2f} | {g1 / b1:.2f}x / {g4 / b4:.2f}x | {p50:.0f} / {p99:.0f} | "
-            f"{p50 - bp:+.0f} | {rr} | "
+            f"{p50 - bp:+.0f}" + (f" (wait {med(r['wait']):.0f})" if r["wait"] else "") + f" | {rr} | "
             + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
             + " |")
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
            f"--configs {','.join(configs)}")
     table = "\n".join([
-        "| configuration | Gbit/s 1 / 4 streams | vs none | ping p50 / p99 µs | ping p50 added µs | "
+        "| configuration | Gbit/s 1 / 4 streams | vs none | ping p50 / p99 µs | ping p50 added µs (inline: verdict wait p50) | "
         "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
         "|---|---|---|---|---|---|---|---|", *rows])
     print(f"\n`{cmd}` ({a.rounds} alternating rounds, medians)\n\n{table}")
