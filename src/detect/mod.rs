@@ -40,6 +40,20 @@ pub struct Detector {
     /// Per literal: whether some multi-content rule uses it (its hits are recorded).
     recorded: Vec<bool>,
     lit_len: Vec<u32>,
+    /// Whether some rule's header accepts TCP, UDP, ICMP, ICMPv6, other IP protocols
+    /// ([`Detector::inspects`]).
+    protos: [bool; 5],
+}
+
+/// Index of `p` in [`Detector`]'s `protos`.
+fn proto_index(p: Proto) -> usize {
+    match p {
+        Proto::Tcp => 0,
+        Proto::Udp => 1,
+        Proto::Icmp => 2,
+        Proto::Icmpv6 => 3,
+        Proto::Other(_) => 4,
+    }
 }
 
 /// Detection state of one direction of one flow.
@@ -98,6 +112,14 @@ impl Detector {
             }
         }
         let lit_len = lits.iter().map(|l| l.bytes.len() as u32).collect();
+        let all = [
+            Proto::Tcp,
+            Proto::Udp,
+            Proto::Icmp,
+            Proto::Icmpv6,
+            Proto::Other(0),
+        ];
+        let protos = all.map(|p| rules.iter().any(|r| r.proto.matches(p)));
         let matcher = AnyMatcher::build(&lits, backend)?;
         Ok(Detector {
             rules,
@@ -106,7 +128,14 @@ impl Detector {
             rule_lits,
             recorded,
             lit_len,
+            protos,
         })
+    }
+
+    /// Whether any rule can fire on protocol `p` (every rule has a content, so a payload of a
+    /// protocol no rule's header accepts need not be scanned).
+    pub fn inspects(&self, p: Proto) -> bool {
+        self.protos[proto_index(p)]
     }
 
     pub fn rules(&self) -> &[Rule] {

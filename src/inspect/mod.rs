@@ -232,10 +232,12 @@ impl Engine {
                 }
             }
             None => {
-                if p.payload.is_empty() {
+                // Datagrams are inspected one by one, when some rule could fire on them: an
+                // echo request crossing an inline worker under TCP-only rules is not scanned
+                // (with cold caches a scan is most of the worker's time on such a frame).
+                if p.payload.is_empty() || !det.inspects(p.proto) {
                     return Verdict::Pass;
                 }
-                // Datagrams are inspected one by one.
                 let mut st = det.new_dir();
                 det.inspect(&mut st, p.payload, &ctx, alerted, fired);
                 self.payload_bytes += p.payload.len() as u64;
@@ -722,6 +724,43 @@ mod tests {
         seq += 18;
         verdicts.push(feed(&mut e, &tcp(seq, false, b"after")));
         (e.alerts, verdicts)
+    }
+
+    /// An ICMP echo request carrying `payload`.
+    fn echo(payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(7, 1);
+        let mut out = Vec::with_capacity(b.size(payload.len()));
+        b.write(&mut out, payload).expect("builds");
+        out
+    }
+
+    /// Datagrams of a protocol no rule accepts are not scanned; with a rule that accepts them
+    /// they are, and fire.
+    #[test]
+    fn datagrams_are_scanned_only_when_some_rule_accepts_their_protocol() {
+        let run = |rules: &str| {
+            let mut rs = RuleSet::default();
+            rs.parse(rules, "t.rules", &Vars::default());
+            let mut e = Engine::new(
+                Detector::new(rs.rules, Backend::Ac).expect("matcher"),
+                FlowLimits::default(),
+            );
+            let mut st = DecodeStats::default();
+            let f = echo(b"ping-tunnel-marker");
+            let p = decode::decode_ethernet(&f, &mut st).expect("decodes");
+            e.packet(&p, 1, &mut |_, _| {});
+            (e.payload_bytes, e.alerts)
+        };
+        let tcp_only = "alert tcp any any -> any any (msg:\"t\"; content:\"tunnel\"; sid:1;)\n";
+        assert_eq!(run(tcp_only), (0, 0));
+        for rule in [
+            "alert icmp any any -> any any (msg:\"i\"; content:\"tunnel\"; sid:2;)\n",
+            "alert ip any any -> any any (msg:\"p\"; content:\"tunnel\"; sid:3;)\n",
+        ] {
+            assert_eq!(run(&format!("{tcp_only}{rule}")), (18, 1), "{rule}");
+        }
     }
 
     #[test]
