@@ -17,8 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of [`Histogram`]'s buckets in microseconds; a last bucket holds the rest.
-pub const BUCKETS_US: [u64; 17] = [
-    5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000,
+/// Fine where inline latency is measured (tens of µs), coarse up to a second (an overloaded
+/// worker, or a dom0 under emulation, waits milliseconds).
+pub const BUCKETS_US: [u64; 21] = [
+    5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+    100000, 1000000,
 ];
 
 /// A latency histogram shared by threads: counts per bucket of [`BUCKETS_US`] (and one above
@@ -181,27 +184,27 @@ mod tests {
     fn histogram_buckets_quantiles_and_exposition() {
         let h = Histogram::default();
         assert_eq!(h.snapshot().quantile_us(0.5), None);
-        // 30 samples of 42 µs (bucket 40..50), 10 of 180 µs (150..200), 1 of 20 ms (above).
+        // 30 samples of 42 µs (bucket 40..50), 10 of 180 µs (150..200), 1 of 2 s (above).
         for _ in 0..30 {
             h.record(42_000);
         }
         for _ in 0..10 {
             h.record(180_000);
         }
-        h.record(20_000_000);
+        h.record(2_000_000_000);
         let s = h.snapshot();
         assert_eq!(s.count(), 41);
         assert_eq!(s.counts[6], 30);
         assert_eq!(s.counts[10], 10);
-        assert_eq!(s.counts[17], 1);
+        assert_eq!(s.counts[21], 1);
         // p50: rank 20.5 of the 30 in 40..50 µs.
         let p50 = s.quantile_us(0.5).unwrap();
         assert!((p50 - (40.0 + 10.0 * 20.5 / 30.0)).abs() < 1e-9, "{p50}");
         let p90 = s.quantile_us(0.9).unwrap();
         assert!(p90 > 150.0 && p90 <= 200.0, "{p90}");
-        assert_eq!(s.quantile_us(1.0), Some(10_000.0));
+        assert_eq!(s.quantile_us(1.0), Some(1_000_000.0));
         let mean = s.mean_us().unwrap();
-        assert!((mean - (30.0 * 42.0 + 10.0 * 180.0 + 20_000.0) / 41.0).abs() < 1e-6);
+        assert!((mean - (30.0 * 42.0 + 10.0 * 180.0 + 2_000_000.0) / 41.0).abs() < 1e-6);
         // A sample exactly on a bound belongs to that bound's bucket (`le`).
         let b = Histogram::default();
         b.record(5_000);
@@ -217,6 +220,10 @@ mod tests {
         );
         assert!(
             text.contains("w_bucket{vif=\"vif5.0\",le=\"0.01\"} 40\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("w_bucket{vif=\"vif5.0\",le=\"1\"} 40\n"),
             "{text}"
         );
         assert!(
