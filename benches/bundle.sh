@@ -19,6 +19,8 @@ root=$stage/tmp/vsb
 mkdir -p "$root"/{bin,lib,wrap,etc}
 progs=(ip nft iperf3 sockperf ping)
 command -v suricata >/dev/null && progs+=(suricata)
+# suricata-ips turns the guests' offloads off with it.
+command -v ethtool >/dev/null && progs+=(ethtool)
 for p in "${progs[@]}"; do cp -L "$(command -v "$p")" "$root/bin/$p"; done
 for p in virtsec virtsecd; do
     cp "$repo/target/release/$p" "$root/bin/$p"

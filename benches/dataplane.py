@@ -233,8 +233,6 @@ class SuricataIps(Suricata):
     and vif1.0-ips after inspection. Guest offloads off while it runs."""
 
     def __init__(self, work, rules):
-        if sh("which", "ethtool", check=False).returncode:
-            sys.exit("suricata-ips needs ethtool (to turn the guests' offloads off)")
         guest_offloads(False)
         sh("ip", "-n", DD, "link", "set", "vif1.0", "nomaster")
         sh("ip", "-n", DD, "link", "add", "vif1.0-br", "type", "veth", "peer", "name", "vif1.0-ips")
@@ -242,10 +240,11 @@ class SuricataIps(Suricata):
         sh("ip", "-n", DD, "link", "set", "vif1.0-ips", "up")
         d = work / "suricata-ips"
         d.mkdir(exist_ok=True)
-        base = d / "base.yaml"
+        # The IDS column's configuration (SURICATA_YAML: a bundle's) with both sides as IPS.
+        base = Path(os.environ.get("SURICATA_YAML") or d / "base.yaml")
         if not base.exists():
             sh(sys.executable, bench / "make_suricata_yaml.py", base)
-        import yaml  # python3-yaml, as make_suricata_yaml.py needs
+        import yaml  # python3-yaml (checked in main)
         c = yaml.safe_load(base.read_text().replace("%YAML 1.1", ""))
         side = lambda a, b, cid: {"interface": a, "threads": 1, "copy-mode": "ips", "copy-iface": b,
                                   "cluster-id": cid, "cluster-type": "cluster_flow", "defrag": False,
@@ -253,11 +252,15 @@ class SuricataIps(Suricata):
         c["af-packet"] = [side("vif1.0", "vif1.0-ips", 98), side("vif1.0-ips", "vif1.0", 97)]
         y = d / "suricata.yaml"
         y.write_text("%YAML 1.1\n---\n" + yaml.safe_dump(c, sort_keys=False))
+        saved = os.environ.get("SURICATA_YAML")
         os.environ["SURICATA_YAML"] = str(y)
         try:
             super().__init__(work, rules, iface=None)
         finally:
-            del os.environ["SURICATA_YAML"]
+            if saved is None:
+                del os.environ["SURICATA_YAML"]
+            else:
+                os.environ["SURICATA_YAML"] = saved
 
     def stop(self):
         super().stop()
@@ -362,6 +365,15 @@ def main():
         if c in configs and sh("which", "suricata", check=False).returncode:
             print(f"suricata not installed: skipping the {c} column", file=sys.stderr)
             configs.remove(c)
+    if "suricata-ips" in configs:
+        try:
+            import yaml  # noqa: F401 (SuricataIps writes its af-packet section with it)
+        except ImportError:
+            print("python3-yaml not installed: skipping the suricata-ips column", file=sys.stderr)
+            configs.remove("suricata-ips")
+        if "suricata-ips" in configs and sh("which", "ethtool", check=False).returncode:
+            print("ethtool not installed: skipping the suricata-ips column", file=sys.stderr)
+            configs.remove("suricata-ips")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_build:
