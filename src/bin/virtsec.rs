@@ -942,36 +942,24 @@ fn print_status(s: &serde_json::Value) {
             workers.join("/")
         );
     }
-    let fast: Vec<String> = vifs
-        .iter()
-        .filter(|(_, v)| v["inline"].is_object())
-        .map(|(name, v)| {
-            let on = v["inline"]["fast_path"].as_bool() == Some(true);
-            format!("{name} {}", if on { "on" } else { "OFF" })
-        })
-        .collect();
+    // Per inline vif: whether the kernel fast path is on, and how long its frames waited
+    // for their verdict (the latency inline adds on top of forwarding, per crossing).
+    let (mut fast, mut waits) = (Vec::new(), Vec::new());
+    for (name, v) in vifs.iter().filter(|(_, v)| v["inline"].is_object()) {
+        let on = v["inline"]["fast_path"].as_bool() == Some(true);
+        fast.push(format!("{name} {}", if on { "on" } else { "OFF" }));
+        let w = &v["inline"]["verdict_wait_us"];
+        let us = |k: &str| w[k].as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
+        waits.push(format!(
+            "{name} p50 {} µs, p99 {} µs ({} frames)",
+            us("p50"),
+            us("p99"),
+            n(&w["frames"])
+        ));
+    }
     if !fast.is_empty() {
         // OFF: every frame crosses the worker (Linux < 6.6 or no capture filter; the log says).
         println!("inline kernel fast path: {}", fast.join(", "));
-    }
-    // How long the inline vifs' frames waited for their verdict (the latency inline adds on
-    // top of forwarding, per crossing).
-    let waits: Vec<String> = vifs
-        .iter()
-        .filter_map(|(name, v)| {
-            let w = &v["inline"]["verdict_wait_us"];
-            let us = |k: &str| w[k].as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
-            w.is_object().then(|| {
-                format!(
-                    "{name} p50 {} µs, p99 {} µs ({} frames)",
-                    us("p50"),
-                    us("p99"),
-                    n(&w["frames"])
-                )
-            })
-        })
-        .collect();
-    if !waits.is_empty() {
         println!("inline verdict wait: {}", waits.join("; "));
     }
 }
