@@ -32,7 +32,7 @@ rpmf=$(ls target/packaging/virtsec-*.x86_64.rpm | tail -1)
 
 # lintian: no errors (warnings are reported).
 lint=$(lintian --allow-root "$deb" 2>&1)
-if ! echo "$lint" | grep -q '^E:'; then
+if ! grep -q '^E:' <<<"$lint"; then
     ok "lintian reports no errors" "$(echo "$lint" | grep -c '^W:') warning(s)"
 else
     notok "lintian reports no errors" "$(echo "$lint" | grep '^E:' | tr '\n' ' ')"
@@ -44,7 +44,7 @@ missing=""
 for f in /usr/sbin/virtsecd /usr/bin/virtsec /etc/virtsec/virtsecd.toml /usr/lib/systemd/system/virtsecd.service \
          /etc/xen/scripts/vif-virtsec /etc/xen/scripts/vif-post.d/virtsec.hook /etc/xapi.d/plugins/virtsec /etc/xapi.d/vif-hotplug \
          /etc/logrotate.d/virtsec /usr/share/man/man8/virtsecd.8.gz /usr/share/man/man1/virtsec.1.gz; do
-    echo "$list" | grep -qx "$f" || missing="$missing $f"
+    grep -qx "$f" <<<"$list" || missing="$missing $f"
 done
 [ -z "$missing" ] && ok "rpm -qlp lists the binaries, config, unit, Xen/XAPI hooks, logrotate, man pages" "$(echo "$list" | wc -l) files" \
                   || notok "rpm -qlp lists the expected files" "missing:$missing"
@@ -76,7 +76,7 @@ else
     notok "dpkg -i into a fresh Debian 12 root" "$(echo "$out" | tail -5 | tr '\n' ' ')"; finish
 fi
 v=$(chroot "$root" virtsecd --version 2>&1) && ok "virtsecd --version in the chroot" "$v" || notok "virtsecd --version" "$v"
-h=$(chroot "$root" virtsec --help 2>&1) && echo "$h" | grep -q quarantine && ok "virtsec --help in the chroot" "$(echo "$h" | grep -c '^  ') commands" || notok "virtsec --help" "$h"
+h=$(chroot "$root" virtsec --help 2>&1) && grep -q quarantine <<<"$h" && ok "virtsec --help in the chroot" "$(echo "$h" | grep -c '^  ') commands" || notok "virtsec --help" "$h"
 c=$(chroot "$root" virtsecd --check-config 2>&1) && ok "the shipped configuration parses" "$c" || notok "virtsecd --check-config" "$c"
 sv=$(chroot "$root" systemd-analyze verify /usr/lib/systemd/system/virtsecd.service 2>&1)
 # man-db is not in the minimal root: the Documentation= page is checked as a file instead.
@@ -103,7 +103,7 @@ else
     notok "upgrade keeps state" "$out"
 fi
 out=$(chroot "$root" dpkg -r virtsec 2>&1)
-[ -f "$root$rec" ] && echo "$out" | grep -q "quarantined" \
+[ -f "$root$rec" ] && grep -q "quarantined" <<<"$out" \
     && ok "removal keeps quarantine records and says the kernel rules stay" || notok "removal keeps records" "$out"
 out=$(chroot "$root" dpkg -P virtsec 2>&1)
 [ -f "$root$rec" ] && [ ! -d "$root/var/log/virtsec" ] \

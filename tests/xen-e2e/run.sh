@@ -25,7 +25,7 @@ for pair in qemu-system-x86_64:qemu-system-x86 debootstrap:debootstrap zstd:zstd
             busybox:busybox-static xenstore-write:xenstore-utils; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
-[ -x /bin/busybox ] && file /bin/busybox 2>/dev/null | grep -q dynamic && need+=(busybox-static)
+[ -x /bin/busybox ] && grep -q dynamic <<<"$(file /bin/busybox 2>/dev/null)" && need+=(busybox-static)
 if [ "${#need[@]}" -gt 0 ]; then
     say "installing ${need[*]}"
     apt-get update -qq
@@ -35,7 +35,7 @@ fi
 # --- versions and cache key -----------------------------------------------------------------
 candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
 [ -n "$(candidate xen-hypervisor-4.17-amd64)" ] || apt-get update -qq
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ && !k {k = $2} END {print k}')
 [ -n "$kpkg" ] || die "cannot resolve the kernel package behind linux-image-amd64"
 key="xen-$(candidate xen-hypervisor-4.17-amd64)_${kpkg}-$(candidate "$kpkg")_utils-$(candidate xen-utils-4.17)_v8"
 key=${key//[:+~]/_}
@@ -114,7 +114,7 @@ if [ ! -s "$guest_img" ]; then
     mkdir -p "$g"/{bin,dev,proc,sys,etc,lib/modules,usr/bin,lib64,lib/x86_64-linux-gnu}
     cp /bin/busybox "$g/bin/busybox"
     for a in sh ip ping sleep mount cat echo insmod ifconfig seq date; do ln -s busybox "$g/bin/$a"; done
-    nf=$(find "$img/modules/$kver" -name 'xen-netfront.ko*' | head -1)
+    nf=$(find "$img/modules/$kver" -name 'xen-netfront.ko*' -print -quit)
     case "$nf" in
         *.xz) xz -dc "$nf" > "$g/lib/modules/xen-netfront.ko" ;;
         *.zst) zstd -qdc "$nf" > "$g/lib/modules/xen-netfront.ko" ;;
@@ -187,7 +187,7 @@ say "QEMU exited $qrc after $(( $(date +%s) - t_boot )) s"
 tr -d '\r' < "$log" | grep -E '^(ok|not ok|#) ' || true
 pass=$(tr -d '\r' < "$log" | grep -c '^ok ' || true)
 fail=$(tr -d '\r' < "$log" | grep -c '^not ok ' || true)
-if ! tr -d '\r' < "$log" | grep -q '^# xen-e2e done'; then
+if ! grep -q $'^\r*# xen-e2e done' "$log"; then
     say "the checks did not finish (QEMU rc $qrc); last lines of the serial console:"
     tr -d '\r' < "$log" | tail -40 >&2
     fail=$((fail + 1))
