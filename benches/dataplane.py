@@ -12,7 +12,8 @@ ping crosses the worker twice, and what the round trip adds beyond twice that wa
 kernel's handing over of frames (and, on a slow host, waking the pinging process).
 
 Configurations:
-  none         no inspection (the baseline every ratio is against)
+  none         no inspection (the baseline every ratio is against: each round's throughput
+               over the baseline's in the same round, then the median and range of those)
   passive      virtsecd, 1,000 content rules, anti-spoofing, every vif passive (TPACKET_V3)
   inline       virtsecd, same rules, vif1.0 inline (AF_PACKET + PACKET_VNET_HDR bridge), vif2.0
                passive (Suricata's inline modes in ../shared/docs/inline-peers.md bridge vif1.0)
@@ -344,6 +345,16 @@ def med(xs):
     return statistics.median(xs) if xs else 0.0
 
 
+def paired(xs, base):
+    """Each round's value over the baseline's value in the same round (rounds where the
+    baseline measured nothing are left out)."""
+    return [x / b for x, b in zip(xs, base) if b > 0]
+
+
+def spread(ratios):
+    return f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -438,12 +449,16 @@ def main():
         xs.terminate()
         teardown()
     base = res[configs[0]]
-    b1, b4 = med(base["g1"]), med(base["g4"])
-    bp = med([p[0] for p in base["ping"]])
     rows = []
     for c in configs:
         r = res[c]
         g1, g4 = med(r["g1"]), med(r["g4"])
+        # Each round's throughput against the baseline's in the same round (its neighbour in
+        # time), then the median and the spread of those ratios: the host's drift between
+        # rounds cancels out, which a ratio of two medians does not do.
+        q1, q4 = paired(r["g1"], base["g1"]), paired(r["g4"], base["g4"])
+        # Added latency the same way: each round's p50 minus the baseline's in that round.
+        added = [p[0] - b[0] for p, b in zip(r["ping"], base["ping"])]
         p50, p99 = med([p[0] for p in r["ping"]]), med([p[1] for p in r["ping"]])
         rr = (f"{med([x[0] for x in r['rr']]):.0f} / {med([x[1] for x in r['rr']]):.0f}"
               if r["rr"] else "n/a (sockperf failed)")
@@ -451,23 +466,25 @@ def main():
         gbps_avg = (g1 + g4) / 2
         lost, seen = sum(r["lost"]), sum(r["seen"])
         rows.append(
-            f"| {c} | {g1:.2f} / {g4:.2f} | {g1 / b1:.2f}x / {g4 / b4:.2f}x | {p50:.0f} / {p99:.0f} | "
-            f"{p50 - bp:+.0f}" + (f" (wait {med(r['wait']):.0f})" if r["wait"] else "") + f" | {rr} | "
+            f"| {c} | {g1:.2f} / {g4:.2f} | {med(q1):.2f}x / {med(q4):.2f}x | {spread(q1)} / {spread(q4)} | "
+            f"{p50:.0f} / {p99:.0f} | "
+            f"{med(added):+.0f}" + (f" (wait {med(r['wait']):.0f})" if r["wait"] else "") + f" | {rr} | "
             + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
             + " |")
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
            f"--configs {','.join(configs)}")
     table = "\n".join([
-        "| configuration | Gbit/s 1 / 4 streams | vs none | ping p50 / p99 µs | ping p50 added µs (inline: verdict wait p50) | "
-        "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
-        "|---|---|---|---|---|---|---|---|", *rows])
-    print(f"\n`{cmd}` ({a.rounds} alternating rounds, medians)\n\n{table}")
+        "| configuration | Gbit/s 1 / 4 streams | vs none (paired) | rounds' ratios, min–max | ping p50 / p99 µs | "
+        "ping p50 added µs (inline: verdict wait p50) | TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
+        "|---|---|---|---|---|---|---|---|---|", *rows])
+    print(f"\n`{cmd}` ({a.rounds} alternating rounds, medians; \"vs none\" and \"added\": medians of "
+          f"each round's ratio to, or difference from, that round's baseline)\n\n{table}")
     if a.write:
         doc = Path(a.write)
         text = doc.read_text()
         begin, end = "<!-- dataplane:begin -->", "<!-- dataplane:end -->"
-        block = f"{begin}\n`{cmd}` ({a.rounds} alternating rounds, medians; {os.cpu_count()} CPUs, " \
+        block = f"{begin}\n`{cmd}` ({a.rounds} alternating rounds, medians, ratios paired by round; {os.cpu_count()} CPUs, " \
                 f"kernel {os.uname().release})\n\n{table}\n{end}"
         if begin in text:
             text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
