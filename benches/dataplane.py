@@ -25,7 +25,10 @@ Configurations:
                without tcx) instead of tcx links
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
                kernel rules every other virtsec configuration has cost on their own
-  suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed)
+  suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed);
+               its "frames lost" also counts the packets its ring truncated (GSO super-frames
+               longer than its ring frame: decoded as invalid, never inspected), read from
+               its stats.log, which the run switches on (needs python3-yaml)
   suricata-ips Suricata 7 AF_PACKET copy-mode IPS between vif1.0 and a veth into xenbr0 (the
                topology of ../shared/docs/inline-peers.md), same rules, with the guests'
                checksum and segmentation offloads turned off for the run (with them on its
@@ -177,6 +180,27 @@ class Virtsec:
         ns(DD, "nft", "delete", "table", "netdev", "virtsec_inline", check=False)
 
 
+def enable_stats(y):
+    """Switches on Suricata's stats.log (totals, every second) in config `y`, so the run can
+    read how many packets its ring truncated. False without python3-yaml."""
+    try:
+        import yaml
+    except ImportError:
+        return False
+    c = yaml.safe_load(y.read_text().replace("%YAML 1.1", ""))
+    c["stats"] = {**(c.get("stats") or {}), "enabled": True, "interval": 1}
+    outputs = c.setdefault("outputs", [])
+    st = {"enabled": True, "filename": "stats.log", "append": False, "totals": True, "threads": False}
+    for o in outputs:
+        if "stats" in o:
+            o["stats"] = {**(o["stats"] or {}), **st}
+            break
+    else:
+        outputs.append({"stats": st})
+    y.write_text("%YAML 1.1\n---\n" + yaml.safe_dump(c, sort_keys=False))
+    return True
+
+
 class Suricata:
     def __init__(self, work, rules, iface="vif1.0"):
         self.dir = work / ("suricata-live" if iface else "suricata-ips")
@@ -186,6 +210,7 @@ class Suricata:
             y.write_text(Path(os.environ["SURICATA_YAML"]).read_text())
         elif not y.exists():
             sh(sys.executable, bench / "make_suricata_yaml.py", y)
+        self.stats = enable_stats(y)
         for f in ("suricata.log", "eve.json"):
             (self.dir / f).unlink(missing_ok=True)
         self.out = open(self.dir / "stdout.txt", "w")
@@ -210,6 +235,19 @@ class Suricata:
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
         self.p.wait(timeout=60)
+
+    def truncated(self):
+        """Packets Suricata's ring cut short (`decoder.event.afpacket.trunc_pkt`: a GSO
+        super-frame longer than its ring frame), decoded as invalid and not inspected; None
+        without stats (no python3-yaml to switch them on)."""
+        if not self.stats:
+            return None
+        try:
+            t = (self.dir / "stats.log").read_text(errors="replace")
+        except OSError:
+            return None
+        last = re.findall(r"^decoder\.event\.afpacket\.trunc_pkt\s*\|\s*Total\s*\|\s*(\d+)", t, re.M)
+        return int(last[-1]) if last else 0
 
     def losses(self):
         t = (self.dir / "stdout.txt").read_text(errors="replace")
@@ -401,7 +439,8 @@ def main():
         srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], "iperf3", "-s"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
-        res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": [], "wait": []}
+        res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": [], "wait": [],
+                   "trunc": []}
                for c in configs}
         for rnd in range(a.rounds):
             for c in configs:
@@ -429,6 +468,9 @@ def main():
                     if isinstance(svc, Suricata):
                         svc.stop()
                         lost, seen = svc.losses()
+                        tr = svc.truncated()
+                        if tr is not None:
+                            res[c]["trunc"].append(tr)
                     else:
                         lost, seen = svc.losses()
                         svc.stop()
@@ -441,6 +483,8 @@ def main():
                 r["cpu"].append((c1 - c0) / (t1 - t0) * 100 if svc else 0.0)
                 r["lost"].append(lost); r["seen"].append(seen)
                 wt = f" (verdict wait p50 {r['wait'][-1]:.0f} us)" if inline and r["wait"] else ""
+                if isinstance(svc, Suricata) and r["trunc"]:
+                    wt += f" ({r['trunc'][-1]} packets truncated)"
                 print(f"round {rnd + 1} {c:>12}: {g1:6.2f} / {g4:6.2f} Gbit/s, ping p50 {p[0]:.0f} us{wt}, "
                       f"RR p50 {f'{rr[0]:.0f} us' if rr else 'failed'}, cpu {r['cpu'][-1]:.0f}%, lost {lost}/{seen}", flush=True)
     finally:
@@ -471,6 +515,8 @@ def main():
             f"{med(added):+.0f}" + (f" (wait {med(r['wait']):.0f})" if r["wait"] else "") + f" | {rr} | "
             + (f"{cpu:.0f}% ({cpu / gbps_avg:.1f}% per Gbit/s)" if c != "none" else "–") + " | "
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
+            + (f"; {sum(r['trunc'])} truncated ({100 * sum(r['trunc']) / seen:.0f}%), not inspected"
+               if r["trunc"] and seen else "")
             + " |")
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
            f"--configs {','.join(configs)}")
