@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{guest_behind_vif, ip, Netns};
@@ -18,6 +18,85 @@ fn in_ns(ns: &str, prog: &str, args: &[&str]) -> Command {
     c
 }
 
+/// A backend domain `vsd<tag><pid>` whose `vif5.0` has `<net>.1/24`, with a guest namespace
+/// behind it at `<net>.2/24`; both namespaces go when the guard drops.
+fn vif_and_guest(tag: &str, net: &str) -> (String, String, Netns) {
+    let id = std::process::id();
+    let (dd, g5) = (format!("vsd{tag}{id}"), format!("vsg{tag}{id}"));
+    ip(&["netns", "add", &dd]);
+    let guard = Netns(vec![dd.clone(), g5.clone()]);
+    guest_behind_vif(&dd, &g5, "vif5.0", &format!("{net}.2/24"), None);
+    ip(&[
+        "-n",
+        &dd,
+        "addr",
+        "add",
+        &format!("{net}.1/24"),
+        "dev",
+        "vif5.0",
+    ]);
+    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
+    (dd, g5, guard)
+}
+
+/// `virtsec capture` on `dd`'s vif5.0 with `rules`, alerts to `dir/eve.json`; returns once
+/// the ring is bound (its ready file exists).
+fn start_capture(dd: &str, dir: &Path, rules: &Path) -> Child {
+    let ready = dir.join("ready");
+    let cap = in_ns(
+        dd,
+        env!("CARGO_BIN_EXE_virtsec"),
+        &[
+            "capture",
+            "--iface",
+            "vif5.0",
+            "--duration",
+            "30",
+            "--rules",
+        ],
+    )
+    .arg(rules)
+    .arg("--eve")
+    .arg(dir.join("eve.json"))
+    .arg("--ready-file")
+    .arg(&ready)
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    while !ready.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "capture never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cap
+}
+
+/// Lets the ring's block timer hand over the last block, stops the capture (SIGTERM) and
+/// returns its JSON summary (the last line on stderr).
+fn stop_capture(cap: Child) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cap.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let out = cap.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    serde_json::from_str(err.lines().last().unwrap_or("{}")).unwrap()
+}
+
+/// The EVE alerts the capture wrote to `dir/eve.json`.
+fn alerts(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("eve.json"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
     if !nix::unistd::geteuid().is_root() {
@@ -26,14 +105,7 @@ fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
         );
         return;
     }
-    let id = std::process::id();
-    let (dd, g5) = (format!("vsdd{id}"), format!("vsg{id}"));
-    ip(&["netns", "add", &dd]);
-    let _guard = Netns(vec![dd.clone(), g5.clone()]);
-    guest_behind_vif(&dd, &g5, "vif5.0", "10.99.5.2/24", None);
-    ip(&["-n", &dd, "addr", "add", "10.99.5.1/24", "dev", "vif5.0"]);
-    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
-
+    let (dd, g5, _guard) = vif_and_guest("d", "10.99.5");
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("live.rules");
     std::fs::write(
@@ -41,28 +113,6 @@ fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
         "alert tcp any any -> any 8080 (msg:\"split evil\"; flow:to_server,established; content:\"evil-payload\"; sid:5001; rev:1;)\n\
          alert tcp any any -> any 8080 (msg:\"never\"; content:\"absent-string\"; sid:5002; rev:1;)\n",
     )
-    .unwrap();
-    let eve = dir.path().join("eve.json");
-    let ready = dir.path().join("ready");
-    let cap = in_ns(
-        &dd,
-        env!("CARGO_BIN_EXE_virtsec"),
-        &[
-            "capture",
-            "--iface",
-            "vif5.0",
-            "--duration",
-            "20",
-            "--rules",
-        ],
-    )
-    .arg(&rules)
-    .arg("--eve")
-    .arg(&eve)
-    .arg("--ready-file")
-    .arg(&ready)
-    .stderr(Stdio::piped())
-    .spawn()
     .unwrap();
     let server = in_ns(
         &dd,
@@ -72,14 +122,7 @@ fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let t = Instant::now();
-    while !Path::new(&ready).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "capture never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let cap = start_capture(&dd, dir.path(), &rules);
     // The guest sends the payload in two segments (TCP_NODELAY, a pause between writes).
     let client = in_ns(
         &g5,
@@ -94,27 +137,13 @@ fn content_rule_fires_on_a_split_payload_from_a_guest_namespace() {
         String::from_utf8_lossy(&got.stdout).contains("evil-payload"),
         "server did not receive the payload"
     );
-    // Give the ring's block timer (10 ms) time to hand over the last block, then stop.
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(cap.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let out = cap.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let summary: serde_json::Value =
-        serde_json::from_str(err.lines().last().unwrap_or("{}")).unwrap();
+    let summary = stop_capture(cap);
     assert!(
         summary["flow"]["stream"]["segments"].as_u64().unwrap_or(0) >= 2,
         "{summary:#}"
     );
     assert_eq!(summary["ring"]["drops"], 0, "{summary:#}");
-    let alerts: Vec<serde_json::Value> = std::fs::read_to_string(&eve)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let alerts = alerts(dir.path());
     assert_eq!(alerts.len(), 1, "{alerts:#?}");
     let a = &alerts[0];
     assert_eq!(a["alert"]["signature_id"], 5001);
@@ -134,14 +163,7 @@ fn signatures_deep_inside_gso_super_frames_fire() {
         eprintln!("SKIPPED signatures_deep_inside_gso_super_frames_fire: needs root");
         return;
     }
-    let id = std::process::id();
-    let (dd, g5) = (format!("vsdq{id}"), format!("vsgq{id}"));
-    ip(&["netns", "add", &dd]);
-    let _guard = Netns(vec![dd.clone(), g5.clone()]);
-    guest_behind_vif(&dd, &g5, "vif5.0", "10.99.6.2/24", None);
-    ip(&["-n", &dd, "addr", "add", "10.99.6.1/24", "dev", "vif5.0"]);
-    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
-
+    let (dd, g5, _guard) = vif_and_guest("q", "10.99.6");
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("deep.rules");
     let text: String = (1..=8)
@@ -153,28 +175,6 @@ fn signatures_deep_inside_gso_super_frames_fire() {
         })
         .collect();
     std::fs::write(&rules, text).unwrap();
-    let eve = dir.path().join("eve.json");
-    let ready = dir.path().join("ready");
-    let cap = in_ns(
-        &dd,
-        env!("CARGO_BIN_EXE_virtsec"),
-        &[
-            "capture",
-            "--iface",
-            "vif5.0",
-            "--duration",
-            "30",
-            "--rules",
-        ],
-    )
-    .arg(&rules)
-    .arg("--eve")
-    .arg(&eve)
-    .arg("--ready-file")
-    .arg(&ready)
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
     let server = in_ns(
         &dd,
         "python3",
@@ -183,14 +183,7 @@ fn signatures_deep_inside_gso_super_frames_fire() {
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let t = Instant::now();
-    while !Path::new(&ready).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "capture never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let cap = start_capture(&dd, dir.path(), &rules);
     // One write of 1 MiB (the default reassembly depth) with marker i at i × 120,000 bytes:
     // the kernel segments it as TSO allows, so the markers land at offsets inside frames
     // that no test controls, most of them far past a ring frame's first 9 KiB.
@@ -208,16 +201,7 @@ fn signatures_deep_inside_gso_super_frames_fire() {
         (1u32 << 20).to_string(),
         "the server did not receive the whole write"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(cap.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let out = cap.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let summary: serde_json::Value =
-        serde_json::from_str(err.lines().last().unwrap_or("{}")).unwrap();
+    let summary = stop_capture(cap);
     assert_eq!(summary["ring"]["drops"], 0, "{summary:#}");
     // Super-frames crossed the vif: fewer frames than MTU-sized segments would need (the
     // guest's 1 MiB alone is 725 of those; the count includes the ACKs the other way).
@@ -226,10 +210,8 @@ fn signatures_deep_inside_gso_super_frames_fire() {
         packets > 0 && packets < 725,
         "{packets} frames: no GSO super-frames; {summary:#}"
     );
-    let mut sids: Vec<u64> = std::fs::read_to_string(&eve)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let mut sids: Vec<u64> = alerts(dir.path())
+        .iter()
         .filter_map(|a| a["alert"]["signature_id"].as_u64())
         .collect();
     sids.sort_unstable();
