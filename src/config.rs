@@ -165,6 +165,9 @@ pub struct InlineConfig {
     /// worker uses ~2% of a core there. 1–1000.
     #[serde(deserialize_with = "ms_1_to_1000")]
     pub idle_wake_ms: u32,
+    /// Pin each worker to the CPU its vif's netback interrupt is delivered on, and follow
+    /// it (`capture::irq`): the worker is woken there without an inter-processor interrupt.
+    pub follow_irq: bool,
     /// Let the kernel forward the directions there is nothing left to inspect in (past the
     /// stream depth when not inspected there; another local guest's once busy).
     pub fast_path: bool,
@@ -188,6 +191,7 @@ impl Default for InlineConfig {
             max_wait_us: 2000,
             spin_us: 50,
             idle_wake_ms: 1,
+            follow_irq: false,
             fast_path: true,
             fast_path_attach: FastPathAttach::Auto,
         }

@@ -15,6 +15,7 @@
 
 pub mod bpf;
 pub mod inline;
+pub mod irq;
 pub mod tc;
 pub mod vnet;
 

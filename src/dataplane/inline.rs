@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Inspector, DETACH};
 use crate::capture::inline::{self as topo, Splice};
+use crate::capture::irq::{IrqFollower, Placement};
 use crate::capture::vnet::{wait_readable, VnetPort, VNET_HDR_LEN};
 use crate::capture::CaptureError;
 use crate::config::{FailMode, InlineConfig};
@@ -195,8 +196,25 @@ fn forward(
     let spin = Duration::from_micros(cfg.spin_us);
     let mut last_active: Option<Instant> = None;
     let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
+    let mut irq = cfg.follow_irq.then(|| IrqFollower::new(&name, ins.index));
     while !vif.stopping() {
         ins.maybe_reload();
+        if let Some(p) = irq.as_mut().and_then(|f| f.check()) {
+            match p {
+                Placement::Pinned { irq, cpu } => log::info!(
+                    "{name}: inline worker {} on CPU {cpu}, with its netback interrupt {irq}",
+                    ins.index
+                ),
+                Placement::NoInterrupt => log::info!(
+                    "{name}: no netback interrupt for inline worker {}: placed by the scheduler",
+                    ins.index
+                ),
+                Placement::NotAllowed { irq, cpu, why } => log::warn!(
+                    "{name}: inline worker {} cannot follow netback interrupt {irq} to CPU {cpu} ({why}): placed by the scheduler",
+                    ins.index
+                ),
+            }
+        }
         // (at most ten times a second, busy or idle: what the kernel forwarded is counted)
         ins.poll_counts();
         if let Some(f) = fast {

@@ -561,14 +561,33 @@ fi
 #      dom0 still arrive; an inline drop rule then stops them at the splice. Fail open, so the
 #      stop that follows puts the vif back on its bridge for the checks after this one.
 vif_master() { ip -j link show dev "$1" 2>/dev/null | jq -r '.[0].master // "none"'; }
+# irq_of VIF: the number of its queue 0's netback interrupt (transmit one, else the only one).
+irq_of() {
+    awk -v t="$1-q0-tx" -v o="$1-q0" '$NF == t { tx = $1 } $NF == o { one = $1 }
+        END { v = (tx != "") ? tx : one; sub(":", "", v); print v }' /proc/interrupts
+}
+# worker_cpus: the CPUs guest2's inline worker threads may run on; worker_on CPU: all on CPU.
+worker_cpus() {
+    for t in /proc/"$(cat /run/virtsecd.pid)"/task/*; do
+        case "$(cat "$t/comm" 2>/dev/null)" in
+            "vif vif$G2.0 in"*) awk '$1 == "Cpus_allowed_list:" { print $2 }' "$t/status" ;;
+        esac
+    done
+}
+worker_on() { w=$(worker_cpus); [ -n "$w" ] && [ -z "$(printf '%s\n' "$w" | grep -vx "$1")" ]; }
 if [ -n "$G2" ]; then
     kill "$(cat /run/virtsecd.pid)"; sleep 0.5
     cp /run/e2e.toml /run/e2e-passive.toml; cp /run/e2e.rules /run/e2e-passive.rules
     # Fail open for the stop below; and a 1 s overload bound: under QEMU's emulation a frame
     # can wait past the default 2 ms, and fail open then forwards it uninspected (a CI run
     # saw one ping pass the drop rule of check 27 that way), which these checks are not about.
-    sed -i -e 's|^fail = "closed"|fail = "open"|' -e 's|^max_wait_us = .*|max_wait_us = 1000000|' /run/e2e.toml
+    sed -i -e 's|^fail = "closed"|fail = "open"|' -e 's|^max_wait_us = .*|max_wait_us = 1000000|' \
+        -e 's|^follow_irq = false|follow_irq = true|' /run/e2e.toml
     printf '\n[[policy]]\nname = "guest2"\nmode = "inline"\n' >> /run/e2e.toml
+    # follow_irq: guest2's netback transmit interrupt starts on dom0's last vCPU (Xen binds
+    # event channels to vCPU 0), so a worker that follows it is seen to move.
+    irq=$(irq_of "vif$G2.0"); last_cpu=$(( $(nproc) - 1 ))
+    [ -n "$irq" ] && echo "$last_cpu" > "/proc/irq/$irq/smp_affinity_list"
     start_virtsecd
     if until_ms 20000 sh -c "virtsec status --json | jq -e '.inspection[\"vif$G2.0\"] | .mode == \"inline\" and .attached'" \
        && [ "$(vif_master "vif$G2.0")" = none ] && [ "$(vif_master "vsb$G2.0")" = xenbr0 ]; then
@@ -580,6 +599,17 @@ if [ -n "$G2" ]; then
             ok "inline on netback: vif$G2.0 spliced out of xenbr0 (vsb$G2.0 in its place), guest2's pings cross the worker" "InEchos $e0 -> $(in_echos) in $(( $(now_ms) - t0 )) ms; $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v] | {frames, inline}')"
         else
             notok "inline on netback: guest2's pings cross the worker" "InEchos $e0 -> $(in_echos); $(virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v]'); $(for i in vif$G2.0 vsi$G2.0 vsb$G2.0 xenbr0; do echo "$i rx $(cat /sys/class/net/$i/statistics/rx_packets) tx $(cat /sys/class/net/$i/statistics/tx_packets) txdrop $(cat /sys/class/net/$i/statistics/tx_dropped)"; done | tr '\n' ';'); $(bridge link | tr '\n' ';'); $(nft list ruleset 2>&1 | tr '\n' ' ' | cut -c1-600)"
+        fi
+        # follow_irq on real netback: the worker runs on its vif's transmit interrupt's vCPU
+        # and goes with it when the interrupt is moved.
+        if [ -z "$irq" ] || [ "$last_cpu" -lt 1 ]; then
+            notok "inline on netback: the worker follows vif$G2.0's netback interrupt" "interrupt '$irq', $(nproc) vCPU(s) in dom0; $(grep "vif$G2.0" /proc/interrupts | tr '\n' ';')"
+        elif until_ms 10000 worker_on "$last_cpu" && echo 0 > "/proc/irq/$irq/smp_affinity_list" \
+             && until_ms 10000 worker_on 0 \
+             && grep -q "vif$G2.0: inline worker 0 on CPU 0, with its netback interrupt $irq" /var/log/virtsecd.log; then
+            ok "inline on netback: the worker runs on vif$G2.0's netback interrupt's vCPU and follows it ($last_cpu, then 0)" "$(grep "vif$G2.0-q0" /proc/interrupts | awk '{ print $1, $NF }' | tr '\n' ' ')"
+        else
+            notok "inline on netback: the worker follows vif$G2.0's netback interrupt" "interrupt $irq on $(cat "/proc/irq/$irq/effective_affinity_list" 2>&1), worker on '$(worker_cpus)'; $(grep 'inline worker\|netback interrupt' /var/log/virtsecd.log | tail -3 | tr '\n' ' ')"
         fi
         # Debian 12's 6.1 has no tcx: the fast path is a tc cls_bpf filter on each side.
         fp=$(virtsec status --json | jq -r --arg v "vif$G2.0" '.inspection[$v].inline.fast_path')
