@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Where an inline vif's added ping latency goes: waking the worker, or the worker's work.
+
+An inline worker sleeps in poll() when its vif is quiet; a guest's ping then wakes it, and
+the round trip pays for that wake-up on top of the worker's two crossings (request and
+reply). How much the wake-up costs depends on where the worker wakes: on the CPU that
+delivered the frame (it runs as soon as that CPU's softirq is done) or on another, idle
+vCPU (an inter-processor interrupt, and on a virtualised host the hypervisor waking that
+vCPU). On Xen, the CPU that delivers a guest's frames to the worker is the dom0 vCPU that
+takes the vif's netback interrupt (`vifD.N-q0-tx`, or `vifD.N-q0` with one event channel);
+in this bench, where a guest is a namespace, it is the CPU the pinging process runs on.
+
+Same setup as benches/dataplane.py (two guests behind vif1.0 and vif2.0 on xenbr0 in a
+backend namespace, 1,000 content rules, anti-spoofing, vif1.0 inline). The pinging
+process runs on CPU 0 in every configuration; each round runs every configuration once,
+in turn; ping 600 x 5 ms (no other load):
+
+  none         no service (the baseline: added latency is each round's p50 minus the
+               baseline's p50 in the same round; the median of those is reported)
+  inline       the worker where the scheduler puts it (the default)
+  inline-same  the worker pinned to CPU 0, where the frames are delivered: what
+               `[inspect.inline] follow_irq = true` does on Xen, where that CPU is the one
+               of the vif's netback interrupt (a veth has none, so the bench pins it)
+  inline-other the worker pinned to CPU 1
+  inline-busy  the worker where the scheduler puts it, polling without sleeping between
+               frames (spin_us = 10 ms: no wake-up, a core kept busy)
+
+usage: sudo benches/wakeup.py [--rounds 5] [--configs none,inline,...]
+Needs: root, 2 CPUs or more, iproute2, nftables, iperf3, python3; release binaries
+(`cargo build --release`).
+"""
+import argparse, os, re, statistics, subprocess, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.dont_write_bytecode = True
+import dataplane as d  # noqa: E402
+
+CONFIGS = ["none", "inline", "inline-same", "inline-other", "inline-busy"]
+PINGER_CPU = 0
+
+
+def ping(count):
+    r = subprocess.run(["ip", "netns", "exec", d.G[0], "taskset", "-c", str(PINGER_CPU),
+                        "ping", "-c", str(count), "-i", "0.005", d.ADDR[1]],
+                       capture_output=True, text=True)
+    rtts = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", r.stdout))
+    return rtts[len(rtts) // 2] if rtts else None
+
+
+def pin_workers(pid, cpu):
+    """Pins the service's inline worker threads (named `vif vif1.0 inline`) to `cpu`."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text()
+        except OSError:
+            continue
+        if "inli" in comm:
+            os.sched_setaffinity(int(tid), {cpu})
+            n += 1
+    if n == 0:
+        sys.exit("no inline worker thread found to pin")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--rules", default=str(d.repo / "tests/fixtures/bench-1000.rules"))
+    ap.add_argument("--work", default="/tmp/virtsec-wakeup")
+    a = ap.parse_args()
+    configs = a.configs.split(",")
+    if configs[0] != "none" or any(c not in CONFIGS for c in configs):
+        sys.exit(f"--configs: 'none' first, then any of {CONFIGS[1:]}")
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs 2 CPUs or more")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    d.WORKERS = 1
+    p50 = {c: [] for c in configs}
+    waits = {c: [] for c in configs}
+    d.setup()
+    xs = subprocess.Popen([str(d.VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
+                          stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        for i in (1, 2):
+            d.sh(d.VIRTSEC, "lab", "guest", "--xenstore-socket", work / "xs.sock", "create",
+                 "--domid", i, "--name", f"g{i}", "--mac", d.MAC[i - 1], "--ip", d.ADDR[i - 1])
+        for r in range(a.rounds):
+            for c in configs:
+                svc = None
+                if c != "none":
+                    svc = d.Virtsec(work, "inline-busy" if c == "inline-busy" else "inline", a.rules)
+                    if c in ("inline-same", "inline-other"):
+                        pin_workers(svc.pid(), PINGER_CPU if c == "inline-same" else 1)
+                ping(50)  # warm-up: ARP, flows
+                before = svc.waits() if svc else {}
+                p = ping(600)
+                if svc:
+                    waits[c].append(d.wait_p50(before, svc.waits()))
+                    svc.stop()
+                p50[c].append(p)
+                print(f"round {r + 1} {c}: ping p50 {p} µs", flush=True)
+    finally:
+        xs.terminate()
+        d.teardown()
+    base = p50["none"]
+    print(f"\n`sudo benches/wakeup.py --rounds {a.rounds} --configs {a.configs}` "
+          f"({a.rounds} rounds, {os.cpu_count()} CPUs, kernel {os.uname().release})\n")
+    print("| configuration | ping p50 µs | added p50 µs (paired) | rounds' added, min–max "
+          "| worker's verdict wait p50 µs (each crossing) |")
+    print("|---|---|---|---|---|")
+    for c in configs:
+        xs_ = [x for x in p50[c] if x is not None]
+        added = [x - b for x, b in zip(p50[c], base) if x is not None and b is not None]
+        w = [x for x in waits[c] if x is not None]
+        print(f"| {c} | {d.med(xs_):.0f} | {'+0' if c == 'none' else f'{d.med(added):+.0f}'} | "
+              f"{'–' if c == 'none' or not added else f'{min(added):+.0f} – {max(added):+.0f}'} | "
+              f"{'–' if not w else f'{d.med(w):.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
