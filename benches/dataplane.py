@@ -86,6 +86,22 @@ def setup():
         sh("ip", "-n", g, "link", "set", "lo", "up")
 
 
+def lab_xenstore(work):
+    """Starts a lab XenStore on `work`/xs.sock and lists the two guests in it as libxl writes
+    them (after setup()); returns its process, for the caller to terminate."""
+    xs = subprocess.Popen([str(VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
+                          stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        for i in (1, 2):
+            sh(VIRTSEC, "lab", "guest", "--xenstore-socket", work / "xs.sock", "create", "--domid", i,
+               "--name", f"g{i}", "--mac", MAC[i - 1], "--ip", ADDR[i - 1])
+    except BaseException:
+        xs.terminate()
+        raise
+    return xs
+
+
 def cpu_s(pid):
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -428,14 +444,9 @@ def main():
     if not a.no_build:
         sh("cargo", "build", "--release", "--quiet", cwd=repo)
     setup()
-    xs = subprocess.Popen([str(VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
-                          stderr=subprocess.DEVNULL)
+    xs = lab_xenstore(work)
     srv = []
     try:
-        time.sleep(0.5)
-        for i in (1, 2):
-            sh(VIRTSEC, "lab", "guest", "--xenstore-socket", work / "xs.sock", "create", "--domid", i,
-               "--name", f"g{i}", "--mac", MAC[i - 1], "--ip", ADDR[i - 1])
         srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], "iperf3", "-s"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)

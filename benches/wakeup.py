@@ -29,7 +29,7 @@ usage: sudo benches/wakeup.py [--rounds 5] [--configs none,inline,...]
 Needs: root, 2 CPUs or more, iproute2, nftables, iperf3, python3; release binaries
 (`cargo build --release`).
 """
-import argparse, os, re, statistics, subprocess, sys, time
+import argparse, os, re, subprocess, sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,13 +81,8 @@ def main():
     p50 = {c: [] for c in configs}
     waits = {c: [] for c in configs}
     d.setup()
-    xs = subprocess.Popen([str(d.VIRTSEC), "lab", "xenstored", "--socket", str(work / "xs.sock")],
-                          stderr=subprocess.DEVNULL)
+    xs = d.lab_xenstore(work)
     try:
-        time.sleep(0.5)
-        for i in (1, 2):
-            d.sh(d.VIRTSEC, "lab", "guest", "--xenstore-socket", work / "xs.sock", "create",
-                 "--domid", i, "--name", f"g{i}", "--mac", d.MAC[i - 1], "--ip", d.ADDR[i - 1])
         for r in range(a.rounds):
             for c in configs:
                 svc = None
