@@ -944,8 +944,19 @@ fn print_status(s: &serde_json::Value) {
     }
     // Per inline vif: whether the kernel fast path is on, and how long its frames waited
     // for their verdict (the latency inline adds on top of forwarding, per crossing).
-    let (mut fast, mut waits) = (Vec::new(), Vec::new());
+    let (mut fast, mut waits, mut pinned) = (Vec::new(), Vec::new(), Vec::new());
     for (name, v) in vifs.iter().filter(|(_, v)| v["inline"].is_object()) {
+        // follow_irq: the workers pinned beside their netback interrupt.
+        let cpus: Vec<String> = v["inline"]["worker_cpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_u64().map(|c| format!("worker {i} on CPU {c}")))
+            .collect();
+        if !cpus.is_empty() {
+            pinned.push(format!("{name} {}", cpus.join(", ")));
+        }
         let on = v["inline"]["fast_path"].as_bool() == Some(true);
         fast.push(format!("{name} {}", if on { "on" } else { "OFF" }));
         let w = &v["inline"]["verdict_wait_us"];
@@ -961,6 +972,12 @@ fn print_status(s: &serde_json::Value) {
         // OFF: every frame crosses the worker (Linux < 6.6 or no capture filter; the log says).
         println!("inline kernel fast path: {}", fast.join(", "));
         println!("inline verdict wait: {}", waits.join("; "));
+    }
+    if !pinned.is_empty() {
+        println!(
+            "inline workers beside their netback interrupt: {}",
+            pinned.join("; ")
+        );
     }
 }
 

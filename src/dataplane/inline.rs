@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Inspector, DETACH};
+use super::{Inspector, DETACH, UNPINNED};
 use crate::capture::inline::{self as topo, Splice};
 use crate::capture::irq::{IrqFollower, Placement};
 use crate::capture::vnet::{wait_readable, VnetPort, VNET_HDR_LEN};
@@ -200,6 +200,13 @@ fn forward(
     while !vif.stopping() {
         ins.maybe_reload();
         if let Some(p) = irq.as_mut().and_then(|f| f.check()) {
+            let pinned = match p {
+                Placement::Pinned { cpu, .. } => u32::try_from(*cpu).unwrap_or(UNPINNED),
+                _ => UNPINNED,
+            };
+            if let Some(w) = c.worker_cpus.get(ins.index) {
+                w.store(pinned, Ordering::Relaxed);
+            }
             match p {
                 Placement::Pinned { irq, cpu } => log::info!(
                     "{name}: inline worker {} on CPU {cpu}, with its netback interrupt {irq}",

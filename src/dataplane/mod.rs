@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -46,6 +46,9 @@ use crate::policy::Policies;
 /// Alerts kept in memory for `virtsec alerts`.
 const RECENT: usize = 1000;
 
+/// `VifCounters::worker_cpus` of a worker the scheduler places.
+pub const UNPINNED: u32 = u32::MAX;
+
 /// Counters of one vif's workers.
 #[derive(Debug, Default)]
 pub struct VifCounters {
@@ -59,6 +62,9 @@ pub struct VifCounters {
     pub verdict_drops: AtomicU64,
     /// Inline: the kernel forwards handed-over directions itself (`capture::bpf::FastPath`).
     pub fast_path: AtomicBool,
+    /// Inline, per worker: the CPU `follow_irq` pinned it to, next to its netback
+    /// interrupt; [`UNPINNED`] while the scheduler places it.
+    pub worker_cpus: Vec<AtomicU32>,
     /// Inline: frames forwarded uninspected because of overload (fail open).
     pub overload_bypassed: AtomicU64,
     /// Inline: frames dropped because of overload (fail closed), too long to read, or refused
@@ -96,6 +102,7 @@ impl VifCounters {
     fn new(workers: usize) -> VifCounters {
         VifCounters {
             worker_frames: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            worker_cpus: (0..workers).map(|_| AtomicU32::new(UNPINNED)).collect(),
             ..VifCounters::default()
         }
     }
@@ -166,6 +173,9 @@ pub struct InlineStatus {
     pub send_errors: u64,
     /// How long forwarded frames waited for their verdict (`VifCounters::verdict_wait`).
     pub verdict_wait_us: WaitStatus,
+    /// Per worker, the CPU `follow_irq` pinned it to (its netback interrupt's); `null`:
+    /// placed by the scheduler.
+    pub worker_cpus: Vec<Option<u32>>,
 }
 
 /// A summary of a latency histogram, in microseconds (quantiles to the precision of
@@ -1162,6 +1172,11 @@ impl DataPlane {
                             truncated: ld(&c.truncated),
                             send_errors: ld(&c.send_errors),
                             verdict_wait_us: (&c.verdict_wait.snapshot()).into(),
+                            worker_cpus: c
+                                .worker_cpus
+                                .iter()
+                                .map(|w| Some(w.load(Ordering::Relaxed)).filter(|&c| c != UNPINNED))
+                                .collect(),
                         }),
                     },
                 )

@@ -574,6 +574,7 @@ worker_cpus() {
         esac
     done
 }
+status_cpus() { virtsec status --json | jq -c --arg v "vif$G2.0" '.inspection[$v].inline.worker_cpus'; }
 worker_on() { w=$(worker_cpus); [ -n "$w" ] && [ -z "$(printf '%s\n' "$w" | grep -vx "$1")" ]; }
 if [ -n "$G2" ]; then
     kill "$(cat /run/virtsecd.pid)"; sleep 0.5
@@ -604,12 +605,13 @@ if [ -n "$G2" ]; then
         # and goes with it when the interrupt is moved.
         if [ -z "$irq" ] || [ "$last_cpu" -lt 1 ]; then
             notok "inline on netback: the worker follows vif$G2.0's netback interrupt" "interrupt '$irq', $(nproc) vCPU(s) in dom0; $(grep "vif$G2.0" /proc/interrupts | tr '\n' ';')"
-        elif until_ms 10000 worker_on "$last_cpu" && echo 0 > "/proc/irq/$irq/smp_affinity_list" \
-             && until_ms 10000 worker_on 0 \
+        elif until_ms 10000 worker_on "$last_cpu" && [ "$(status_cpus)" = "[$last_cpu]" ] \
+             && echo 0 > "/proc/irq/$irq/smp_affinity_list" \
+             && until_ms 10000 worker_on 0 && [ "$(status_cpus)" = "[0]" ] \
              && grep -q "vif$G2.0: inline worker 0 on CPU 0, with its netback interrupt $irq" /var/log/virtsecd.log; then
-            ok "inline on netback: the worker runs on vif$G2.0's netback interrupt's vCPU and follows it ($last_cpu, then 0)" "$(grep "vif$G2.0-q0" /proc/interrupts | awk '{ print $1, $NF }' | tr '\n' ' ')"
+            ok "inline on netback: the worker runs on vif$G2.0's netback interrupt's vCPU and follows it ($last_cpu, then 0), as virtsec status says" "$(grep "vif$G2.0-q0" /proc/interrupts | awk '{ print $1, $NF }' | tr '\n' ' '); $(virtsec status | grep 'beside their netback')"
         else
-            notok "inline on netback: the worker follows vif$G2.0's netback interrupt" "interrupt $irq on $(cat "/proc/irq/$irq/effective_affinity_list" 2>&1), worker on '$(worker_cpus)'; $(grep 'inline worker\|netback interrupt' /var/log/virtsecd.log | tail -3 | tr '\n' ' ')"
+            notok "inline on netback: the worker follows vif$G2.0's netback interrupt" "interrupt $irq on $(cat "/proc/irq/$irq/effective_affinity_list" 2>&1), worker on '$(worker_cpus)', status $(status_cpus); $(grep 'inline worker\|netback interrupt' /var/log/virtsecd.log | tail -3 | tr '\n' ' ')"
         fi
         # Debian 12's 6.1 has no tcx: the fast path is a tc cls_bpf filter on each side.
         fp=$(virtsec status --json | jq -r --arg v "vif$G2.0" '.inspection[$v].inline.fast_path')
