@@ -699,6 +699,9 @@ ramdisk = "/xen-e2e/dd.cpio.zst"
 extra = "console=hvc0 rdinit=/init quiet"
 memory = 448
 vcpus = 1
+# A backend domain gets a backend's share of the CPU, as dom0 does (dom0-init.sh): on a
+# starved CI host netdd's hotplug script once ran past libxl's 40 s limit.
+cpu_weight = 1024
 driver_domain = 1
 on_crash = "destroy"
 CFG
