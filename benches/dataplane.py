@@ -332,8 +332,10 @@ def iperf(streams, secs):
         return 0.0
 
 
-def ping(count):
-    r = ns(G[0], "ping", "-c", count, "-i", "0.005", ADDR[1], check=False)
+def ping(count, cpu=None):
+    """p50 and p99 round trip in µs of guest 1's pings to guest 2 (on `cpu` if given)."""
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    r = ns(G[0], *pin, "ping", "-c", count, "-i", "0.005", ADDR[1], check=False)
     rtts = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", r.stdout))
     if not rtts:
         return 0.0, 0.0
