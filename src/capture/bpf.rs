@@ -64,8 +64,10 @@ const VALUE: usize = 24;
 const MODE_TRIM: u32 = 1;
 /// Segments without payload (pure ACKs) are counted rather than copied.
 const MODE_EMPTY: u32 = 2;
-/// Value of the counts map (key: ifindex): frames and bytes from the guest, then to it.
-const COUNTS: usize = 32;
+/// Value of the counts map (key: ifindex): frames and bytes from the guest, then to it; then
+/// (inline ports only) every frame that arrived there, copied or not: per CPU, where the
+/// kernel delivered the vif's frames (`CaptureFilter::delivered`).
+const COUNTS: usize = 40;
 
 /// Errors loading the filter.
 #[derive(Debug, thiserror::Error)]
@@ -585,7 +587,20 @@ fn program(flows: i32, macs: i32, counts: i32, inline: bool) -> Result<Vec<asm::
             .jnei(R0, OUTGOING, "incoming")
             .movi(R0, 0)
             .exit();
-        p.label("incoming");
+        // Counted on the CPU it arrived on, before anything else (ICMP too): an idle inline
+        // worker is placed there (`dataplane::placement`).
+        p.label("incoming")
+            .mov(R6, R1)
+            .ldxw(R0, R6, 40)
+            .stxw(R10, KEYO + 36, R0)
+            .ldmap(R1, counts)
+            .mov(R2, R10)
+            .addi(R2, (KEYO + 36).into())
+            .call(HELPER_MAP_LOOKUP)
+            .jeqi(R0, 0, "parse")
+            .movi(R1, 1)
+            .xadd(R0, 32, R1);
+        p.label("parse").mov(R1, R6);
     }
     parse_tcp(&mut p);
     p.ldmap(R1, flows).mov(R2, R10).addi(R2, KEYO.into());
@@ -1013,6 +1028,28 @@ impl CaptureFilter {
         )
     }
 
+    /// Frames that arrived on an inline port (`ifindex`, watched) per CPU, since `watch`: the
+    /// CPUs the kernel delivered them on, indexed by CPU number. `None` when not watched.
+    pub fn delivered(&self, ifindex: u32) -> Option<Vec<u64>> {
+        let mut v = vec![0u8; COUNTS * self.cpus];
+        map_elem(
+            MAP_LOOKUP_ELEM,
+            &self.counts,
+            &ifindex.to_ne_bytes(),
+            Some(&mut v),
+        )
+        .ok()?;
+        Some(
+            v.chunks_exact(COUNTS)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&c[32..40]);
+                    u64::from_ne_bytes(b)
+                })
+                .collect(),
+        )
+    }
+
     /// Stops counting on an interface (its frames are copied again).
     pub fn unwatch(&self, ifindex: u32) {
         let _ = map_elem(MAP_DELETE_ELEM, &self.counts, &ifindex.to_ne_bytes(), None);
@@ -1058,6 +1095,14 @@ impl CaptureFilter {
         data.extend_from_slice(&[0x08, 0x00]);
         data.extend_from_slice(frame);
         test_run(&self.prog, &data)
+    }
+
+    /// As [`CaptureFilter::test_run`], with the inline ports' program.
+    fn test_run_inline(&self, frame: &[u8]) -> io::Result<u32> {
+        let mut data = vec![0u8; 12];
+        data.extend_from_slice(&[0x08, 0x00]);
+        data.extend_from_slice(frame);
+        test_run(&self.inline_prog, &data)
     }
 }
 
@@ -1157,8 +1202,9 @@ mod tests {
     fn the_program_assembles() {
         let p = program(3, 4, 5, false).unwrap();
         assert!(p.len() > 40 && p.len() < 200);
-        // The inline variant: four more instructions in front (outgoing frames: 0).
-        assert_eq!(program(3, 4, 5, true).unwrap().len(), p.len() + 4);
+        // The inline variant: four more instructions in front (outgoing frames: 0), and
+        // twelve counting each frame on its CPU (a map load is two).
+        assert_eq!(program(3, 4, 5, true).unwrap().len(), p.len() + 4 + 12);
     }
 
     /// What the program answers for literal frames (needs root, as CI): copied whole,
@@ -1230,6 +1276,43 @@ mod tests {
         f.unwatch(1);
         assert!(f.counts(1).is_none());
         assert_eq!(f.test_run(&d6).unwrap(), HEADER_SNAP);
+    }
+
+    /// The inline ports' program counts every frame arriving on a watched interface on the
+    /// CPU that ran it, copied or not, and nothing elsewhere (needs root, as CI).
+    #[test]
+    fn inline_ports_count_frames_on_the_cpu_they_arrive_on() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let f = CaptureFilter::load(16).unwrap();
+        let data = v4(6, 5, 0, true, ACK, b"GET / HTTP/1.1\r\n");
+        let udp = v4(17, 5, 0, true, ACK, b"x");
+        // Not watched: nothing to count in.
+        assert_eq!(f.test_run_inline(&data).unwrap(), FULL);
+        assert!(f.delivered(1).is_none());
+        // The test runs on this thread's CPU: pin it there so that all runs count in one slot.
+        let cpu = nix::sched::sched_getcpu().unwrap();
+        let mut one = nix::sched::CpuSet::new();
+        one.set(cpu).unwrap();
+        let before = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+        f.watch(1).unwrap();
+        assert_eq!(f.test_run_inline(&data).unwrap(), FULL);
+        assert_eq!(f.test_run_inline(&udp).unwrap(), FULL);
+        // A frame the kernel counts instead of copying (handed over) arrived there too.
+        assert!(f.bypass(&key("10.0.0.1", 40000, "10.0.0.2", 80), true));
+        assert_eq!(f.test_run_inline(&data).unwrap(), HEADER_SNAP);
+        assert_eq!(f.test_run_inline(&data).unwrap(), 0);
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &before).unwrap();
+        let d = f.delivered(1).unwrap();
+        assert_eq!(d.len(), f.cpus);
+        assert_eq!(d[cpu], 4, "{d:?}");
+        assert_eq!(d.iter().sum::<u64>(), 4, "{d:?}");
+        // The passive program does not count arrivals.
+        assert_eq!(f.test_run(&udp).unwrap(), FULL);
+        assert_eq!(f.delivered(1).unwrap().iter().sum::<u64>(), 4);
     }
 
     /// The fast path's tc program over `f`'s direction map, redirecting to ifindex 7, with
