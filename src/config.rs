@@ -165,8 +165,11 @@ pub struct InlineConfig {
     /// worker uses ~2% of a core there. 1–1000.
     #[serde(deserialize_with = "ms_1_to_1000")]
     pub idle_wake_ms: u32,
-    /// Pin each worker to the CPU its vif's netback interrupt is delivered on, and follow
-    /// it (`capture::irq`): the worker is woken there without an inter-processor interrupt.
+    /// Where the workers run (`dataplane::placement`): `auto` (beside the vif's arriving
+    /// frames while idle, where the scheduler puts them while busy), `irq` (always on the
+    /// vif's netback interrupt's CPU, `capture::irq`), `scheduler` (never pinned).
+    pub placement: Placement,
+    /// `true`: the same as `placement = "irq"` (the key before `placement` existed).
     pub follow_irq: bool,
     /// Let the kernel forward the directions there is nothing left to inspect in (past the
     /// stream depth when not inspected there; another local guest's once busy).
@@ -174,6 +177,26 @@ pub struct InlineConfig {
     /// How the fast path's programs are attached: `auto` (tcx where the kernel has it, Linux
     /// 6.6, else a tc `cls_bpf` filter) or `tc` (always the filter).
     pub fast_path_attach: FastPathAttach,
+}
+
+/// `[inspect.inline] placement`
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    Auto,
+    Irq,
+    Scheduler,
+}
+
+impl InlineConfig {
+    /// The placement in effect (`follow_irq = true` is `irq`).
+    pub fn placement(&self) -> Placement {
+        if self.follow_irq {
+            Placement::Irq
+        } else {
+            self.placement
+        }
+    }
 }
 
 /// `[inspect.inline] fast_path_attach`
@@ -191,6 +214,7 @@ impl Default for InlineConfig {
             max_wait_us: 2000,
             spin_us: 50,
             idle_wake_ms: 1,
+            placement: Placement::Auto,
             follow_irq: false,
             fast_path: true,
             fast_path_attach: FastPathAttach::Auto,
@@ -457,6 +481,31 @@ mod tests {
         assert_eq!(c.xenstore.path, PathBuf::from("/dev/xen/xenbus"));
         assert_eq!(c.xenstore.domid, Some(3));
         assert_eq!(c.log.target, LogTarget::Stderr);
+    }
+
+    #[test]
+    fn inline_placement_and_its_older_key() {
+        assert_eq!(
+            parse("").unwrap().inspect.inline.placement(),
+            Placement::Auto
+        );
+        let p = |s: &str| parse(s).map(|c| c.inspect.inline.placement());
+        assert_eq!(
+            p("[inspect.inline]\nplacement = \"scheduler\"\n").unwrap(),
+            Placement::Scheduler
+        );
+        assert_eq!(
+            p("[inspect.inline]\nfollow_irq = true\n").unwrap(),
+            Placement::Irq
+        );
+        assert_eq!(
+            p("[inspect.inline]\nplacement = \"scheduler\"\nfollow_irq = false\n").unwrap(),
+            Placement::Scheduler
+        );
+        let e = p("[inspect.inline]\nplacement = \"here\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:") && e.contains("here"), "{e}");
     }
 
     #[test]

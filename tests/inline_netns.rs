@@ -610,3 +610,124 @@ fn the_tc_fast_path_forwards_nothing_once_its_service_is_gone() {
     assert_eq!(link_master(&dd, "vif5.0").as_deref(), Some("xenbr0"));
     assert_eq!(fast_path_filters(&dd, "vif5.0"), 0);
 }
+
+/// The CPUs (`Cpus_allowed_list`) of service `pid`'s inline worker for vif5.0 (worker 0).
+fn worker_cpus(pid: u32) -> Option<String> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("vif vif5.0 in") {
+            let st = std::fs::read_to_string(t.path().join("status")).ok()?;
+            return st
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+        }
+    }
+    None
+}
+
+/// `placement = "auto"` (the default): an idle inline worker runs on the CPU its guest's
+/// frames arrive on (a veth delivers them on the sender's CPU: the pinging process's here)
+/// and moves when they do; under a bulk transfer from that same CPU it is busy and leaves it
+/// to the scheduler; quiet again, it goes back. `virtsec status` says where it is.
+#[test]
+fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
+    if !usable() {
+        eprintln!("SKIPPED an_idle_inline_worker_runs_where_its_guests_frames_arrive: needs root, nft, tc");
+        return;
+    }
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.len() < 2 {
+        eprintln!(
+            "SKIPPED an_idle_inline_worker_runs_where_its_guests_frames_arrive: needs two CPUs"
+        );
+        return;
+    }
+    let _serial = serial();
+    let mut lab = InlineLab::new(
+        "vip",
+        "10.98.0",
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7104; rev:1;)",
+        "[inspect.inline]\nmax_wait_us = 1000000",
+    );
+    let _log = LogOnPanic(lab.dir.path().to_path_buf());
+    let d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
+    lab.create_guests("10.98.0");
+    let (dir, g5, g6) = (&lab.dir, lab.g5.clone(), lab.g6.clone());
+    wait_for("vif5.0 inline", Duration::from_secs(10), || {
+        status(dir.path()).is_some_and(|s| {
+            s["inspection"]["vif5.0"]["attached"] == true
+                && s["inspection"]["vif5.0"]["mode"] == "inline"
+        })
+    });
+    wait_for("guests talking", Duration::from_secs(5), || {
+        ping(&g5, &["10.98.0.6"])
+    });
+    let pings = |cpu: usize, count: u32| {
+        Command::new("ip")
+            .args(["netns", "exec", &g5, "taskset", "-c", &cpu.to_string()])
+            .args([
+                "ping",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "10.98.0.6",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let status_cpus =
+        || status(dir.path()).map(|s| s["inspection"]["vif5.0"]["inline"]["worker_cpus"].clone());
+    // A quiet guest pinging from one CPU, then from the other: the worker follows.
+    for cpu in [cpus[1], cpus[0], cpus[1]] {
+        let mut p = pings(cpu, 300);
+        wait_for(
+            &format!("the worker on CPU {cpu}"),
+            Duration::from_secs(3),
+            || worker_cpus(d.pid()).as_deref() == Some(cpu.to_string().as_str()),
+        );
+        assert_eq!(status_cpus(), Some(serde_json::json!([cpu])));
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    // A bulk transfer: the worker is busy and gets all its CPUs back. (Before it is busy its
+    // connection's first frames may pin it elsewhere: a veth guest sends TCP data from the
+    // softirq that took the peer's ACKs too, which runs on the CPU that forwarded them.)
+    let sink_ = sink(&g6, 8080, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut bulk = Command::new("ip")
+        .args(["netns", "exec", &g5, "taskset", "-c", &cpus[1].to_string(), "python3", "-c"])
+        .arg("import socket,time\nc=socket.create_connection(('10.98.0.6',8080),timeout=5)\nb=bytes(1<<20)\nt=time.time()\nwhile time.time()-t<4: c.sendall(b)\nc.close()\n")
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    wait_for("the busy worker unpinned", Duration::from_secs(4), || {
+        let w = worker_cpus(d.pid()).unwrap_or_default();
+        if seen.last() != Some(&w) {
+            seen.push(w.clone());
+        }
+        // More than one CPU: "0-1", "0,2", ...
+        w.contains(['-', ','])
+    });
+    assert_eq!(status_cpus(), Some(serde_json::json!([null])), "{seen:?}");
+    assert!(bulk.wait().unwrap().success());
+    assert!(sink_count(sink_) > 0);
+    // Quiet again: beside the pings.
+    let mut p = pings(cpus[0], 300);
+    wait_for(
+        "the worker back beside the pings",
+        Duration::from_secs(3),
+        || worker_cpus(d.pid()).as_deref() == Some(cpus[0].to_string().as_str()),
+    );
+    let _ = p.kill();
+    let _ = p.wait();
+}

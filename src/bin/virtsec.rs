@@ -946,7 +946,7 @@ fn print_status(s: &serde_json::Value) {
     // for their verdict (the latency inline adds on top of forwarding, per crossing).
     let (mut fast, mut waits, mut pinned) = (Vec::new(), Vec::new(), Vec::new());
     for (name, v) in vifs.iter().filter(|(_, v)| v["inline"].is_object()) {
-        // follow_irq: the workers pinned beside their netback interrupt.
+        // `placement`: the workers pinned beside their guest's frames or netback interrupt.
         let cpus: Vec<String> = v["inline"]["worker_cpus"]
             .as_array()
             .into_iter()
@@ -974,10 +974,7 @@ fn print_status(s: &serde_json::Value) {
         println!("inline verdict wait: {}", waits.join("; "));
     }
     if !pinned.is_empty() {
-        println!(
-            "inline workers beside their netback interrupt: {}",
-            pinned.join("; ")
-        );
+        println!("inline workers pinned: {}", pinned.join("; "));
     }
 }
 

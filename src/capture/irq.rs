@@ -12,14 +12,16 @@
 //! latency inline mode adds to a quiet guest's round trip.
 //!
 //! [`IrqFollower`] pins the calling worker thread to the CPU of its vif's netback interrupt
-//! (`[inspect.inline] follow_irq`) and follows the interrupt when it moves (irqbalance, an
+//! (`[inspect.inline] placement = "irq"`) and follows the interrupt when it moves (irqbalance, an
 //! operator's `smp_affinity_list`). It only reads the interrupt's placement: spreading the
 //! vifs' interrupts over dom0's vCPUs stays with whoever does it today, and a worker never
 //! fights irqbalance. A vif without a netback interrupt (an HVM guest's `-emu` tap, a veth in
 //! tests) leaves its worker where the scheduler puts it.
 //!
 //! The trade-off: a worker on its interrupt's vCPU shares that vCPU with the vif's netback
-//! work, so one busy vif gets one vCPU instead of two in a pipeline. It is off by default.
+//! work, so one busy vif gets one vCPU instead of two in a pipeline. The default placement
+//! (`dataplane::placement`, "auto") pins only idle workers, beside where their frames arrive,
+//! and uses [`IrqFollower::locate`] only where the capture filter cannot count that.
 
 use std::io;
 use std::path::PathBuf;
@@ -83,9 +85,7 @@ pub struct IrqFollower {
     /// Where `/proc` and `/sys` are (`/` but in tests).
     root: PathBuf,
     irq: Option<u32>,
-    cpu: Option<usize>,
-    /// The thread's affinity before it was pinned, restored when the interrupt goes.
-    allowed: Option<CpuSet>,
+    pin: ThreadPin,
     last: Option<Placement>,
     next: Instant,
 }
@@ -103,8 +103,7 @@ impl IrqFollower {
             queue,
             root,
             irq: None,
-            cpu: None,
-            allowed: None,
+            pin: ThreadPin::default(),
             last: None,
             next: Instant::now(),
         }
@@ -128,7 +127,7 @@ impl IrqFollower {
     }
 
     /// Where the queue's interrupt is now: its number and CPU.
-    fn locate(&mut self) -> Option<(u32, Option<usize>)> {
+    pub(crate) fn locate(&mut self) -> Option<(u32, Option<usize>)> {
         let irq = match self.irq.filter(|&i| self.still_ours(i) == Some(true)) {
             Some(i) => i,
             None => find_irq(&self.read("proc/interrupts").ok()?, &self.vif, self.queue)?,
@@ -151,11 +150,11 @@ impl IrqFollower {
         }
         self.next = now + RECHECK;
         let placement = match self.locate() {
-            Some((irq, Some(cpu))) if self.cpu == Some(cpu) => Placement::Pinned { irq, cpu },
-            Some((irq, Some(cpu))) => match self.pin(cpu) {
+            Some((irq, Some(cpu))) if self.pin.cpu() == Some(cpu) => Placement::Pinned { irq, cpu },
+            Some((irq, Some(cpu))) => match self.pin.pin(cpu) {
                 Ok(()) => Placement::Pinned { irq, cpu },
                 Err(e) => {
-                    self.unpin();
+                    self.pin.unpin(&self.vif);
                     Placement::NotAllowed {
                         irq,
                         cpu,
@@ -165,7 +164,7 @@ impl IrqFollower {
             },
             _ => {
                 self.irq = None;
-                self.unpin();
+                self.pin.unpin(&self.vif);
                 Placement::NoInterrupt
             }
         };
@@ -175,8 +174,25 @@ impl IrqFollower {
         self.last = Some(placement);
         self.last.as_ref()
     }
+}
 
-    fn pin(&mut self, cpu: usize) -> nix::Result<()> {
+/// The calling thread pinned to one CPU, or left where it was allowed to run.
+#[derive(Default)]
+pub struct ThreadPin {
+    cpu: Option<usize>,
+    /// The thread's affinity before it was first pinned, restored by `unpin`.
+    allowed: Option<CpuSet>,
+}
+
+impl ThreadPin {
+    /// The CPU the thread is pinned to, if it is.
+    pub fn cpu(&self) -> Option<usize> {
+        self.cpu
+    }
+
+    /// Pins the calling thread to `cpu`; an error (a CPU outside the allowed set, cpuset or
+    /// `CPUAffinity=`) leaves it as it was.
+    pub fn pin(&mut self, cpu: usize) -> nix::Result<()> {
         let mut set = CpuSet::new();
         set.set(cpu)?;
         if self.allowed.is_none() {
@@ -188,10 +204,11 @@ impl IrqFollower {
         Ok(())
     }
 
-    fn unpin(&mut self) {
+    /// Gives the calling thread its affinity from before it was pinned (`vif`: for the log).
+    pub fn unpin(&mut self, vif: &str) {
         if let (Some(_), Some(all)) = (self.cpu.take(), self.allowed.as_ref()) {
             if let Err(e) = sched_setaffinity(Pid::from_raw(0), all) {
-                log::warn!("{}: cannot undo the worker's CPU pinning: {e}", self.vif);
+                log::warn!("{vif}: cannot undo the worker's CPU pinning: {e}");
             }
         }
     }

@@ -13,12 +13,13 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::placement::Placer;
 use super::{Inspector, DETACH, UNPINNED};
 use crate::capture::inline::{self as topo, Splice};
 use crate::capture::irq::{IrqFollower, Placement};
 use crate::capture::vnet::{wait_readable, VnetPort, VNET_HDR_LEN};
 use crate::capture::CaptureError;
-use crate::config::{FailMode, InlineConfig};
+use crate::config::{self, FailMode, InlineConfig};
 use crate::inspect::Verdict;
 
 /// Frames read (one recvmmsg) and forwarded (one sendmmsg) from one side before looking at
@@ -196,9 +197,25 @@ fn forward(
     let spin = Duration::from_micros(cfg.spin_us);
     let mut last_active: Option<Instant> = None;
     let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
-    let mut irq = cfg.follow_irq.then(|| IrqFollower::new(&name, ins.index));
+    let mut irq =
+        (cfg.placement() == config::Placement::Irq).then(|| IrqFollower::new(&name, ins.index));
+    let mut placer = (cfg.placement() == config::Placement::Auto).then(|| {
+        // The arrival counts are kept by the capture filter, on the ports only with the
+        // fast path.
+        let counts = fast.and(vif.filter.clone()).map(|f| (f, guest.ifindex()));
+        Placer::new(&name, ins.index, counts)
+    });
     while !vif.stopping() {
         ins.maybe_reload();
+        if let Some(p) = placer.as_mut() {
+            if let Some(placed) = p.check(Instant::now()) {
+                log::debug!("{name}: inline worker {} {placed}", ins.index);
+                if let Some(w) = c.worker_cpus.get(ins.index) {
+                    let cpu = p.cpu().and_then(|c| u32::try_from(c).ok());
+                    w.store(cpu.unwrap_or(UNPINNED), Ordering::Relaxed);
+                }
+            }
+        }
         if let Some(p) = irq.as_mut().and_then(|f| f.check()) {
             let pinned = match p {
                 Placement::Pinned { cpu, .. } => u32::try_from(*cpu).unwrap_or(UNPINNED),
@@ -235,7 +252,8 @@ fn forward(
                 break;
             }
         };
-        if ready.iter().any(|&r| r) {
+        let any = ready.iter().any(|&r| r);
+        if any {
             last_active = Some(Instant::now());
         } else if spinning {
             std::hint::spin_loop();
@@ -299,6 +317,10 @@ fn forward(
             // Handed to the kernel after this batch left, so that a direction's frames the
             // kernel forwards from now on do not overtake it.
             ins.sync_filter();
+        }
+        // (`last_active` is when this turn's frames were found ready.)
+        if let (true, Some(p), Some(t)) = (any, placer.as_mut(), last_active) {
+            p.worked(t.elapsed());
         }
     }
     // The kernel forwards nothing this worker handed over any more.

@@ -10,7 +10,8 @@
 //!   guest's path and verdicts act through kernel rules.
 //! - **inline** ([`inline`]): one thread forwards between the vif and its inline port
 //!   (`capture::inline`), with `PACKET_VNET_HDR` so offloads cross untouched; a frame waits
-//!   for its verdict, `drop` rules drop, and overload is handled by the fail mode.
+//!   for its verdict, `drop` rules drop, and overload is handled by the fail mode. Where the
+//!   worker runs, beside the guest's frames while idle, is [`placement`]'s.
 //!
 //! Alerts are EVE lines with the guest's identity (`xen` object: domid, uuid, name, vif),
 //! appended to the EVE file, logged, and kept (the last 1,000) for `virtsec alerts`. Per-vif
@@ -19,6 +20,7 @@
 
 mod inline;
 mod passive;
+mod placement;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -62,8 +64,8 @@ pub struct VifCounters {
     pub verdict_drops: AtomicU64,
     /// Inline: the kernel forwards handed-over directions itself (`capture::bpf::FastPath`).
     pub fast_path: AtomicBool,
-    /// Inline, per worker: the CPU `follow_irq` pinned it to, next to its netback
-    /// interrupt; [`UNPINNED`] while the scheduler places it.
+    /// Inline, per worker: the CPU `placement` pinned it to (beside its vif's frames or
+    /// netback interrupt); [`UNPINNED`] while the scheduler places it.
     pub worker_cpus: Vec<AtomicU32>,
     /// Inline: frames forwarded uninspected because of overload (fail open).
     pub overload_bypassed: AtomicU64,
@@ -173,8 +175,8 @@ pub struct InlineStatus {
     pub send_errors: u64,
     /// How long forwarded frames waited for their verdict (`VifCounters::verdict_wait`).
     pub verdict_wait_us: WaitStatus,
-    /// Per worker, the CPU `follow_irq` pinned it to (its netback interrupt's); `null`:
-    /// placed by the scheduler.
+    /// Per worker, the CPU `placement` pinned it to (beside its vif's frames or netback
+    /// interrupt); `null`: placed by the scheduler.
     pub worker_cpus: Vec<Option<u32>>,
 }
 
