@@ -21,6 +21,8 @@ Configurations:
                direction after its first MiB, like Suricata's stream bypass)
   inline-busy  inline workers keep polling between frames (spin_us = 10 ms): no thread
                wake-up per frame, a core per worker
+  *-sched      inline workers left where the scheduler puts them (`placement = "scheduler"`)
+               instead of beside their guest's frames while idle (the default, "auto")
   *-tc         inline with its kernel fast path attached as tc cls_bpf filters (kernels
                without tcx) instead of tcx links
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
@@ -116,11 +118,15 @@ class Virtsec:
         past = "false" if "-bypass" in config else "true"
         # -busy: inline workers poll without sleeping between frames ~100 times a second or
         # more (spin_us = 10 ms), trading a core per worker for no thread wake-up per frame.
-        spin = "[inspect.inline]\nspin_us = 10000\n" if "-busy" in config else ""
+        keys = ["spin_us = 10000"] if "-busy" in config else []
         # -tc: the inline fast path attached as tc cls_bpf filters (what kernels without tcx,
         # such as Debian 12's 6.1, get) instead of tcx links.
         if config.endswith("-tc"):
-            spin = '[inspect.inline]\nfast_path_attach = "tc"\n'
+            keys.append('fast_path_attach = "tc"')
+        # -sched: inline workers never pinned (the default before `placement = "auto"`).
+        if "-sched" in config:
+            keys.append('placement = "scheduler"')
+        spin = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
 
         self.work, self.mode = work, config
         cfg = work / f"virtsecd-{config}.toml"

@@ -13,19 +13,23 @@ in this bench, where a guest is a namespace, it is the CPU the pinging process r
 Same setup as benches/dataplane.py (two guests behind vif1.0 and vif2.0 on xenbr0 in a
 backend namespace, 1,000 content rules, anti-spoofing, vif1.0 inline). The pinging
 process runs on CPU 0 in every configuration; each round runs every configuration once,
-in turn; ping 600 x 5 ms (no other load):
+in turn; ping 600 x 5 ms (no other load, or with `--after-load S` right after iperf3
+guest-to-guest with 1 and then 4 streams for S seconds each, as benches/dataplane.py's ping
+column is measured):
 
   none         no service (the baseline: added latency is each round's p50 minus the
                baseline's p50 in the same round; the median of those is reported)
-  inline       the worker where the scheduler puts it (the default)
-  inline-same  the worker pinned to CPU 0, where the frames are delivered: what
-               `[inspect.inline] follow_irq = true` does on Xen, where that CPU is the one
-               of the vif's netback interrupt (a veth has none, so the bench pins it)
-  inline-other the worker pinned to CPU 1
-  inline-busy  the worker where the scheduler puts it, polling without sleeping between
-               frames (spin_us = 10 ms: no wake-up, a core kept busy)
+  inline       the default, `[inspect.inline] placement = "auto"`: the idle worker pinned
+               by the service to the CPU its vif's frames arrive on (counted per CPU in the
+               kernel: CPU 0 here; on Xen the vCPU of the vif's netback interrupt)
+  inline-sched the worker where the scheduler puts it (`placement = "scheduler"`)
+  inline-same  the worker pinned by this script to CPU 0, where the frames are delivered
+               (`placement = "scheduler"`): what "auto" should amount to here
+  inline-other the worker pinned by this script to CPU 1 (`placement = "scheduler"`)
+  inline-busy  the default placement, the worker polling without sleeping between frames
+               (spin_us = 10 ms: no wake-up, a core kept busy)
 
-usage: sudo benches/wakeup.py [--rounds 5] [--configs none,inline,...]
+usage: sudo benches/wakeup.py [--rounds 5] [--configs none,inline,...] [--after-load S]
 Needs: root, 2 CPUs or more, iproute2, nftables, iperf3, python3; release binaries
 (`cargo build --release`).
 """
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.dont_write_bytecode = True
 import dataplane as d  # noqa: E402
 
-CONFIGS = ["none", "inline", "inline-same", "inline-other", "inline-busy"]
+CONFIGS = ["none", "inline", "inline-sched", "inline-same", "inline-other", "inline-busy"]
 PINGER_CPU = 0
 
 
@@ -66,6 +70,8 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rules", default=str(d.repo / "tests/fixtures/bench-1000.rules"))
     ap.add_argument("--work", default="/tmp/virtsec-wakeup")
+    ap.add_argument("--after-load", type=int, default=0, metavar="S",
+                    help="iperf3 1 and 4 streams for S seconds each before the pings")
     a = ap.parse_args()
     configs = a.configs.split(",")
     if configs[0] != "none" or any(c not in CONFIGS for c in configs):
@@ -84,10 +90,14 @@ def main():
             for c in configs:
                 svc = None
                 if c != "none":
-                    svc = d.Virtsec(work, "inline-busy" if c == "inline-busy" else "inline", a.rules)
+                    svc = d.Virtsec(work, c if c in ("inline", "inline-busy") else "inline-sched",
+                                    a.rules)
                     if c in ("inline-same", "inline-other"):
                         pin_workers(svc.pid(), PINGER_CPU if c == "inline-same" else 1)
                 ping(50)  # warm-up: ARP, flows
+                if a.after_load:
+                    d.iperf(1, a.after_load)
+                    d.iperf(4, a.after_load)
                 before = svc.waits() if svc else {}
                 p = ping(600)
                 if svc:
@@ -99,7 +109,8 @@ def main():
         xs.terminate()
         d.teardown()
     base = p50["none"]
-    print(f"\n`sudo benches/wakeup.py --rounds {a.rounds} --configs {a.configs}` "
+    load = f" --after-load {a.after_load}" if a.after_load else ""
+    print(f"\n`sudo benches/wakeup.py --rounds {a.rounds} --configs {a.configs}{load}` "
           f"({a.rounds} rounds, {os.cpu_count()} CPUs, kernel {os.uname().release})\n")
     print("| configuration | ping p50 µs | added p50 µs (paired) | rounds' added, min–max "
           "| worker's verdict wait p50 µs (each crossing) |")
