@@ -696,6 +696,13 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
             || worker_cpus(d.pid()).as_deref() == Some(cpu.to_string().as_str()),
         );
         assert_eq!(status_cpus(), Some(serde_json::json!([cpu])));
+        let human = stdout(&cli(dir.path(), &["status"]));
+        assert!(
+            human.contains(&format!(
+                "inline workers pinned: vif5.0 worker 0 on CPU {cpu}\n"
+            )),
+            "{human}"
+        );
         let _ = p.kill();
         let _ = p.wait();
     }

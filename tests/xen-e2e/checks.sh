@@ -610,7 +610,7 @@ if [ -n "$G2" ]; then
         elif until_ms 20000 worker_on "$last_cpu" && [ "$(status_cpus)" = "[$last_cpu]" ] \
              && echo 0 > "/proc/irq/$irq/smp_affinity_list" \
              && until_ms 20000 worker_on 0 && [ "$(status_cpus)" = "[0]" ]; then
-            ok "inline on netback: the idle worker runs on the vCPU guest2's frames arrive on (vif$G2.0's netback interrupt's) and follows them ($last_cpu, then 0), as virtsec status says" "$(grep "vif$G2.0-q0" /proc/interrupts | awk '{ print $1, $NF }' | tr '\n' ' '); $(virtsec status | grep 'inline workers pinned')"
+            ok "inline on netback: the idle worker runs on the vCPU guest2's frames arrive on (vif$G2.0's netback interrupt's) and follows them ($last_cpu, then 0), as virtsec status says" "$(grep "vif$G2.0-q0" /proc/interrupts | awk '{ print $1, $NF }' | tr '\n' ' '); $(virtsec status 2>&1 | grep 'inline workers pinned\|rror')"
         else
             notok "inline on netback: the idle worker runs where guest2's frames arrive" "interrupt $irq on $(cat "/proc/irq/$irq/effective_affinity_list" 2>&1), worker on '$(worker_cpus)', status $(status_cpus); $(grep "vif$G2.0-q0" /proc/interrupts | tr '\n' ';')"
         fi
