@@ -1089,21 +1089,23 @@ impl CaptureFilter {
     /// Runs the program once on `frame` (BPF_PROG_TEST_RUN, as a frame received on `lo`);
     /// returns its snap length.
     fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
-        // The kernel consumes a first Ethernet header for a socket filter's test run; the
-        // program must see the whole frame, so it goes behind a throwaway one.
-        let mut data = vec![0u8; 12];
-        data.extend_from_slice(&[0x08, 0x00]);
-        data.extend_from_slice(frame);
-        test_run(&self.prog, &data)
+        socket_test_run(&self.prog, frame)
     }
 
     /// As [`CaptureFilter::test_run`], with the inline ports' program.
     fn test_run_inline(&self, frame: &[u8]) -> io::Result<u32> {
-        let mut data = vec![0u8; 12];
-        data.extend_from_slice(&[0x08, 0x00]);
-        data.extend_from_slice(frame);
-        test_run(&self.inline_prog, &data)
+        socket_test_run(&self.inline_prog, frame)
     }
+}
+
+/// A socket filter's test run on `frame`: the kernel consumes a first Ethernet header for
+/// it, and the program must see the whole frame, so it goes behind a throwaway one.
+#[cfg(test)]
+fn socket_test_run(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
+    let mut data = vec![0u8; 12];
+    data.extend_from_slice(&[0x08, 0x00]);
+    data.extend_from_slice(frame);
+    test_run(prog, &data)
 }
 
 /// `BPF_PROG_TEST_RUN` of `prog` on `data` (arriving on `lo`): the program's return value.
