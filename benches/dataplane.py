@@ -126,7 +126,7 @@ class Virtsec:
         # -sched: inline workers never pinned (the default before `placement = "auto"`).
         if "-sched" in config:
             keys.append('placement = "scheduler"')
-        spin = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
+        inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
 
         self.work, self.mode = work, config
         cfg = work / f"virtsecd-{config}.toml"
@@ -144,7 +144,7 @@ class Virtsec:
             f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
             # Inline on guest 1's vif only, as Suricata's inline modes bridge vif1.0 only;
             # vif2.0 stays passive (still inspected).
-            + spin + ('[[policy]]\nname = "g1"\nmode = "inline"\n' if mode == "inline" else ""))
+            + inline_section + ('[[policy]]\nname = "g1"\nmode = "inline"\n' if mode == "inline" else ""))
         self.log = open(work / f"virtsecd-{mode}.log", "a")
         self.p = subprocess.Popen(["ip", "netns", "exec", DD, str(VIRTSECD), "--config", str(cfg)],
                                   stderr=self.log, stdout=subprocess.DEVNULL)

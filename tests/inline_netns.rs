@@ -341,6 +341,19 @@ impl InlineLab {
                 .unwrap();
         }
     }
+
+    /// Waits until vif5.0 is attached inline and `web` reaches `db` (`<net>.6`) through it.
+    fn wait_inline(&self, net: &str) {
+        wait_for("vif5.0 inline", Duration::from_secs(10), || {
+            status(self.dir.path()).is_some_and(|s| {
+                s["inspection"]["vif5.0"]["attached"] == true
+                    && s["inspection"]["vif5.0"]["mode"] == "inline"
+            })
+        });
+        wait_for("guests talking", Duration::from_secs(5), || {
+            ping(&self.g5, &[&format!("{net}.6")])
+        });
+    }
 }
 
 #[test]
@@ -363,16 +376,8 @@ fn inline_workers_keep_each_connection_on_one_worker() {
     let _log = LogOnPanic(lab.dir.path().to_path_buf());
     let _d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
     lab.create_guests("10.95.0");
+    lab.wait_inline("10.95.0");
     let (dir, dd, g5, g6) = (&lab.dir, lab.dd.clone(), lab.g5.clone(), lab.g6.clone());
-    wait_for("vif5.0 inline", Duration::from_secs(10), || {
-        status(dir.path()).is_some_and(|s| {
-            s["inspection"]["vif5.0"]["attached"] == true
-                && s["inspection"]["vif5.0"]["mode"] == "inline"
-        })
-    });
-    wait_for("guests talking", Duration::from_secs(5), || {
-        ping(&g5, &["10.95.0.6"])
-    });
 
     // 16 short connections, each with the marker after its handshake.
     let server = Command::new("ip")
@@ -659,16 +664,8 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
     let _log = LogOnPanic(lab.dir.path().to_path_buf());
     let d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
     lab.create_guests("10.98.0");
+    lab.wait_inline("10.98.0");
     let (dir, g5, g6) = (&lab.dir, lab.g5.clone(), lab.g6.clone());
-    wait_for("vif5.0 inline", Duration::from_secs(10), || {
-        status(dir.path()).is_some_and(|s| {
-            s["inspection"]["vif5.0"]["attached"] == true
-                && s["inspection"]["vif5.0"]["mode"] == "inline"
-        })
-    });
-    wait_for("guests talking", Duration::from_secs(5), || {
-        ping(&g5, &["10.98.0.6"])
-    });
     let pings = |cpu: usize, count: u32| {
         Command::new("ip")
             .args(["netns", "exec", &g5, "taskset", "-c", &cpu.to_string()])

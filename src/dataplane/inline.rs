@@ -197,33 +197,35 @@ fn forward(
     let spin = Duration::from_micros(cfg.spin_us);
     let mut last_active: Option<Instant> = None;
     let idle_ms = cfg.idle_wake_ms.clamp(1, 1000) as i32;
-    let mut irq =
-        (cfg.placement() == config::Placement::Irq).then(|| IrqFollower::new(&name, ins.index));
-    let mut placer = (cfg.placement() == config::Placement::Auto).then(|| {
+    let placement = cfg.placement();
+    let mut irq = (placement == config::Placement::Irq).then(|| IrqFollower::new(&name, ins.index));
+    let mut placer = (placement == config::Placement::Auto).then(|| {
         // The arrival counts are kept by the capture filter, on the ports only with the
         // fast path.
         let counts = fast.and(vif.filter.clone()).map(|f| (f, guest.ifindex()));
         Placer::new(&name, ins.index, counts)
     });
+    // Where this worker is pinned, for `virtsec status`.
+    let index = ins.index;
+    let publish = |cpu: Option<usize>| {
+        if let Some(w) = c.worker_cpus.get(index) {
+            let cpu = cpu.and_then(|c| u32::try_from(c).ok());
+            w.store(cpu.unwrap_or(UNPINNED), Ordering::Relaxed);
+        }
+    };
     while !vif.stopping() {
         ins.maybe_reload();
         if let Some(p) = placer.as_mut() {
             if let Some(placed) = p.check(Instant::now()) {
-                log::debug!("{name}: inline worker {} {placed}", ins.index);
-                if let Some(w) = c.worker_cpus.get(ins.index) {
-                    let cpu = p.cpu().and_then(|c| u32::try_from(c).ok());
-                    w.store(cpu.unwrap_or(UNPINNED), Ordering::Relaxed);
-                }
+                log::debug!("{name}: inline worker {index} {placed}");
+                publish(p.cpu());
             }
         }
         if let Some(p) = irq.as_mut().and_then(|f| f.check()) {
-            let pinned = match p {
-                Placement::Pinned { cpu, .. } => u32::try_from(*cpu).unwrap_or(UNPINNED),
-                _ => UNPINNED,
-            };
-            if let Some(w) = c.worker_cpus.get(ins.index) {
-                w.store(pinned, Ordering::Relaxed);
-            }
+            publish(match p {
+                Placement::Pinned { cpu, .. } => Some(*cpu),
+                _ => None,
+            });
             match p {
                 Placement::Pinned { irq, cpu } => log::info!(
                     "{name}: inline worker {} on CPU {cpu}, with its netback interrupt {irq}",
