@@ -188,9 +188,9 @@ class Virtsec:
         for v in st.get("inspection", {}).values():
             # Frames the capture filter counted in the kernel without copying passed too.
             seen += v.get("frames", 0) + v.get("uncopied", 0)
-            lost += v.get("ring_drops", 0)
-            il = v.get("inline") or {}
-            lost += il.get("overload_drops", 0) + il.get("truncated", 0) + il.get("send_errors", 0)
+            # Every cause the service counts: ring or receive-queue drops in the kernel,
+            # overload drops, frames too long to read, refused sends.
+            lost += v.get("lost", 0)
         return lost, seen
 
     def stop(self):

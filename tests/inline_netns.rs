@@ -735,3 +735,64 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
     let _ = p.kill();
     let _ = p.wait();
 }
+
+/// A worker that cannot read (the service stopped with SIGSTOP) while its guest sends more
+/// than the worker's receive queue holds (4 MiB): the kernel drops the rest before any
+/// worker sees them. When the service runs again it counts them (`queue_drops`, part of
+/// LOST): every datagram the guest sent was either read by the worker or counted as dropped.
+#[test]
+fn frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted() {
+    if !usable() {
+        eprintln!("SKIPPED frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted: needs root, nft, tc");
+        return;
+    }
+    let _serial = serial();
+    let mut lab = InlineLab::new(
+        "viq",
+        "10.94.0",
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7105; rev:1;)",
+        // Late frames are not overload here: whatever is lost, the kernel dropped.
+        "[inspect.inline]\nmax_wait_us = 10000000",
+    );
+    let _log = LogOnPanic(lab.dir.path().to_path_buf());
+    let d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
+    lab.create_guests("10.94.0");
+    lab.wait_inline("10.94.0");
+    let vif = |key: &str| {
+        status(lab.dir.path())
+            .and_then(|s| s["inspection"]["vif5.0"][key].as_u64())
+            .unwrap_or(0)
+    };
+    let read_before = vif("frames");
+    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // 6,000 datagrams of 1,400 bytes (over 13 MiB as the kernel accounts them).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.g5, "python3", "-c"])
+        .arg(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nn=0\n\
+             for _ in range(6000):\n  n+=s.sendto(b'x'*1400,('10.94.0.6',9))>0\nprint(n)\n",
+        )
+        .output();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let sent: u64 = stdout(&out.unwrap()).trim().parse().unwrap_or(0);
+    assert_eq!(sent, 6000, "the guest could not send its datagrams");
+    wait_for(
+        "every datagram read by the worker or counted as dropped",
+        Duration::from_secs(10),
+        || {
+            let dropped = inline_counter(lab.dir.path(), "queue_drops");
+            dropped > 0 && vif("frames") - read_before + dropped >= sent
+        },
+    );
+    let dropped = inline_counter(lab.dir.path(), "queue_drops");
+    eprintln!(
+        "sent {sent}, read {}, dropped in the kernel {dropped}",
+        vif("frames") - read_before
+    );
+    assert!(
+        vif("lost") >= dropped,
+        "queue drops are not in LOST: {}",
+        vif("lost")
+    );
+}

@@ -511,26 +511,35 @@ impl Ring {
 
     /// Reads the kernel's counters (they reset on read) into the accumulated totals.
     pub fn stats(&mut self) -> RingStats {
-        // SAFETY: an all-zero tpacket_stats_v3 is valid; getsockopt fills it.
-        let mut st: libc::tpacket_stats_v3 = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
-        // SAFETY: `st` and `len` are valid for writes of the advertised size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_STATISTICS,
-                &mut st as *mut _ as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        if rc == 0 {
+        if let Some(st) = packet_statistics(self.fd.as_raw_fd()) {
             self.stats.packets += st.tp_packets as u64;
             self.stats.drops += st.tp_drops as u64;
             self.stats.freezes += st.tp_freeze_q_cnt as u64;
         }
         self.stats
     }
+}
+
+/// A packet socket's `PACKET_STATISTICS` since the last read (the kernel resets them on
+/// read): frames delivered to the socket and frames dropped for want of room (ring full, or
+/// the receive queue at `SO_RCVBUF` for a socket without a ring). A socket without a ring
+/// reports the first two fields only (`tpacket_stats`); the third stays 0. `None` if the
+/// kernel refused (not a packet socket).
+pub(crate) fn packet_statistics(fd: std::os::fd::RawFd) -> Option<libc::tpacket_stats_v3> {
+    // SAFETY: an all-zero tpacket_stats_v3 is valid; getsockopt fills at most `len` bytes.
+    let mut st: libc::tpacket_stats_v3 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
+    // SAFETY: `st` and `len` are valid for writes of the advertised size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            &mut st as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(st)
 }
 
 impl Drop for Ring {

@@ -123,6 +123,13 @@ impl VnetPort {
         self.ifindex
     }
 
+    /// Frames the kernel dropped since the last call because this socket's receive queue
+    /// was full (`SO_RCVBUF`, 4 MiB here): the worker fell that far behind. They never reach
+    /// the worker, so only this count tells of them.
+    pub fn take_drops(&self) -> u64 {
+        super::packet_statistics(self.fd.as_raw_fd()).map_or(0, |st| u64::from(st.tp_drops))
+    }
+
     /// Reads up to `bufs.len()` frames in one system call (`recvmmsg`) without blocking;
     /// `out[i]` describes `bufs[i]`. Returns how many were read (0: none waiting).
     pub fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io::Result<usize> {

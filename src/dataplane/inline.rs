@@ -29,6 +29,9 @@ const BATCH: usize = 32;
 /// Room for one GSO super-frame (64 KiB plus headers) and the virtio header.
 const BUF: usize = 65536 + 1024;
 
+/// How often a worker reads what the kernel dropped on its sockets (two system calls).
+const DROPS_EVERY: Duration = Duration::from_millis(100);
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -213,6 +216,12 @@ fn forward(
             w.store(cpu.unwrap_or(UNPINNED), Ordering::Relaxed);
         }
     };
+    // What the kernel dropped on this worker's two sockets, their queues being full.
+    let take_drops = || {
+        let n = guest.take_drops() + sw.take_drops();
+        c.queue_drops.fetch_add(n, Ordering::Relaxed);
+    };
+    let mut drops_read = Instant::now();
     while !vif.stopping() {
         ins.maybe_reload();
         if let Some(p) = placer.as_mut() {
@@ -243,6 +252,10 @@ fn forward(
         }
         // (at most ten times a second, busy or idle: what the kernel forwarded is counted)
         ins.poll_counts();
+        if drops_read.elapsed() >= DROPS_EVERY {
+            drops_read = Instant::now();
+            take_drops();
+        }
         if let Some(f) = fast {
             f.renew();
         }
@@ -325,6 +338,7 @@ fn forward(
             p.worked(t.elapsed());
         }
     }
+    take_drops();
     // The kernel forwards nothing this worker handed over any more.
     ins.restore_all();
 }

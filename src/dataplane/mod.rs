@@ -74,6 +74,9 @@ pub struct VifCounters {
     pub overload_drops: AtomicU64,
     pub truncated: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Inline: frames the kernel dropped before a worker read them, its ports' receive
+    /// queues being full (`PACKET_STATISTICS`): the worker fell that far behind.
+    pub queue_drops: AtomicU64,
     /// Inline: how long each forwarded frame waited for its verdict, from the kernel's
     /// receive timestamp to the worker handing it back to the kernel (the worker's wake-up,
     /// reading and inspection; not the forwarding after it).
@@ -117,13 +120,15 @@ impl VifCounters {
             .sum()
     }
 
-    /// Frames lost to inspection: ring overflow (passive); overload drops, frames too long
-    /// to read and frames the kernel refused on send (inline). The one definition behind
-    /// `virtsec status`'s LOST, the XenStore counters' `lost` and `virtsec_vif_drops_total`.
+    /// Frames lost to inspection: ring overflow (passive); overload drops, full receive
+    /// queues, frames too long to read and frames the kernel refused on send (inline). The
+    /// one definition behind `virtsec status`'s LOST, the XenStore counters' `lost` and
+    /// `virtsec_vif_drops_total`.
     pub fn lost(&self) -> u64 {
         [
             &self.ring_drops,
             &self.overload_drops,
+            &self.queue_drops,
             &self.truncated,
             &self.send_errors,
         ]
@@ -171,6 +176,8 @@ pub struct InlineStatus {
     pub verdict_drops: u64,
     pub overload_bypassed: u64,
     pub overload_drops: u64,
+    /// Frames the kernel dropped before a worker read them (its receive queue was full).
+    pub queue_drops: u64,
     pub truncated: u64,
     pub send_errors: u64,
     /// How long forwarded frames waited for their verdict (`VifCounters::verdict_wait`).
@@ -1171,6 +1178,7 @@ impl DataPlane {
                             verdict_drops: ld(&c.verdict_drops),
                             overload_bypassed: ld(&c.overload_bypassed),
                             overload_drops: ld(&c.overload_drops),
+                            queue_drops: ld(&c.queue_drops),
                             truncated: ld(&c.truncated),
                             send_errors: ld(&c.send_errors),
                             verdict_wait_us: (&c.verdict_wait.snapshot()).into(),
@@ -1238,12 +1246,13 @@ mod tests {
             (&c.overload_drops, 10),
             (&c.truncated, 100),
             (&c.send_errors, 1000),
+            (&c.queue_drops, 10_000),
             // Not losses: verdicts and fail-open bypasses were the policy's choice.
-            (&c.verdict_drops, 10_000),
-            (&c.overload_bypassed, 100_000),
+            (&c.verdict_drops, 100_000),
+            (&c.overload_bypassed, 1_000_000),
         ] {
             a.store(n, Ordering::Relaxed);
         }
-        assert_eq!(c.lost(), 1111);
+        assert_eq!(c.lost(), 11_111);
     }
 }
