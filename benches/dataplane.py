@@ -25,6 +25,8 @@ Configurations:
                instead of beside their guest's frames while idle (the default, "auto")
   *-tc         inline with its kernel fast path attached as tc cls_bpf filters (kernels
                without tcx) instead of tcx links
+  *-wNms       inline with `max_wait_us` = N ms (default 2 ms): the overload threshold past
+               which frames are dropped (fail closed, as here)
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
                kernel rules every other virtsec configuration has cost on their own
   suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed);
@@ -124,6 +126,9 @@ class Virtsec:
         if config.endswith("-tc"):
             keys.append('fast_path_attach = "tc"')
         # -sched: inline workers never pinned (the default before `placement = "auto"`).
+        wait = re.search(r"-w(\d+)ms", config)
+        if wait:
+            keys.append(f"max_wait_us = {int(wait.group(1)) * 1000}")
         if "-sched" in config:
             keys.append('placement = "scheduler"')
         inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
