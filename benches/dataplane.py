@@ -125,10 +125,11 @@ class Virtsec:
         # such as Debian 12's 6.1, get) instead of tcx links.
         if config.endswith("-tc"):
             keys.append('fast_path_attach = "tc"')
-        # -sched: inline workers never pinned (the default before `placement = "auto"`).
+        # -wNms: the overload threshold (`max_wait_us`) at N ms instead of 2.
         wait = re.search(r"-w(\d+)ms", config)
         if wait:
             keys.append(f"max_wait_us = {int(wait.group(1)) * 1000}")
+        # -sched: inline workers never pinned (the default before `placement = "auto"`).
         if "-sched" in config:
             keys.append('placement = "scheduler"')
         inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
