@@ -151,7 +151,10 @@ pub enum FailMode {
 pub struct InlineConfig {
     pub fail: FailMode,
     /// A frame that waited longer than this (kernel receive time to verdict) means overload:
-    /// it and the frames behind it are handled by `fail` until the backlog is gone.
+    /// it and the frames behind it are handled by `fail` until the backlog is gone. 20 ms by
+    /// default: a worker behind a bulk transfer keeps a queue of a few ms that TCP regulates
+    /// itself; a bound under it (2 ms before) drops frames TCP then retransmits and the
+    /// guest's other traffic with them (docs/performance.md).
     #[serde(deserialize_with = "micros_1_to_10s")]
     pub max_wait_us: u64,
     /// After forwarding, keep polling without sleeping this long: the reply to what was
@@ -211,7 +214,7 @@ impl Default for InlineConfig {
     fn default() -> Self {
         InlineConfig {
             fail: FailMode::Closed,
-            max_wait_us: 2000,
+            max_wait_us: 20_000,
             spin_us: 50,
             idle_wake_ms: 1,
             placement: Placement::Auto,
