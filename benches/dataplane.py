@@ -357,20 +357,24 @@ def pings_during(secs, run):
         out = run()
     finally:
         text = p.communicate(timeout=secs + 30)[0]
-    rtts = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", text))
-    if not rtts:
-        return out, (0.0, 0.0, 1.0)
-    return out, (rtts[len(rtts) // 2], rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))], 1 - len(rtts) / count)
+    p50, p99, answered = rtts(text)
+    return out, (p50, p99, 1 - answered / count)
+
+
+def rtts(text):
+    """p50 and p99 in µs of the round trips in ping's output `text` (0.0 when none), and how
+    many there were."""
+    t = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", text))
+    if not t:
+        return 0.0, 0.0, 0
+    return t[len(t) // 2], t[min(len(t) - 1, int(len(t) * 0.99))], len(t)
 
 
 def ping(count, cpu=None):
     """p50 and p99 round trip in µs of guest 1's pings to guest 2 (on `cpu` if given)."""
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     r = ns(G[0], *pin, "ping", "-c", count, "-i", "0.005", ADDR[1], check=False)
-    rtts = sorted(float(x) * 1000 for x in re.findall(r"time=([\d.]+) ms", r.stdout))
-    if not rtts:
-        return 0.0, 0.0
-    return rtts[len(rtts) // 2], rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
+    return rtts(r.stdout)[:2]
 
 
 def sockperf(secs):
