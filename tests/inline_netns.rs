@@ -276,7 +276,7 @@ fn inline_guest_keeps_offloads_drop_rules_drop_and_fail_mode_holds() {
 /// Two bridged guests `web` (5) and `db` (6) on `<net>.5` and `<net>.6` in a simulated backend
 /// domain, `web` inline by policy: the lab (namespaces and a XenStore with both guests) and
 /// virtsecd's configuration with `rule` loaded and `extra` under `[inspect]` (more sections
-/// may follow it); the caller starts the service.
+/// may follow it); `start` starts the service and creates the guests.
 struct InlineLab {
     dir: tempfile::TempDir,
     dd: String,
@@ -286,6 +286,8 @@ struct InlineLab {
     _ns: Netns,
     _xs: Proc,
     ts: virtsec::lab::toolstack::Toolstack,
+    /// The guests' /24 (`<net>.5`, `<net>.6`).
+    net: String,
 }
 
 impl InlineLab {
@@ -330,20 +332,25 @@ impl InlineLab {
             _ns: ns,
             _xs: xs,
             ts,
+            net: net.into(),
         }
     }
 
-    /// The toolstack creates both guests (the service is running).
-    fn create_guests(&mut self, net: &str) {
+    /// Starts virtsecd in the backend domain (its log printed if the test fails), then the
+    /// toolstack creates both guests; returns the log guard and the service.
+    fn start(&mut self) -> (LogOnPanic, Proc) {
+        let log = LogOnPanic(self.dir.path().to_path_buf());
+        let d = virtsecd_with(self.dir.path(), Some(&self.dd), &self.cfg);
         for (domid, name) in [(5, "web"), (6, "db")] {
             self.ts
-                .create(&bridged_spec(domid, name, net), None)
+                .create(&bridged_spec(domid, name, &self.net), None)
                 .unwrap();
         }
+        (log, d)
     }
 
     /// Waits until vif5.0 is attached inline and `web` reaches `db` (`<net>.6`) through it.
-    fn wait_inline(&self, net: &str) {
+    fn wait_inline(&self) {
         wait_for("vif5.0 inline", Duration::from_secs(10), || {
             status(self.dir.path()).is_some_and(|s| {
                 s["inspection"]["vif5.0"]["attached"] == true
@@ -351,7 +358,7 @@ impl InlineLab {
             })
         });
         wait_for("guests talking", Duration::from_secs(5), || {
-            ping(&self.g5, &[&format!("{net}.6")])
+            ping(&self.g5, &[&format!("{}.6", self.net)])
         });
     }
 }
@@ -373,10 +380,8 @@ fn inline_workers_keep_each_connection_on_one_worker() {
         "drop tcp any any -> any 8080 (msg:\"marker after a handshake\"; flow:established,to_server; content:\"evil-payload\"; sid:7102; rev:1;)",
         "workers_per_vif = 4\ninspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000",
     );
-    let _log = LogOnPanic(lab.dir.path().to_path_buf());
-    let _d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
-    lab.create_guests("10.95.0");
-    lab.wait_inline("10.95.0");
+    let (_log, _d) = lab.start();
+    lab.wait_inline();
     let (dir, dd, g5, g6) = (&lab.dir, lab.dd.clone(), lab.g5.clone(), lab.g6.clone());
 
     // 16 short connections, each with the marker after its handshake.
@@ -521,9 +526,7 @@ fn the_tc_fast_path_forwards_nothing_once_its_service_is_gone() {
         "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7103; rev:1;)",
         "inspect_past_depth = false\n[inspect.inline]\nmax_wait_us = 1000000\nfast_path_attach = \"tc\"",
     );
-    let _log = LogOnPanic(lab.dir.path().to_path_buf());
-    let mut d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
-    lab.create_guests("10.97.0");
+    let (_log, mut d) = lab.start();
     let (dir, dd, g5, g6, cfg) = (
         &lab.dir,
         lab.dd.clone(),
@@ -661,10 +664,8 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
         "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7104; rev:1;)",
         "[inspect.inline]\nmax_wait_us = 1000000",
     );
-    let _log = LogOnPanic(lab.dir.path().to_path_buf());
-    let d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
-    lab.create_guests("10.98.0");
-    lab.wait_inline("10.98.0");
+    let (_log, d) = lab.start();
+    lab.wait_inline();
     let (dir, g5, g6) = (&lab.dir, lab.g5.clone(), lab.g6.clone());
     let pings = |cpu: usize, count: u32| {
         Command::new("ip")
@@ -754,10 +755,8 @@ fn frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted() {
         // Late frames are not overload here: whatever is lost, the kernel dropped.
         "[inspect.inline]\nmax_wait_us = 10000000",
     );
-    let _log = LogOnPanic(lab.dir.path().to_path_buf());
-    let d = virtsecd_with(lab.dir.path(), Some(&lab.dd), &lab.cfg);
-    lab.create_guests("10.94.0");
-    lab.wait_inline("10.94.0");
+    let (_log, d) = lab.start();
+    lab.wait_inline();
     let vif = |key: &str| {
         status(lab.dir.path())
             .and_then(|s| s["inspection"]["vif5.0"][key].as_u64())
