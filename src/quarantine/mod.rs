@@ -1135,6 +1135,20 @@ mod tests {
         assert!("nuke".parse::<Action>().is_err());
     }
 
+    /// Runs `f` in a network namespace of its own where this process may make one (root):
+    /// the quarantine's kernel table is per namespace, and these tests hold the same VM, so
+    /// run side by side in the host's namespace one saw the other's hold as an orphan left by
+    /// a crash, took it over, and its alert then found the VM already held (a flaky failure).
+    fn own_netns(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            // Not root: the host's namespace, where the kernel side fails as it always did.
+            let _ = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+
     fn guest(domid: u32, bridge: &str) -> Guests {
         let vif = crate::inventory::Vif {
             devid: 0,
@@ -1164,6 +1178,10 @@ mod tests {
 
     #[test]
     fn the_bridge_action_points_new_vifs_at_the_quarantine_bridge_and_restores_the_key() {
+        own_netns(the_bridge_action_body);
+    }
+
+    fn the_bridge_action_body() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = QuarantineConfig {
             state_dir: dir.path().to_path_buf(),
@@ -1212,6 +1230,10 @@ mod tests {
 
     #[test]
     fn an_alert_on_a_guest_without_a_readable_uuid_is_an_error_not_silence() {
+        own_netns(an_alert_without_uuid_body);
+    }
+
+    fn an_alert_without_uuid_body() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = QuarantineConfig {
             state_dir: dir.path().to_path_buf(),
@@ -1244,7 +1266,8 @@ mod tests {
             uuid: Some("5e1ab000-0000-4000-8000-000000000005".into()),
             ..ev
         };
-        assert!(matches!(q.on_alert(&ev, &ladder, &guests), Some(Ok(_))));
+        let r = q.on_alert(&ev, &ladder, &guests);
+        assert!(matches!(r, Some(Ok(_))), "{r:?}");
         // An empty ladder (a guest exempted by policy) is no error.
         let ev = AlertEvent {
             uuid: None,
