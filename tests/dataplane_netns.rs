@@ -252,3 +252,100 @@ for p in range(9000, 9060):
         dom0.read("/local/domain/0/virtsec/vif/5").is_err()
     });
 }
+
+/// A passive worker that cannot read (the service stopped with SIGSTOP) while its guest sends
+/// more than the worker's capture socket holds (`ring_mib = 1`): the kernel drops the rest.
+/// When the service runs again it counts them (`ring_drops`, part of LOST): every datagram the
+/// guest sent was either read or counted as dropped, whichever way the worker reads its vif.
+fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let (dd, g5) = (format!("vd{tag}{id}"), format!("vg{tag}{id}"));
+    ip(&["netns", "add", &dd]);
+    let _ns = Netns(vec![dd.clone(), g5.clone()]);
+    guest_behind_vif(&dd, &g5, "vif5.0", &format!("{net}.2/24"), None);
+    ip(&[
+        "-n",
+        &dd,
+        "addr",
+        "add",
+        &format!("{net}.1/24"),
+        "dev",
+        "vif5.0",
+    ]);
+    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
+    let _xs = lab_xenstored(dir.path(), &[]);
+    let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
+    ts.init_host().unwrap();
+    let rules = dir.path().join("live.rules");
+    std::fs::write(
+        &rules,
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7011; rev:1;)\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "[inspect]\nrules = [{:?}]\ncapture = \"{capture}\"\nring_mib = 1\n",
+        rules.display().to_string()
+    );
+    let d = virtsecd_with(dir.path(), Some(&dd), &extra);
+    ts.create(&GuestSpec::simple(5, "web", "xenbr0"), None)
+        .unwrap();
+    let vif = |key: &str| {
+        status(dir.path())
+            .and_then(|s| s["inspection"]["vif5.0"][key].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("vif5.0 attached", Duration::from_secs(5), || {
+        status(dir.path()).is_some_and(|s| s["inspection"]["vif5.0"]["attached"] == true)
+    });
+    let read_before = vif("frames");
+    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // 6,000 datagrams of 1,400 bytes: over 8 MiB, as the kernel accounts them.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &g5, "python3", "-c"])
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nn=0\n\
+             for _ in range(6000):\n  n+=s.sendto(b'x'*1400,('{net}.1',9))>0\nprint(n)\n"
+        ))
+        .output();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let sent: u64 = stdout(&out.unwrap()).trim().parse().unwrap_or(0);
+    assert_eq!(sent, 6000, "the guest could not send its datagrams");
+    wait_for(
+        "every datagram read by the worker or counted as dropped",
+        Duration::from_secs(10),
+        || {
+            let dropped = vif("ring_drops");
+            dropped > 0 && vif("frames").saturating_sub(read_before) + dropped >= sent
+        },
+    );
+    let dropped = vif("ring_drops");
+    eprintln!(
+        "{capture}: sent {sent}, read {}, dropped in the kernel {dropped}",
+        vif("frames").saturating_sub(read_before)
+    );
+    assert!(
+        vif("lost") >= dropped,
+        "drops are not in LOST: {}",
+        vif("lost")
+    );
+}
+
+#[test]
+fn frames_the_kernel_drops_for_a_passive_queue_are_counted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED frames_the_kernel_drops_for_a_passive_queue_are_counted: needs root");
+        return;
+    }
+    frames_the_kernel_drops_are_counted("queue", "q", "10.98.6");
+}
+
+#[test]
+fn frames_the_kernel_drops_for_a_passive_ring_are_counted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED frames_the_kernel_drops_for_a_passive_ring_are_counted: needs root");
+        return;
+    }
+    frames_the_kernel_drops_are_counted("ring", "r", "10.98.7");
+}

@@ -118,6 +118,10 @@ enum Cmd {
         /// Create this file once capturing (for scripts and tests).
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
+        /// How frames are read: queue (the socket's receive queue) or ring (TPACKET_V3), as
+        /// `[inspect] capture`.
+        #[arg(long, default_value = "queue")]
+        capture: virtsec::config::PassiveCapture,
     },
     /// Rule files.
     Rules {
@@ -739,6 +743,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detect,
             duration,
             ready_file,
+            capture,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -753,6 +758,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let s = virtsec::inspect::live(
                 &iface,
+                capture,
                 &opts,
                 duration.map(Duration::from_secs_f64),
                 &stop,

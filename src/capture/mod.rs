@@ -1,21 +1,30 @@
-//! Passive capture from a vif: an AF_PACKET socket with a memory-mapped TPACKET_V3 ring.
+//! Passive capture from a vif: an AF_PACKET socket read either through its receive queue
+//! ([`queue::Queue`], the default) or through a memory-mapped TPACKET_V3 ring ([`Ring`]).
 //!
-//! The kernel fills fixed-size blocks with variable-size frames and hands a whole block to
-//! user space at once (when full or after `retire_ms`), so one wake-up serves many frames and
-//! nothing is copied between the kernel and the engine: frames are read in place and the block
-//! is returned. Blocks are 1 MiB by default so a netback/veth GSO super-frame (up to 64 KiB)
-//! always fits. Frames in both directions of the vif are seen (`ETH_P_ALL`). An optional fanout
-//! group spreads a vif's flows over several sockets (one per worker) by flow hash, so each
-//! flow stays on one worker. Ring drops are read from `PACKET_STATISTICS` and reported, never
-//! silent. This is the guest's path untouched: zero added latency (verdicts act through kernel
-//! rules, issue 5's enforcement).
+//! Both see frames in both directions of the vif (`ETH_P_ALL`), can join a fanout group that
+//! spreads a vif's flows over several sockets (one per worker) by a symmetric flow hash, run
+//! the capture filter (`bpf`), and report what the kernel dropped for want of room
+//! (`PACKET_STATISTICS`), never silently. Neither adds anything the guest waits for: verdicts
+//! act through kernel rules (issue 5's enforcement). They differ in who copies the frame:
 //!
-//! Constants and layouts are the kernel's (`include/uapi/linux/if_packet.h`) as the `libc`
-//! crate exposes them.
+//! - the **ring**: the kernel copies each frame into fixed-size blocks in the context that
+//!   delivers it and hands a whole block to user space at once (when full or after
+//!   `retire_ms`), so one wake-up serves many frames and the worker reads them in place.
+//!   Cheapest per frame for the worker (small frames: a quarter of the queue's CPU), but the
+//!   copy of every GSO super-frame (up to 64 KiB) is paid on the guest's path: netback's
+//!   thread on Xen, the sending guest's softirq in the lab.
+//! - the **queue**: the kernel queues a reference to the frame (no data copied) and the
+//!   worker copies it out with `recvmmsg`, on its own CPU. With the service on a CPU of its
+//!   own the guests kept their throughput with every byte inspected, against 0.7–0.8× with
+//!   the ring (docs/performance.md, "Passive capture: ring or queue").
+//!
+//! [`Source`] is what a passive worker needs from either. Constants and layouts are the
+//! kernel's (`include/uapi/linux/if_packet.h`) as the `libc` crate exposes them.
 
 pub mod bpf;
 pub mod inline;
 pub mod irq;
+pub mod queue;
 pub mod tc;
 pub mod vnet;
 
@@ -37,6 +46,22 @@ pub enum CaptureError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a passive worker reads frames from: a [`Ring`] or a [`queue::Queue`].
+pub trait Source: AsRawFd {
+    /// Waits up to `timeout` for frames, then hands those ready to `f`; returns how many.
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        f: &mut dyn FnMut(Frame<'_>),
+    ) -> Result<usize, CaptureError>;
+    /// The error the kernel last reported on the socket (such as `ENETDOWN`: the interface
+    /// went down), once.
+    fn take_error(&mut self) -> Option<io::Error>;
+    /// The kernel's counters, accumulated.
+    fn stats(&mut self) -> RingStats;
+    fn ifindex(&self) -> u32;
 }
 
 /// Ring geometry.
@@ -306,6 +331,21 @@ pub(crate) fn bind_packet(fd: &OwnedFd, iface: &str, ifindex: u32) -> Result<(),
 
 /// `ETH_P_ALL` in network byte order.
 const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+
+impl Source for Ring {
+    fn poll(&mut self, t: Duration, f: &mut dyn FnMut(Frame<'_>)) -> Result<usize, CaptureError> {
+        Ring::poll(self, t, f)
+    }
+    fn take_error(&mut self) -> Option<io::Error> {
+        Ring::take_error(self)
+    }
+    fn stats(&mut self) -> RingStats {
+        Ring::stats(self)
+    }
+    fn ifindex(&self) -> u32 {
+        Ring::ifindex(self)
+    }
+}
 
 impl Ring {
     /// Opens a ring on `iface` (in the caller's network namespace).

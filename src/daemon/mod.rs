@@ -243,6 +243,7 @@ impl Daemon {
                     behaviour: cfg.behaviour.clone(),
                     workers_per_vif: cfg.inspect.workers_per_vif,
                     inline: cfg.inspect.inline.clone(),
+                    capture: cfg.inspect.capture,
                     ring_mib: cfg.inspect.ring_mib,
                     block_timeout_ms: cfg.inspect.block_timeout_ms,
                     max_flows: cfg.inspect.max_flows,

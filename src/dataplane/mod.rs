@@ -737,7 +737,9 @@ pub struct DataPlaneOptions {
     pub behaviour: BehaviourConfig,
     pub workers_per_vif: usize,
     pub inline: InlineConfig,
-    /// Passive ring per worker, MiB.
+    /// How passive workers read their vif (`[inspect] capture`).
+    pub capture: crate::config::PassiveCapture,
+    /// Passive ring, or most a queue holds, per worker, MiB.
     pub ring_mib: usize,
     /// Passive ring block timeout, ms (`[inspect] block_timeout_ms`).
     pub block_timeout_ms: u32,
@@ -924,7 +926,11 @@ impl DataPlane {
                 // One fanout group per vif (ids are per network namespace).
                 self.fanout_seq = self.fanout_seq.wrapping_add(1);
                 let group = (n > 1).then_some(self.fanout_seq);
-                let ring = (self.opts.ring_mib, self.opts.block_timeout_ms);
+                let ring = passive::CaptureOptions {
+                    kind: self.opts.capture,
+                    mib: self.opts.ring_mib,
+                    block_ms: self.opts.block_timeout_ms,
+                };
                 let past = self.flow_limits();
                 for i in 0..n {
                     let (rules, backend, sh) =

@@ -527,15 +527,17 @@ pub struct LiveSummary {
     pub frames: u64,
     pub bytes: u64,
     pub alerts: u64,
+    /// The capture socket's counters (ring or queue).
     pub ring: crate::capture::RingStats,
     pub decode: DecodeStats,
     pub flow: FlowStats,
 }
 
-/// Captures from `iface` (passive, TPACKET_V3) and inspects until `stop` is set or
-/// `duration` passes. `ready` is called once the ring is open.
+/// Captures from `iface` (passive, reading it as `capture` says) and inspects until `stop`
+/// is set or `duration` passes. `ready` is called once the capture socket is open.
 pub fn live(
     iface: &str,
+    capture: crate::config::PassiveCapture,
     opts: &InspectOptions,
     duration: Option<Duration>,
     stop: &std::sync::atomic::AtomicBool,
@@ -548,7 +550,16 @@ pub fn live(
     }
     let detector = Detector::new(rs.rules, opts.backend).map_err(InspectError::from)?;
     let mut engine = Engine::new(detector, opts.limits);
-    let mut ring = crate::capture::Ring::open(iface, crate::capture::RingConfig::default())?;
+    use crate::capture::{queue::Queue, Ring, RingConfig, Source};
+    let mut src: Box<dyn Source> = match capture {
+        crate::config::PassiveCapture::Queue => Box::new(Queue::open(
+            iface,
+            16 << 20,
+            Duration::from_millis(20),
+            None,
+        )?),
+        crate::config::PassiveCapture::Ring => Box::new(Ring::open(iface, RingConfig::default())?),
+    };
     let mut out: Option<Box<dyn Write>> = match &opts.eve {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
@@ -566,8 +577,7 @@ pub fn live(
     while !stop.load(std::sync::atomic::Ordering::Relaxed)
         && duration.is_none_or(|d| t0.elapsed() < d)
     {
-        // Frames are inspected in place in the ring, not copied.
-        ring.poll(Duration::from_millis(100), &mut |f| {
+        src.poll(Duration::from_millis(100), &mut |f| {
             if let Ok(p) = decode::decode_ethernet(f.data, &mut engine.decode) {
                 engine.packet(&p, f.ts_ns / 1000, &mut |a, r| {
                     if let Some(w) = out.as_mut() {
@@ -588,7 +598,7 @@ pub fn live(
         frames: engine.decode.frames,
         bytes: engine.decode.bytes,
         alerts: engine.alerts,
-        ring: ring.stats(),
+        ring: src.stats(),
         decode: engine.decode.clone(),
         flow: engine.flows.stats.clone(),
     })
