@@ -16,7 +16,10 @@ kernel's handing over of frames (and, on a slow host, waking the pinging process
 Configurations:
   none         no inspection (the baseline every ratio is against: each round's throughput
                over the baseline's in the same round, then the median and range of those)
-  passive      virtsecd, 1,000 content rules, anti-spoofing, every vif passive (TPACKET_V3)
+  passive      virtsecd, 1,000 content rules, anti-spoofing, every vif passive (the default
+               capture: a packet socket's queue, read with recvmmsg)
+  *-ring       passive vifs read through a TPACKET_V3 ring (`capture = "ring"`): the kernel
+               copies each frame on the guest's path instead of the worker on its own CPU
   inline       virtsecd, same rules, vif1.0 inline (AF_PACKET + PACKET_VNET_HDR bridge), vif2.0
                passive (Suricata's inline modes in ../shared/docs/inline-peers.md bridge vif1.0)
   *-bypass     the same with inspect_past_depth = false (stop inspecting a connection
@@ -40,7 +43,12 @@ Configurations:
                checksum and segmentation offloads turned off for the run (with them on its
                TCP never connects): Suricata's inline mode as it can run, the peer of `inline`
 
-usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp]
+--own-cpu: the inspector (virtsecd or Suricata) runs on CPUs 1..n-1 and the guests' programs
+(iperf3, ping, sockperf, and so the kernel's forwarding of their frames) on CPU 0, the baseline
+too: Xen's topology, where the guests' vCPUs are not dom0's, instead of the default's, where
+guests and inspector share every CPU. Its table goes between the `dataplane-own-cpu` markers.
+
+usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp] [--own-cpu]
                                  [--configs none,passive,inline,suricata-ids] [--write docs/performance.md]
 Needs: root, iproute2, nftables, iperf3, sockperf, python3; release binaries (built first).
 """
@@ -56,6 +64,8 @@ VIRTSECD = BIN / "virtsecd"
 DD, G = "vsbench-d0", ["vsbench-g1", "vsbench-g2"]
 # Inspection threads per vif (--workers; default: 1 on small machines, 4 from 8 CPUs up).
 WORKERS = 1
+# --own-cpu: what the guests' programs and the inspector run under (taskset), else nothing.
+GUEST_PIN, SERVICE_PIN = [], []
 # virtsecd's Prometheus endpoint inside the backend domain's namespace.
 METRICS_PORT = 9977
 ADDR = ["169.254.77.1", "169.254.77.2"]
@@ -134,6 +144,8 @@ class Virtsec:
         # -sched: inline workers never pinned (the default before `placement = "auto"`).
         if "-sched" in config:
             keys.append('placement = "scheduler"')
+        # -ring: passive vifs read through a TPACKET_V3 ring instead of the socket's queue.
+        capture = 'capture = "ring"\n' if "-ring" in config else ""
         inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
 
         self.work, self.mode = work, config
@@ -144,7 +156,7 @@ class Virtsec:
             f'[xenstore]\npath = "{work}/xs.sock"\n[control]\nsocket = "{work}/control.sock"\n'
             f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
             f'[inspect]\nrules = [{rule_files}]\neve = "{work}/eve.json"\nmode = "passive"\n'
-            f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n'
+            f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n{capture}'
             # Here the guests share the service's CPUs (on Xen they have their own vCPUs): the
             # workers get them first, as they would get dom0's (docs/configuration.md, `nice`).
             f'nice = -10\n'
@@ -154,7 +166,7 @@ class Virtsec:
             # vif2.0 stays passive (still inspected).
             + inline_section + ('[[policy]]\nname = "g1"\nmode = "inline"\n' if mode == "inline" else ""))
         self.log = open(work / f"virtsecd-{mode}.log", "a")
-        self.p = subprocess.Popen(["ip", "netns", "exec", DD, str(VIRTSECD), "--config", str(cfg)],
+        self.p = subprocess.Popen(["ip", "netns", "exec", DD, *SERVICE_PIN, str(VIRTSECD), "--config", str(cfg)],
                                   stderr=self.log, stdout=subprocess.DEVNULL)
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -245,7 +257,7 @@ class Suricata:
             (self.dir / f).unlink(missing_ok=True)
         self.out = open(self.dir / "stdout.txt", "w")
         self.p = subprocess.Popen(
-            ["ip", "netns", "exec", DD, "suricata", "-c", str(y), "-S", str(rules), "-l", str(self.dir),
+            ["ip", "netns", "exec", DD, *SERVICE_PIN, "suricata", "-c", str(y), "-S", str(rules), "-l", str(self.dir),
              "-k", "none", f"--af-packet={iface}" if iface else "--af-packet", "--runmode", "workers",
              "-vv"],
             stdout=self.out, stderr=subprocess.STDOUT)
@@ -339,7 +351,7 @@ class SuricataIps(Suricata):
 
 
 def iperf(streams, secs):
-    r = ns(G[0], "iperf3", "-c", ADDR[1], "-t", secs, "-P", streams, "-J", check=False)
+    r = ns(G[0], *GUEST_PIN, "iperf3", "-c", ADDR[1], "-t", secs, "-P", streams, "-J", check=False)
     try:
         return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
     except (ValueError, KeyError):
@@ -351,7 +363,7 @@ def pings_during(secs, run):
     seconds, in the same direction as the pings' requests); returns (what `run()` returned,
     p50 and p99 round trip in µs of the answered pings, the fraction never answered)."""
     count = max(1, secs * 100 - 50)
-    p = subprocess.Popen(["ip", "netns", "exec", G[0], "ping", "-c", str(count), "-i", "0.01", ADDR[1]],
+    p = subprocess.Popen(["ip", "netns", "exec", G[0], *GUEST_PIN, "ping", "-c", str(count), "-i", "0.01", ADDR[1]],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         out = run()
@@ -372,7 +384,7 @@ def rtts(text):
 
 def ping(count, cpu=None):
     """p50 and p99 round trip in µs of guest 1's pings to guest 2 (on `cpu` if given)."""
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else GUEST_PIN
     r = ns(G[0], *pin, "ping", "-c", count, "-i", "0.005", ADDR[1], check=False)
     return rtts(r.stdout)[:2]
 
@@ -391,11 +403,11 @@ def sockperf(secs):
 def sockperf_once(secs):
     # A fresh server each time: a connection cut by a previous configuration (inline restore,
     # a service stop) must not leave the next measurement talking to a stuck server.
-    srv = subprocess.Popen(["ip", "netns", "exec", G[1], "sockperf", "server", "--tcp", "-i", ADDR[1],
+    srv = subprocess.Popen(["ip", "netns", "exec", G[1], *GUEST_PIN, "sockperf", "server", "--tcp", "-i", ADDR[1],
                             "-p", "11111"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     try:
-        r = ns(G[0], "sockperf", "ping-pong", "--tcp", "-i", ADDR[1], "-p", "11111", "-m", "64", "-t",
+        r = ns(G[0], *GUEST_PIN, "sockperf", "ping-pong", "--tcp", "-i", ADDR[1], "-p", "11111", "-m", "64", "-t",
                secs, check=False, timeout=secs + 20)
         out = r.stdout + r.stderr
     except subprocess.TimeoutExpired:
@@ -457,9 +469,17 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) >= 8 else 1,
                     help="workers_per_vif (default: 4 from 8 CPUs up, else 1)")
+    ap.add_argument("--own-cpu", action="store_true",
+                    help="the inspector on CPUs 1..n-1, the guests on CPU 0 (Xen's topology)")
     a = ap.parse_args()
-    global WORKERS
+    global WORKERS, GUEST_PIN, SERVICE_PIN
     WORKERS = a.workers
+    if a.own_cpu:
+        n = os.cpu_count() or 1
+        if n < 2:
+            sys.exit("--own-cpu needs 2 CPUs or more")
+        GUEST_PIN = ["taskset", "-c", "0"]
+        SERVICE_PIN = ["taskset", "-c", f"1-{n - 1}"]
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, nftables)")
     configs = a.configs.split(",")
@@ -484,7 +504,7 @@ def main():
     xs = lab_xenstore(work)
     srv = []
     try:
-        srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], "iperf3", "-s"],
+        srv.append(subprocess.Popen(["ip", "netns", "exec", G[1], *GUEST_PIN, "iperf3", "-s"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
         res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": [], "wait": [],
@@ -569,7 +589,7 @@ def main():
                if r["trunc"] and seen else "")
             + " |")
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
-           f"--configs {','.join(configs)}")
+           + ("--own-cpu " if a.own_cpu else "") + f"--configs {','.join(configs)}")
     table = "\n".join([
         "| configuration | Gbit/s 1 / 4 streams | vs none (paired) | rounds' ratios, min–max | ping p50 / p99 µs | "
         "ping p50 added µs (inline: verdict wait p50) | ping during 4 streams p50 / p99 µs (unanswered) | "
@@ -580,7 +600,8 @@ def main():
     if a.write:
         doc = Path(a.write)
         text = doc.read_text()
-        begin, end = "<!-- dataplane:begin -->", "<!-- dataplane:end -->"
+        name = "dataplane-own-cpu" if a.own_cpu else "dataplane"
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         block = f"{begin}\n`{cmd}` ({a.rounds} alternating rounds, medians, ratios paired by round; {os.cpu_count()} CPUs, " \
                 f"kernel {os.uname().release})\n\n{table}\n{end}"
         if begin in text:
