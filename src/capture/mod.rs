@@ -10,13 +10,13 @@
 //! - the **ring**: the kernel copies each frame into fixed-size blocks in the context that
 //!   delivers it and hands a whole block to user space at once (when full or after
 //!   `retire_ms`), so one wake-up serves many frames and the worker reads them in place.
-//!   Cheapest per frame for the worker (small frames: a quarter of the queue's CPU), but the
+//!   Cheapest per frame for the worker (0.5 µs a small frame, the queue 2 µs), but the
 //!   copy of every GSO super-frame (up to 64 KiB) is paid on the guest's path: netback's
 //!   thread on Xen, the sending guest's softirq in the lab.
 //! - the **queue**: the kernel queues a reference to the frame (no data copied) and the
 //!   worker copies it out with `recvmmsg`, on its own CPU. With the service on a CPU of its
-//!   own the guests kept their throughput with every byte inspected, against 0.7–0.8× with
-//!   the ring (docs/performance.md, "Passive capture: ring or queue").
+//!   own, inspecting every byte, the guests kept 0.88–1.12× of their throughput, against
+//!   0.60–0.87× with the ring (docs/performance.md, "Passive capture: ring or queue").
 //!
 //! [`Source`] is what a passive worker needs from either. Constants and layouts are the
 //! kernel's (`include/uapi/linux/if_packet.h`) as the `libc` crate exposes them.

@@ -7,12 +7,13 @@
 //! a reference to the frame (`skb_clone`: no data copied) and the worker copies it out with
 //! `recvmmsg` on its own CPU. On the lab's two vCPUs with the service on its own CPU, the
 //! ring's copy was 21% of the guests' CPU (`__pi_memcpy` under `tpacket_rcv`) and the
-//! guests kept 0.66–0.74× of their throughput; docs/performance.md has the comparison of
-//! both sources.
+//! guests kept 0.60–0.87× of their throughput, against 0.88–1.12× through the queue
+//! (docs/performance.md, "Passive capture: ring or queue").
 //!
 //! What the queue costs instead: the frame's memory stays allocated until the worker reads
 //! it (the socket's receive buffer bounds that, `SO_RCVBUFFORCE`, set from `ring_mib`), one
-//! system call per batch of frames, and a copy into the worker's buffers. Frames the kernel
+//! system call per batch of frames, a copy into the worker's buffers, and freeing the frame:
+//! about 2 µs of the worker's time per small frame, against the ring's 0.5 µs. Frames the kernel
 //! drops because the queue is full are counted (`PACKET_STATISTICS`), as a ring's are.
 //! Frames longer than a buffer (BIG TCP super-frames past 64 KiB) are read truncated and
 //! reported with their full length.
@@ -36,38 +37,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::{bind_packet, packet_socket, setsockopt, sys, CaptureError, Frame, RingStats, Source};
-
-/// Control buffer per message, in u64 words: the receive timestamp and `tpacket_auxdata`.
-const CONTROL_WORDS: usize = 16;
-
-/// A received message's kernel receive time (`SCM_TIMESTAMPNS`, ns since the epoch, 0 if
-/// none) and the frame's length before the capture filter cut it (`PACKET_AUXDATA`).
-fn control(msg: &libc::msghdr) -> (u64, Option<u32>) {
-    let (mut ts_ns, mut len) = (0, None);
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
-    // the payloads are read unaligned from inside it, each only when its header says it is
-    // that type (whose size the kernel wrote).
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            match ((*c).cmsg_level, (*c).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
-                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                    ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
-                }
-                (libc::SOL_PACKET, libc::PACKET_AUXDATA) => {
-                    let a = std::ptr::read_unaligned(
-                        libc::CMSG_DATA(c) as *const libc::tpacket_auxdata
-                    );
-                    len = Some(a.tp_len);
-                }
-                _ => {}
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
-    }
-    (ts_ns, len)
-}
 
 /// Bytes per frame buffer: a 64 KiB GSO super-frame and its Ethernet header.
 const BUF: usize = 65536 + 256;
@@ -146,7 +115,9 @@ impl Queue {
             stats: RingStats::default(),
             error: None,
             more: false,
-            last_frame: Instant::now() - IDLE_AFTER,
+            last_frame: Instant::now()
+                .checked_sub(IDLE_AFTER)
+                .unwrap_or_else(Instant::now),
             sleep: FIRST_SLEEP.min(max_delay),
             max_delay: max_delay.min(MAX_SLEEP),
         })
@@ -296,4 +267,36 @@ impl Source for Queue {
     fn ifindex(&self) -> u32 {
         self.ifindex
     }
+}
+
+/// Control buffer per message, in u64 words: the receive timestamp and `tpacket_auxdata`.
+const CONTROL_WORDS: usize = 16;
+
+/// A received message's kernel receive time (`SCM_TIMESTAMPNS`, ns since the epoch, 0 if
+/// none) and the frame's length before the capture filter cut it (`PACKET_AUXDATA`).
+fn control(msg: &libc::msghdr) -> (u64, Option<u32>) {
+    let (mut ts_ns, mut len) = (0, None);
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
+    // the payloads are read unaligned from inside it, each only when its header says it is
+    // that type (whose size the kernel wrote).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+                }
+                (libc::SOL_PACKET, libc::PACKET_AUXDATA) => {
+                    let a = std::ptr::read_unaligned(
+                        libc::CMSG_DATA(c) as *const libc::tpacket_auxdata
+                    );
+                    len = Some(a.tp_len);
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    (ts_ns, len)
 }
