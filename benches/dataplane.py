@@ -48,7 +48,11 @@ Configurations:
 too: Xen's topology, where the guests' vCPUs are not dom0's, instead of the default's, where
 guests and inspector share every CPU. Its table goes between the `dataplane-own-cpu` markers.
 
-usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp] [--own-cpu]
+--small-frames adds a column: guest 1 sends 64-byte UDP datagrams to guest 2 as fast as one
+iperf3 sender goes; thousands of frames a second guest 2 received, and the inspector's CPU time
+per frame sent (the per-frame cost that bulk transfers hide).
+
+usage: sudo benches/dataplane.py [--rounds 3] [--secs 5] [--work /tmp/virtsec-dp] [--own-cpu] [--small-frames]
                                  [--configs none,passive,inline,suricata-ids] [--write docs/performance.md]
 Needs: root, iproute2, nftables, iperf3, sockperf, python3; release binaries (built first).
 """
@@ -358,6 +362,18 @@ def iperf(streams, secs):
         return 0.0
 
 
+def small_frames(secs):
+    """Guest 1 sends 64-byte UDP datagrams to guest 2 for `secs` seconds as fast as one iperf3
+    sender goes; returns (frames sent, frames received), 0s when iperf3 failed."""
+    r = ns(G[0], *GUEST_PIN, "iperf3", "-c", ADDR[1], "-u", "-l", "64", "-b", "0", "-t", secs, "-J",
+           check=False)
+    try:
+        e = json.loads(r.stdout)["end"]["sum"]
+        return e["packets"], e["packets"] - e["lost_packets"]
+    except (ValueError, KeyError):
+        return 0, 0
+
+
 def pings_during(secs, run):
     """Guest 1 pings guest 2 every 10 ms while `run()` runs (a bulk transfer of about `secs`
     seconds, in the same direction as the pings' requests); returns (what `run()` returned,
@@ -469,6 +485,8 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) >= 8 else 1,
                     help="workers_per_vif (default: 4 from 8 CPUs up, else 1)")
+    ap.add_argument("--small-frames", action="store_true",
+                    help="add 64-byte UDP frames a second and the inspector's CPU per frame")
     ap.add_argument("--own-cpu", action="store_true",
                     help="the inspector on CPUs 1..n-1, the guests on CPU 0 (Xen's topology)")
     a = ap.parse_args()
@@ -508,7 +526,7 @@ def main():
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1)
         res = {c: {"g1": [], "g4": [], "ping": [], "rr": [], "cpu": [], "lost": [], "seen": [], "wait": [],
-                   "trunc": [], "loaded": []}
+                   "trunc": [], "loaded": [], "small": []}
                for c in configs}
         for rnd in range(a.rounds):
             for c in configs:
@@ -532,6 +550,12 @@ def main():
                     if wp is not None:
                         res[c]["wait"].append(wp)
                 rr = sockperf(max(2, a.secs // 2))
+                if a.small_frames:
+                    c2 = cpu_s(svc.pid()) if svc else 0.0
+                    secs = max(2, a.secs // 2)
+                    sent, got = small_frames(secs)
+                    us = ((cpu_s(svc.pid()) if svc else 0.0) - c2) * 1e6 / sent if sent else 0.0
+                    res[c]["small"].append((got / secs / 1e3, us))
                 if svc:
                     if isinstance(svc, Suricata):
                         svc.stop()
@@ -587,14 +611,19 @@ def main():
             + (f"{lost} of {seen} ({100 * lost / seen:.2f}%)" if seen else ("–" if c == "none" else f"{lost}"))
             + (f"; {sum(r['trunc'])} truncated ({100 * sum(r['trunc']) / seen:.0f}%), not inspected"
                if r["trunc"] and seen else "")
-            + " |")
+            + " |"
+            + (f" {med([x[0] for x in r['small']]):.0f}"
+               + (f" ({med([x[1] for x in r['small']]):.2f} µs)" if c != "none" else "") + " |"
+               if a.small_frames else ""))
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
-           + ("--own-cpu " if a.own_cpu else "") + f"--configs {','.join(configs)}")
+           + ("--own-cpu " if a.own_cpu else "") + ("--small-frames " if a.small_frames else "")
+           + f"--configs {','.join(configs)}")
     table = "\n".join([
         "| configuration | Gbit/s 1 / 4 streams | vs none (paired) | rounds' ratios, min–max | ping p50 / p99 µs | "
         "ping p50 added µs (inline: verdict wait p50) | ping during 4 streams p50 / p99 µs (unanswered) | "
-        "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |",
-        "|---|---|---|---|---|---|---|---|---|---|", *rows])
+        "TCP RR p50 / p99 µs | inspector CPU (% of a core) | frames lost |"
+        + (" 64 B UDP kframes/s received (inspector CPU per frame) |" if a.small_frames else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.small_frames else ""), *rows])
     print(f"\n`{cmd}` ({a.rounds} alternating rounds, medians; \"vs none\" and \"added\": medians of "
           f"each round's ratio to, or difference from, that round's baseline)\n\n{table}")
     if a.write:
