@@ -85,7 +85,7 @@ pub struct InspectConfig {
     /// Passive mode: how a worker reads its vif, `queue` (the kernel queues references to
     /// frames, the worker copies them on its own CPU) or `ring` (the kernel copies frames
     /// into a TPACKET_V3 ring on the guest's path): `capture` module docs.
-    pub capture: PassiveCapture,
+    pub capture: crate::capture::SourceKind,
     /// Passive mode: kernel memory per worker for frames not yet read, MiB: the ring's size
     /// (pinned), or the most the queue holds. What absorbs bursts.
     #[serde(deserialize_with = "mib_1_to_1024")]
@@ -120,7 +120,7 @@ impl Default for InspectConfig {
             workers_per_vif: 1,
             max_flows: 1 << 18,
             flow_table_full: crate::flow::WhenFull::Open,
-            capture: PassiveCapture::Queue,
+            capture: crate::capture::SourceKind::Queue,
             ring_mib: 16,
             block_timeout_ms: 20,
             nice: 0,
@@ -139,28 +139,6 @@ pub enum Mode {
     Passive,
     /// The guest's frames wait for the verdict (AF_PACKET bridge with PACKET_VNET_HDR).
     Inline,
-}
-
-/// `[inspect] capture`: how a passive worker reads its vif.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PassiveCapture {
-    /// A packet socket's receive queue, read with `recvmmsg`: no copy on the guest's path.
-    Queue,
-    /// A TPACKET_V3 ring: the kernel copies each frame on the guest's path; cheapest per
-    /// frame for the worker.
-    Ring,
-}
-
-impl std::str::FromStr for PassiveCapture {
-    type Err = String;
-    fn from_str(s: &str) -> Result<PassiveCapture, String> {
-        match s {
-            "queue" => Ok(PassiveCapture::Queue),
-            "ring" => Ok(PassiveCapture::Ring),
-            _ => Err(format!("unknown capture {s:?}: expected queue or ring")),
-        }
-    }
 }
 
 /// What inline mode does with frames it cannot inspect in time, or when the service is gone.
@@ -569,6 +547,6 @@ mod tests {
             .to_string();
         assert!(e.contains(":2:") && e.contains("mmap"), "{e}");
         let c = parse("[inspect]\ncapture = \"ring\"\n").unwrap();
-        assert_eq!(c.inspect.capture, PassiveCapture::Ring);
+        assert_eq!(c.inspect.capture, crate::capture::SourceKind::Ring);
     }
 }

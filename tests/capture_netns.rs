@@ -10,33 +10,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_behind_vif, ip, Netns};
+use common::{guest_behind_vif, ip, vif_and_guest, Netns};
 
 fn in_ns(ns: &str, prog: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, prog]).args(args);
     c
-}
-
-/// A backend domain `vsd<tag><pid>` whose `vif5.0` has `<net>.1/24`, with a guest namespace
-/// behind it at `<net>.2/24`; both namespaces go when the guard drops.
-fn vif_and_guest(tag: &str, net: &str) -> (String, String, Netns) {
-    let id = std::process::id();
-    let (dd, g5) = (format!("vsd{tag}{id}"), format!("vsg{tag}{id}"));
-    ip(&["netns", "add", &dd]);
-    let guard = Netns(vec![dd.clone(), g5.clone()]);
-    guest_behind_vif(&dd, &g5, "vif5.0", &format!("{net}.2/24"), None);
-    ip(&[
-        "-n",
-        &dd,
-        "addr",
-        "add",
-        &format!("{net}.1/24"),
-        "dev",
-        "vif5.0",
-    ]);
-    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
-    (dd, g5, guard)
 }
 
 /// `virtsec capture` on `dd`'s vif5.0 with `rules`, reading it as `capture` says (queue or

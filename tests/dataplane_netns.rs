@@ -259,21 +259,7 @@ for p in range(9000, 9060):
 /// guest sent was either read or counted as dropped, whichever way the worker reads its vif.
 fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let id = std::process::id();
-    let (dd, g5) = (format!("vd{tag}{id}"), format!("vg{tag}{id}"));
-    ip(&["netns", "add", &dd]);
-    let _ns = Netns(vec![dd.clone(), g5.clone()]);
-    guest_behind_vif(&dd, &g5, "vif5.0", &format!("{net}.2/24"), None);
-    ip(&[
-        "-n",
-        &dd,
-        "addr",
-        "add",
-        &format!("{net}.1/24"),
-        "dev",
-        "vif5.0",
-    ]);
-    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
+    let (dd, g5, _ns) = vif_and_guest(tag, net);
     let _xs = lab_xenstored(dir.path(), &[]);
     let mut ts = Toolstack::new(Client::open(dir.path().join("xs.sock")).unwrap());
     ts.init_host().unwrap();
@@ -299,18 +285,8 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
         status(dir.path()).is_some_and(|s| s["inspection"]["vif5.0"]["attached"] == true)
     });
     let read_before = vif("frames");
-    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     // 6,000 datagrams of 1,400 bytes: over 8 MiB, as the kernel accounts them.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &g5, "python3", "-c"])
-        .arg(format!(
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nn=0\n\
-             for _ in range(6000):\n  n+=s.sendto(b'x'*1400,('{net}.1',9))>0\nprint(n)\n"
-        ))
-        .output();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let sent: u64 = stdout(&out.unwrap()).trim().parse().unwrap_or(0);
+    let sent = datagrams_while_stopped(d.pid(), &g5, &format!("{net}.1"));
     assert_eq!(sent, 6000, "the guest could not send its datagrams");
     wait_for(
         "every datagram read by the worker or counted as dropped",

@@ -763,18 +763,8 @@ fn frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted() {
             .unwrap_or(0)
     };
     let read_before = vif("frames");
-    let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     // 6,000 datagrams of 1,400 bytes (over 13 MiB as the kernel accounts them).
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.g5, "python3", "-c"])
-        .arg(
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nn=0\n\
-             for _ in range(6000):\n  n+=s.sendto(b'x'*1400,('10.94.0.6',9))>0\nprint(n)\n",
-        )
-        .output();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let sent: u64 = stdout(&out.unwrap()).trim().parse().unwrap_or(0);
+    let sent = datagrams_while_stopped(d.pid(), &lab.g5, "10.94.0.6");
     assert_eq!(sent, 6000, "the guest could not send its datagrams");
     wait_for(
         "every datagram read by the worker or counted as dropped",

@@ -121,7 +121,7 @@ enum Cmd {
         /// How frames are read: queue (the socket's receive queue) or ring (TPACKET_V3), as
         /// `[inspect] capture`.
         #[arg(long, default_value = "queue")]
-        capture: virtsec::config::PassiveCapture,
+        capture: virtsec::capture::SourceKind,
     },
     /// Rule files.
     Rules {

@@ -48,6 +48,64 @@ pub enum CaptureError {
     },
 }
 
+/// How a passive worker reads its vif (`[inspect] capture`).
+#[derive(Clone, Copy, Debug, serde::Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A packet socket's receive queue, read with `recvmmsg`: no copy on the guest's path.
+    Queue,
+    /// A TPACKET_V3 ring: the kernel copies each frame on the guest's path; cheapest per
+    /// frame for the worker.
+    Ring,
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SourceKind, String> {
+        match s {
+            "queue" => Ok(SourceKind::Queue),
+            "ring" => Ok(SourceKind::Ring),
+            _ => Err(format!("unknown capture {s:?}: expected queue or ring")),
+        }
+    }
+}
+
+/// Block size of a passive ring: a 64 KiB GSO super-frame always fits; the ring's size sets
+/// how many blocks (kernel memory pinned per worker).
+const PASSIVE_BLOCK: usize = 256 << 10;
+
+/// Opens a passive capture of `kind` on `iface` (in the caller's network namespace): a queue
+/// holding up to `mib` MiB whose frames wait at most `delay_ms` while frames come, or a ring
+/// of `mib` MiB whose partly filled blocks are handed over after `delay_ms`; in fanout group
+/// `fanout` if given.
+pub fn open_source(
+    kind: SourceKind,
+    iface: &str,
+    mib: usize,
+    delay_ms: u32,
+    fanout: Option<u16>,
+) -> Result<Box<dyn Source>, CaptureError> {
+    Ok(match kind {
+        SourceKind::Queue => Box::new(queue::Queue::open(
+            iface,
+            mib << 20,
+            Duration::from_millis(delay_ms.into()),
+            fanout,
+        )?),
+        SourceKind::Ring => Box::new(Ring::open(
+            iface,
+            RingConfig {
+                block_size: PASSIVE_BLOCK,
+                blocks: ((mib << 20) / PASSIVE_BLOCK).max(1),
+                // Detection (and so quarantine) latency on a quiet vif is bounded by this, not
+                // by traffic filling the block; each expiry costs a timer on the guests' CPUs.
+                retire_ms: delay_ms,
+                fanout,
+            },
+        )?),
+    })
+}
+
 /// What a passive worker reads frames from: a [`Ring`] or a [`queue::Queue`].
 pub trait Source: AsRawFd {
     /// Waits up to `timeout` for frames, then hands those ready to `f`; returns how many.
@@ -308,6 +366,27 @@ fn symmetric_hash_program() -> Vec<libc::sock_filter> {
     p
 }
 
+/// Waits up to `timeout` until `fd` is readable or has an error; returns `poll`'s events
+/// (0: the time ran out, or a signal came).
+pub(crate) fn wait(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLERR,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(pfd.revents)
+}
+
 /// Binds a packet socket to interface `ifindex` for every protocol.
 pub(crate) fn bind_packet(fd: &OwnedFd, iface: &str, ifindex: u32) -> Result<(), CaptureError> {
     // SAFETY: an all-zero sockaddr_ll is valid; the fields needed are set below.
@@ -421,22 +500,8 @@ impl Ring {
     ) -> Result<usize, CaptureError> {
         let mut n = 0;
         if !self.ready(self.next) {
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN | libc::POLLERR,
-                revents: 0,
-            };
-            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    return Ok(0);
-                }
-                return Err(sys("poll", &self.iface)(e));
-            }
-            if pfd.revents & libc::POLLERR != 0 {
+            let revents = wait(self.fd.as_raw_fd(), timeout).map_err(sys("poll", &self.iface))?;
+            if revents & libc::POLLERR != 0 {
                 self.read_error();
             }
         }

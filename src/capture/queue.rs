@@ -149,21 +149,8 @@ impl Queue {
             };
             return Ok(n);
         }
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(0);
-            }
-            return Err(sys("poll", &self.iface)(e));
-        }
+        // A pending error (the interface went down) ends the wait too; `read` reads it.
+        super::wait(self.fd.as_raw_fd(), timeout).map_err(sys("poll", &self.iface))?;
         let n = self.read(f)?;
         self.sleep = FIRST_SLEEP.min(self.max_delay);
         Ok(n)

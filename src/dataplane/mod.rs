@@ -738,7 +738,7 @@ pub struct DataPlaneOptions {
     pub workers_per_vif: usize,
     pub inline: InlineConfig,
     /// How passive workers read their vif (`[inspect] capture`).
-    pub capture: crate::config::PassiveCapture,
+    pub capture: crate::capture::SourceKind,
     /// Passive ring, or most a queue holds, per worker, MiB.
     pub ring_mib: usize,
     /// Passive ring block timeout, ms (`[inspect] block_timeout_ms`).

@@ -6,18 +6,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Inspector;
-use crate::capture::queue::Queue;
-use crate::capture::{CaptureError, Ring, RingConfig, Source};
-use crate::config::PassiveCapture;
-
-/// Block size of a worker's ring: a 64 KiB GSO super-frame always fits; `ring_mib` sets
-/// how many blocks (kernel memory pinned per worker).
-const BLOCK: usize = 256 << 10;
+use crate::capture::{self, CaptureError, Source, SourceKind};
 
 /// How a passive worker reads its vif (`[inspect] capture`, `ring_mib`, `block_timeout_ms`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct CaptureOptions {
-    pub kind: PassiveCapture,
+    pub kind: SourceKind,
     /// The ring's size, or the most the queue holds, MiB.
     pub mib: usize,
     /// The ring's block timeout, ms; for the queue, the longest a frame waits while frames
@@ -26,40 +20,26 @@ pub(super) struct CaptureOptions {
 }
 
 pub(super) fn run(ins: Inspector, fanout: Option<u16>, opts: CaptureOptions) {
-    let ring = RingConfig {
-        block_size: BLOCK,
-        blocks: (opts.mib << 20) / BLOCK,
-        // A partly filled block reaches the worker after `block_ms`: detection (and so
-        // quarantine) latency on a quiet vif is bounded by this, not by traffic filling the
-        // block; each expiry costs a timer on the guests' CPUs.
-        retire_ms: opts.block_ms,
-        fanout,
-    };
-    let delay = Duration::from_millis(opts.block_ms.into());
-    match opts.kind {
-        PassiveCapture::Queue => {
-            if let Some(q) = open(&ins, |i| Queue::open(i, opts.mib << 20, delay, fanout)) {
-                inspect(ins, q, "queue");
-            }
-        }
-        PassiveCapture::Ring => {
-            if let Some(r) = open(&ins, |i| Ring::open(i, ring)) {
-                inspect(ins, r, "ring");
-            }
-        }
+    let open_source =
+        |iface: &str| capture::open_source(opts.kind, iface, opts.mib, opts.block_ms, fanout);
+    if let Some(src) = open(&ins, open_source) {
+        inspect(ins, src, opts.kind);
     }
 }
 
 /// Opens the worker's source; netback creates the netdev after the backend appears in
 /// XenStore, so a missing interface is waited for. `None`: stopped, or it cannot be opened
 /// (logged).
-fn open<S>(ins: &Inspector, open: impl Fn(&str) -> Result<S, CaptureError>) -> Option<S> {
+fn open(
+    ins: &Inspector,
+    try_open: impl Fn(&str) -> Result<Box<dyn Source>, CaptureError>,
+) -> Option<Box<dyn Source>> {
     let vif = &ins.vif;
     loop {
         if vif.stopping() {
             return None;
         }
-        match open(&vif.ifname) {
+        match try_open(&vif.ifname) {
             Ok(s) => return Some(s),
             Err(CaptureError::NoInterface(_)) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
@@ -70,10 +50,10 @@ fn open<S>(ins: &Inspector, open: impl Fn(&str) -> Result<S, CaptureError>) -> O
     }
 }
 
-fn inspect(mut ins: Inspector, mut src: impl Source, kind: &str) {
+fn inspect(mut ins: Inspector, mut src: Box<dyn Source>, kind: SourceKind) {
     let vif = ins.vif.clone();
     if let Some(f) = &vif.filter {
-        match f.attach(&src) {
+        match f.attach(&src.as_raw_fd()) {
             Ok(()) => ins.use_filter(f.clone(), src.ifindex(), None),
             Err(e) => log::warn!(
                 "{}: capture filter not attached, copying whole frames: {e}",
@@ -82,6 +62,10 @@ fn inspect(mut ins: Inspector, mut src: impl Source, kind: &str) {
         }
     }
     vif.counters.attached.store(true, Ordering::Relaxed);
+    let kind = match kind {
+        SourceKind::Queue => "queue",
+        SourceKind::Ring => "ring",
+    };
     log::info!("{}: inspection attached (passive, {kind})", vif.ifname);
     let mut last_drops = 0;
     while !vif.stopping() {

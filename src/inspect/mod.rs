@@ -537,7 +537,7 @@ pub struct LiveSummary {
 /// is set or `duration` passes. `ready` is called once the capture socket is open.
 pub fn live(
     iface: &str,
-    capture: crate::config::PassiveCapture,
+    capture: crate::capture::SourceKind,
     opts: &InspectOptions,
     duration: Option<Duration>,
     stop: &std::sync::atomic::AtomicBool,
@@ -550,16 +550,7 @@ pub fn live(
     }
     let detector = Detector::new(rs.rules, opts.backend).map_err(InspectError::from)?;
     let mut engine = Engine::new(detector, opts.limits);
-    use crate::capture::{queue::Queue, Ring, RingConfig, Source};
-    let mut src: Box<dyn Source> = match capture {
-        crate::config::PassiveCapture::Queue => Box::new(Queue::open(
-            iface,
-            16 << 20,
-            Duration::from_millis(20),
-            None,
-        )?),
-        crate::config::PassiveCapture::Ring => Box::new(Ring::open(iface, RingConfig::default())?),
-    };
+    let mut src = crate::capture::open_source(capture, iface, 16, 20, None)?;
     let mut out: Option<Box<dyn Write>> = match &opts.eve {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),

@@ -270,6 +270,37 @@ pub fn guest_behind_vif(dd: &str, guest: &str, vif: &str, addr: &str, mac: Optio
     ip(&["-n", guest, "link", "set", "eth0", "up"]);
 }
 
+/// A backend domain `vsd<tag><pid>` whose `vif5.0` has `<net>.1/24`, with a guest namespace
+/// `vsg<tag><pid>` behind it at `<net>.2/24`; both namespaces go when the guard drops.
+pub fn vif_and_guest(tag: &str, net: &str) -> (String, String, Netns) {
+    let id = std::process::id();
+    let (dd, g5) = (format!("vsd{tag}{id}"), format!("vsg{tag}{id}"));
+    ip(&["netns", "add", &dd]);
+    let guard = Netns(vec![dd.clone(), g5.clone()]);
+    guest_behind_vif(&dd, &g5, "vif5.0", &format!("{net}.2/24"), None);
+    let addr = format!("{net}.1/24");
+    ip(&["-n", &dd, "addr", "add", &addr, "dev", "vif5.0"]);
+    ip(&["-n", &dd, "link", "set", "vif5.0", "up"]);
+    (dd, g5, guard)
+}
+
+/// Stops process `pid` (SIGSTOP) while guest namespace `guest` sends 6,000 UDP datagrams of
+/// 1,400 bytes to `to` (port 9), then lets it run again; returns how many the guest sent.
+pub fn datagrams_while_stopped(pid: u32, guest: &str, to: &str) -> u64 {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", guest, "python3", "-c"])
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nn=0\n\
+             for _ in range(6000):\n  n+=s.sendto(b'x'*1400,('{to}',9))>0\nprint(n)\n"
+        ))
+        .output();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    out.map(|o| stdout(&o).trim().parse().unwrap_or(0))
+        .unwrap_or(0)
+}
+
 /// Prints virtsecd's log (`dir/virtsecd.log`) if the test fails while this guard is alive.
 pub struct LogOnPanic(pub PathBuf);
 
