@@ -55,8 +55,8 @@ fn start_capture(dd: &str, dir: &Path, rules: &Path, capture: &str) -> Child {
     cap
 }
 
-/// Lets the ring's block timer hand over the last block (the queue's reader its last read), stops the capture (SIGTERM) and
-/// returns its JSON summary (the last line on stderr).
+/// Lets the ring's block timer hand over the last block (the queue's reader its last read),
+/// stops the capture (SIGTERM) and returns its JSON summary (the last line on stderr).
 fn stop_capture(cap: Child) -> serde_json::Value {
     std::thread::sleep(Duration::from_millis(300));
     let _ = nix::sys::signal::kill(

@@ -766,18 +766,11 @@ fn frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted() {
     // 6,000 datagrams of 1,400 bytes (over 13 MiB as the kernel accounts them).
     let sent = datagrams_while_stopped(d.pid(), &lab.g5, "10.94.0.6");
     assert_eq!(sent, 6000, "the guest could not send its datagrams");
-    wait_for(
-        "every datagram read by the worker or counted as dropped",
-        Duration::from_secs(10),
-        || {
-            let dropped = inline_counter(lab.dir.path(), "queue_drops");
-            dropped > 0 && vif("frames").saturating_sub(read_before) + dropped >= sent
-        },
-    );
-    let dropped = inline_counter(lab.dir.path(), "queue_drops");
-    eprintln!(
-        "sent {sent}, read {}, dropped in the kernel {dropped}",
-        vif("frames").saturating_sub(read_before)
+    let dropped = every_datagram_read_or_dropped(
+        "inline",
+        sent,
+        || vif("frames").saturating_sub(read_before),
+        || inline_counter(lab.dir.path(), "queue_drops"),
     );
     assert!(
         vif("lost") >= dropped,

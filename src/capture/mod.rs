@@ -15,7 +15,7 @@
 //!   thread on Xen, the sending guest's softirq in the lab.
 //! - the **queue**: the kernel queues a reference to the frame (no data copied) and the
 //!   worker copies it out with `recvmmsg`, on its own CPU. With the service on a CPU of its
-//!   own, inspecting every byte, the guests kept 0.88–1.12× of their throughput, against
+//!   own, inspecting every byte, the guests kept 0.83–1.12× of their throughput, against
 //!   0.60–0.87× with the ring (docs/performance.md, "Passive capture: ring or queue").
 //!
 //! [`Source`] is what a passive worker needs from either. Constants and layouts are the
@@ -59,14 +59,23 @@ pub enum SourceKind {
     Ring,
 }
 
+impl SourceKind {
+    /// Its name in the configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Queue => "queue",
+            SourceKind::Ring => "ring",
+        }
+    }
+}
+
 impl std::str::FromStr for SourceKind {
     type Err = String;
     fn from_str(s: &str) -> Result<SourceKind, String> {
-        match s {
-            "queue" => Ok(SourceKind::Queue),
-            "ring" => Ok(SourceKind::Ring),
-            _ => Err(format!("unknown capture {s:?}: expected queue or ring")),
-        }
+        [SourceKind::Queue, SourceKind::Ring]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown capture {s:?}: expected queue or ring"))
     }
 }
 
@@ -162,6 +171,19 @@ pub struct RingStats {
     pub packets: u64,
     pub drops: u64,
     pub freezes: u64,
+}
+
+impl RingStats {
+    /// Adds packet socket `fd`'s counters since the last read (the kernel resets them on
+    /// read) and returns the totals.
+    fn accumulate(&mut self, fd: std::os::fd::RawFd) -> RingStats {
+        if let Some(st) = packet_statistics(fd) {
+            self.packets += u64::from(st.tp_packets);
+            self.drops += u64::from(st.tp_drops);
+            self.freezes += u64::from(st.tp_freeze_q_cnt);
+        }
+        *self
+    }
 }
 
 /// A TPACKET_V3 receive ring bound to one interface.
@@ -385,6 +407,43 @@ pub(crate) fn wait(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<libc
         };
     }
     Ok(pfd.revents)
+}
+
+/// What a received message's control data says (the options each socket asked for).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Control {
+    /// Kernel receive time (`SCM_TIMESTAMPNS`), ns since the epoch; 0 if none.
+    pub ts_ns: u64,
+    /// The frame's length before the capture filter cut it (`PACKET_AUXDATA`).
+    pub orig_len: Option<u32>,
+}
+
+/// Reads the control messages of a message `recvmmsg` filled.
+pub(crate) fn control(msg: &libc::msghdr) -> Control {
+    let mut out = Control::default();
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
+    // the payloads are read unaligned from inside it, each only when its header says it is
+    // that type (whose size the kernel wrote).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    out.ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+                }
+                (libc::SOL_PACKET, libc::PACKET_AUXDATA) => {
+                    let a = std::ptr::read_unaligned(
+                        libc::CMSG_DATA(c) as *const libc::tpacket_auxdata
+                    );
+                    out.orig_len = Some(a.tp_len);
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    out
 }
 
 /// Binds a packet socket to interface `ifindex` for every protocol.
@@ -616,12 +675,7 @@ impl Ring {
 
     /// Reads the kernel's counters (they reset on read) into the accumulated totals.
     pub fn stats(&mut self) -> RingStats {
-        if let Some(st) = packet_statistics(self.fd.as_raw_fd()) {
-            self.stats.packets += st.tp_packets as u64;
-            self.stats.drops += st.tp_drops as u64;
-            self.stats.freezes += st.tp_freeze_q_cnt as u64;
-        }
-        self.stats
+        self.stats.accumulate(self.fd.as_raw_fd())
     }
 }
 

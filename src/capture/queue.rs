@@ -7,7 +7,7 @@
 //! a reference to the frame (`skb_clone`: no data copied) and the worker copies it out with
 //! `recvmmsg` on its own CPU. On the lab's two vCPUs with the service on its own CPU, the
 //! ring's copy was 21% of the guests' CPU (`__pi_memcpy` under `tpacket_rcv`) and the
-//! guests kept 0.60–0.87× of their throughput, against 0.88–1.12× through the queue
+//! guests kept 0.60–0.87× of their throughput, against 0.83–1.12× through the queue
 //! (docs/performance.md, "Passive capture: ring or queue").
 //!
 //! What the queue costs instead: the frame's memory stays allocated until the worker reads
@@ -107,6 +107,7 @@ impl Queue {
         if let Some(group) = fanout {
             super::join_symmetric_fanout(&fd, iface, group, false)?;
         }
+        let max_delay = max_delay.min(MAX_SLEEP);
         Ok(Queue {
             fd,
             iface: iface.into(),
@@ -119,41 +120,13 @@ impl Queue {
                 .checked_sub(IDLE_AFTER)
                 .unwrap_or_else(Instant::now),
             sleep: FIRST_SLEEP.min(max_delay),
-            max_delay: max_delay.min(MAX_SLEEP),
+            max_delay,
         })
     }
 
-    pub fn iface(&self) -> &str {
-        &self.iface
-    }
-
-    /// Waits up to `timeout` for a frame, then hands every queued frame to `f` (at most a
-    /// few batches, so that the caller's housekeeping runs between them). Returns the number
-    /// of frames.
-    pub fn poll(
-        &mut self,
-        timeout: Duration,
-        f: &mut dyn FnMut(Frame<'_>),
-    ) -> Result<usize, CaptureError> {
-        if self.more {
-            return self.read(f);
-        }
-        if self.last_frame.elapsed() < IDLE_AFTER {
-            // Frames came lately: read on a timer, never waiting on the socket.
-            std::thread::sleep(self.sleep.min(timeout));
-            let n = self.read(f)?;
-            self.sleep = if n > 0 {
-                FIRST_SLEEP.min(self.max_delay)
-            } else {
-                (self.sleep * 2).min(self.max_delay)
-            };
-            return Ok(n);
-        }
-        // A pending error (the interface went down) ends the wait too; `read` reads it.
-        super::wait(self.fd.as_raw_fd(), timeout).map_err(sys("poll", &self.iface))?;
-        let n = self.read(f)?;
-        self.sleep = FIRST_SLEEP.min(self.max_delay);
-        Ok(n)
+    /// The sleep after a read that found frames (module docs).
+    fn first_sleep(&self) -> Duration {
+        FIRST_SLEEP.min(self.max_delay)
     }
 
     /// Reads what is queued, at most a few batches (so that the caller's housekeeping runs
@@ -219,12 +192,12 @@ impl Queue {
         let got = got as usize;
         for (i, m) in msgs.iter().take(got).enumerate() {
             let queued = m.msg_len as usize;
-            let (ts_ns, orig_len) = control(&m.msg_hdr);
-            let wire = orig_len.map_or(queued, |l| (l as usize).max(queued));
+            let c = super::control(&m.msg_hdr);
+            let wire = c.orig_len.map_or(queued, |l| (l as usize).max(queued));
             f(Frame {
                 data: &self.bufs[i][..queued.min(BUF)],
                 wire_len: wire.min(u32::MAX as usize) as u32,
-                ts_ns,
+                ts_ns: c.ts_ns,
                 outgoing: names[i].sll_pkttype == libc::PACKET_OUTGOING,
             });
         }
@@ -233,8 +206,33 @@ impl Queue {
 }
 
 impl Source for Queue {
-    fn poll(&mut self, t: Duration, f: &mut dyn FnMut(Frame<'_>)) -> Result<usize, CaptureError> {
-        Queue::poll(self, t, f)
+    /// Waits up to `timeout` for a frame, then hands every queued frame to `f` (at most a
+    /// few batches, so that the caller's housekeeping runs between them). Returns the number
+    /// of frames.
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        f: &mut dyn FnMut(Frame<'_>),
+    ) -> Result<usize, CaptureError> {
+        if self.more {
+            return self.read(f);
+        }
+        if self.last_frame.elapsed() < IDLE_AFTER {
+            // Frames came lately: read on a timer, never waiting on the socket.
+            std::thread::sleep(self.sleep.min(timeout));
+            let n = self.read(f)?;
+            self.sleep = if n > 0 {
+                self.first_sleep()
+            } else {
+                (self.sleep * 2).min(self.max_delay)
+            };
+            return Ok(n);
+        }
+        // A pending error (the interface went down) ends the wait too; `read` reads it.
+        super::wait(self.fd.as_raw_fd(), timeout).map_err(sys("poll", &self.iface))?;
+        let n = self.read(f)?;
+        self.sleep = self.first_sleep();
+        Ok(n)
     }
 
     fn take_error(&mut self) -> Option<io::Error> {
@@ -244,11 +242,7 @@ impl Source for Queue {
     /// Reads the kernel's counters (they reset on read) into the accumulated totals: frames
     /// dropped because the queue was at its limit.
     fn stats(&mut self) -> RingStats {
-        if let Some(st) = super::packet_statistics(self.fd.as_raw_fd()) {
-            self.stats.packets += u64::from(st.tp_packets);
-            self.stats.drops += u64::from(st.tp_drops);
-        }
-        self.stats
+        self.stats.accumulate(self.fd.as_raw_fd())
     }
 
     fn ifindex(&self) -> u32 {
@@ -258,32 +252,3 @@ impl Source for Queue {
 
 /// Control buffer per message, in u64 words: the receive timestamp and `tpacket_auxdata`.
 const CONTROL_WORDS: usize = 16;
-
-/// A received message's kernel receive time (`SCM_TIMESTAMPNS`, ns since the epoch, 0 if
-/// none) and the frame's length before the capture filter cut it (`PACKET_AUXDATA`).
-fn control(msg: &libc::msghdr) -> (u64, Option<u32>) {
-    let (mut ts_ns, mut len) = (0, None);
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
-    // the payloads are read unaligned from inside it, each only when its header says it is
-    // that type (whose size the kernel wrote).
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            match ((*c).cmsg_level, (*c).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
-                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                    ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
-                }
-                (libc::SOL_PACKET, libc::PACKET_AUXDATA) => {
-                    let a = std::ptr::read_unaligned(
-                        libc::CMSG_DATA(c) as *const libc::tpacket_auxdata
-                    );
-                    len = Some(a.tp_len);
-                }
-                _ => {}
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
-    }
-    (ts_ns, len)
-}

@@ -172,7 +172,7 @@ impl VnetPort {
             out.push(Received {
                 len: m.msg_len as usize,
                 truncated: m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-                ts_ns: cmsg_timestamp(&m.msg_hdr),
+                ts_ns: super::control(&m.msg_hdr).ts_ns,
             });
         }
         Ok(got as usize)
@@ -217,24 +217,6 @@ impl VnetPort {
         }
         sent
     }
-}
-
-/// The `SCM_TIMESTAMPNS` of a received message (ns since the epoch), 0 if none.
-fn cmsg_timestamp(msg: &libc::msghdr) -> u64 {
-    let mut ts_ns = 0;
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by msg_controllen;
-    // the timespec is read unaligned from inside it.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
-                let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                ts_ns = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
-    }
-    ts_ns
 }
 
 /// Waits up to `timeout_ms` until one of `fds` is readable; returns which are.

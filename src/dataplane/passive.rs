@@ -20,9 +20,7 @@ pub(super) struct CaptureOptions {
 }
 
 pub(super) fn run(ins: Inspector, fanout: Option<u16>, opts: CaptureOptions) {
-    let open_source =
-        |iface: &str| capture::open_source(opts.kind, iface, opts.mib, opts.block_ms, fanout);
-    if let Some(src) = open(&ins, open_source) {
+    if let Some(src) = open(&ins, opts, fanout) {
         inspect(ins, src, opts.kind);
     }
 }
@@ -30,16 +28,13 @@ pub(super) fn run(ins: Inspector, fanout: Option<u16>, opts: CaptureOptions) {
 /// Opens the worker's source; netback creates the netdev after the backend appears in
 /// XenStore, so a missing interface is waited for. `None`: stopped, or it cannot be opened
 /// (logged).
-fn open(
-    ins: &Inspector,
-    try_open: impl Fn(&str) -> Result<Box<dyn Source>, CaptureError>,
-) -> Option<Box<dyn Source>> {
+fn open(ins: &Inspector, opts: CaptureOptions, fanout: Option<u16>) -> Option<Box<dyn Source>> {
     let vif = &ins.vif;
     loop {
         if vif.stopping() {
             return None;
         }
-        match try_open(&vif.ifname) {
+        match capture::open_source(opts.kind, &vif.ifname, opts.mib, opts.block_ms, fanout) {
             Ok(s) => return Some(s),
             Err(CaptureError::NoInterface(_)) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
@@ -62,11 +57,11 @@ fn inspect(mut ins: Inspector, mut src: Box<dyn Source>, kind: SourceKind) {
         }
     }
     vif.counters.attached.store(true, Ordering::Relaxed);
-    let kind = match kind {
-        SourceKind::Queue => "queue",
-        SourceKind::Ring => "ring",
-    };
-    log::info!("{}: inspection attached (passive, {kind})", vif.ifname);
+    log::info!(
+        "{}: inspection attached (passive, {})",
+        vif.ifname,
+        kind.as_str()
+    );
     let mut last_drops = 0;
     while !vif.stopping() {
         ins.maybe_reload();

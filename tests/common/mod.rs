@@ -301,6 +301,31 @@ pub fn datagrams_while_stopped(pid: u32, guest: &str, to: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until every one of `sent` datagrams was either read by the worker (`read()`, frames
+/// since the stop) or counted as dropped by the kernel (`dropped()`, some of them); prints
+/// the split and returns the drops.
+pub fn every_datagram_read_or_dropped(
+    what: &str,
+    sent: u64,
+    read: impl Fn() -> u64,
+    dropped: impl Fn() -> u64,
+) -> u64 {
+    wait_for(
+        "every datagram read by the worker or counted as dropped",
+        Duration::from_secs(10),
+        || {
+            let d = dropped();
+            d > 0 && read() + d >= sent
+        },
+    );
+    let d = dropped();
+    eprintln!(
+        "{what}: sent {sent}, read {}, dropped in the kernel {d}",
+        read()
+    );
+    d
+}
+
 /// Prints virtsecd's log (`dir/virtsecd.log`) if the test fails while this guard is alive.
 pub struct LogOnPanic(pub PathBuf);
 
