@@ -86,10 +86,14 @@ pub struct InspectConfig {
     /// frames, the worker copies them on its own CPU) or `ring` (the kernel copies frames
     /// into a TPACKET_V3 ring on the guest's path): `capture` module docs.
     pub capture: crate::capture::SourceKind,
-    /// Passive mode: kernel memory per worker for frames not yet read, MiB: the ring's size
-    /// (pinned), or the most the queue holds. What absorbs bursts.
+    /// Passive mode, `capture = "ring"`: the ring's size per worker, MiB (kernel memory
+    /// pinned while the vif is inspected). What absorbs bursts.
     #[serde(deserialize_with = "mib_1_to_1024")]
     pub ring_mib: usize,
+    /// Passive mode, `capture = "queue"`: the most frame memory one worker's queue holds,
+    /// MiB (nothing while the worker keeps up). What absorbs bursts and the worker's stalls.
+    #[serde(deserialize_with = "mib_1_to_1024")]
+    pub queue_mib: usize,
     /// Passive mode: a partly filled ring block reaches the worker after this long, ms. What
     /// an alert on a quiet vif may wait; each expiry is a kernel timer on the guests' CPUs
     /// (1 ms cost guest-to-guest throughput 15-20% on 2 vCPUs, 20 ms nothing measurable:
@@ -121,7 +125,8 @@ impl Default for InspectConfig {
             max_flows: 1 << 18,
             flow_table_full: crate::flow::WhenFull::Open,
             capture: crate::capture::SourceKind::Queue,
-            ring_mib: 16,
+            ring_mib: crate::capture::DEFAULT_RING_MIB,
+            queue_mib: crate::capture::DEFAULT_QUEUE_MIB,
             block_timeout_ms: 20,
             nice: 0,
             inspect_past_depth: true,
@@ -548,5 +553,15 @@ mod tests {
         assert!(e.contains(":2:") && e.contains("mmap"), "{e}");
         let c = parse("[inspect]\ncapture = \"ring\"\n").unwrap();
         assert_eq!(c.inspect.capture, crate::capture::SourceKind::Ring);
+        // Each source has its own bound: a queue holds nothing while its worker keeps up, so
+        // it may be larger than a ring, which is pinned.
+        let c = parse("").unwrap();
+        assert_eq!((c.inspect.ring_mib, c.inspect.queue_mib), (16, 64));
+        let c = parse("[inspect]\nqueue_mib = 256\n").unwrap();
+        assert_eq!((c.inspect.ring_mib, c.inspect.queue_mib), (16, 256));
+        let e = parse("[inspect]\nqueue_mib = 2048\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:") && e.contains("out of range"), "{e}");
     }
 }

@@ -254,7 +254,8 @@ for p in range(9000, 9060):
 }
 
 /// A passive worker that cannot read (the service stopped with SIGSTOP) while its guest sends
-/// more than the worker's capture socket holds (`ring_mib = 1`): the kernel drops the rest.
+/// more than the worker's capture socket holds (`ring_mib` or `queue_mib` = 1): the kernel
+/// drops the rest.
 /// When the service runs again it counts them (`ring_drops`, part of LOST): every datagram the
 /// guest sent was either read or counted as dropped, whichever way the worker reads its vif.
 fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
@@ -270,7 +271,7 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
     )
     .unwrap();
     let extra = format!(
-        "[inspect]\nrules = [{:?}]\ncapture = \"{capture}\"\nring_mib = 1\n",
+        "[inspect]\nrules = [{:?}]\ncapture = \"{capture}\"\n{capture}_mib = 1\n",
         rules.display().to_string()
     );
     let d = virtsecd_with(dir.path(), Some(&dd), &extra);

@@ -67,7 +67,28 @@ impl SourceKind {
             SourceKind::Ring => "ring",
         }
     }
+
+    /// The memory a worker's source of this kind holds by default, MiB.
+    pub fn default_mib(self) -> usize {
+        match self {
+            SourceKind::Queue => DEFAULT_QUEUE_MIB,
+            SourceKind::Ring => DEFAULT_RING_MIB,
+        }
+    }
 }
+
+/// A passive ring's size by default, MiB (`[inspect] ring_mib`): pinned kernel memory per
+/// worker while its vif is inspected.
+pub const DEFAULT_RING_MIB: usize = 16;
+
+/// The most frame memory a passive worker's queue holds by default, MiB (`[inspect]
+/// queue_mib`). Nothing is allocated while the worker keeps up; the bound is what the kernel
+/// may keep queued while it does not. At 16 MiB (the ring's size) a worker scanning every byte
+/// on a CPU of its own lost 0.1-1% of frames in most runs of four guest streams in the lab:
+/// its reads slowed for tens of milliseconds at a time (2,048 frames read in 70 ms against
+/// 25 µs a frame otherwise) while the guests kept sending; at 64 MiB it lost frames in one
+/// run of 14 (docs/performance.md, "The queue's bound").
+pub const DEFAULT_QUEUE_MIB: usize = 64;
 
 impl std::str::FromStr for SourceKind {
     type Err = String;

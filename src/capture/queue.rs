@@ -11,7 +11,7 @@
 //! (docs/performance.md, "Passive capture: ring or queue").
 //!
 //! What the queue costs instead: the frame's memory stays allocated until the worker reads
-//! it (the socket's receive buffer bounds that, `SO_RCVBUFFORCE`, set from `ring_mib`), one
+//! it (the socket's receive buffer bounds that, `SO_RCVBUFFORCE`, set from `queue_mib`), one
 //! system call per batch of frames, a copy into the worker's buffers, and freeing the frame:
 //! about 2 µs of the worker's time per small frame, against the ring's 0.5 µs. Frames the kernel
 //! drops because the queue is full are counted (`PACKET_STATISTICS`), as a ring's are.

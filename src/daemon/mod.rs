@@ -245,6 +245,7 @@ impl Daemon {
                     inline: cfg.inspect.inline.clone(),
                     capture: cfg.inspect.capture,
                     ring_mib: cfg.inspect.ring_mib,
+                    queue_mib: cfg.inspect.queue_mib,
                     block_timeout_ms: cfg.inspect.block_timeout_ms,
                     max_flows: cfg.inspect.max_flows,
                     flow_table_full: cfg.inspect.flow_table_full,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::Inspector;
 use crate::capture::{self, CaptureError, Source, SourceKind};
 
-/// How a passive worker reads its vif (`[inspect] capture`, `ring_mib`, `block_timeout_ms`).
+/// How a passive worker reads its vif (`[inspect] capture`, `ring_mib` or `queue_mib`,
+/// `block_timeout_ms`).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct CaptureOptions {
     pub kind: SourceKind,

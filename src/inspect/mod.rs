@@ -550,7 +550,7 @@ pub fn live(
     }
     let detector = Detector::new(rs.rules, opts.backend).map_err(InspectError::from)?;
     let mut engine = Engine::new(detector, opts.limits);
-    let mut src = crate::capture::open_source(capture, iface, 16, 20, None)?;
+    let mut src = crate::capture::open_source(capture, iface, capture.default_mib(), 20, None)?;
     let mut out: Option<Box<dyn Write>> = match &opts.eve {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
