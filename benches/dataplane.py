@@ -32,6 +32,8 @@ Configurations:
                without tcx) instead of tcx links
   *-wNms       inline with `max_wait_us` = N ms (default 20 ms, 2 ms before 2026-11-29): the
                overload threshold past which frames are dropped (fail closed, as here)
+  *-qNmib      passive vifs read through a queue bounded at N MiB (`queue_mib`; default 64,
+               16 before 2026-12-07)
   antispoof    virtsecd with anti-spoofing only (no rules: nothing captured): what the
                kernel rules every other virtsec configuration has cost on their own
   suricata-ids Suricata 7 AF_PACKET IDS on vif1.0, same rules (when suricata is installed);
@@ -47,6 +49,7 @@ Configurations:
 (iperf3, ping, sockperf, and so the kernel's forwarding of their frames) on CPU 0, the baseline
 too: Xen's topology, where the guests' vCPUs are not dom0's, instead of the default's, where
 guests and inspector share every CPU. Its table goes between the `dataplane-own-cpu` markers.
+--section NAME writes between `NAME` markers instead (a section of its own).
 
 --small-frames adds a column: guest 1 sends 64-byte UDP datagrams to guest 2 as fast as one
 iperf3 sender goes; thousands of frames a second guest 2 received, and the inspector's CPU time
@@ -150,6 +153,10 @@ class Virtsec:
             keys.append('placement = "scheduler"')
         # -ring: passive vifs read through a TPACKET_V3 ring instead of the socket's queue.
         capture = 'capture = "ring"\n' if "-ring" in config else ""
+        # -qNmib: the queue's bound (`queue_mib`) at N MiB instead of the default.
+        bound = re.search(r"-q(\d+)mib", config)
+        if bound:
+            capture += f"queue_mib = {int(bound.group(1))}\n"
         inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
 
         self.work, self.mode = work, config
@@ -482,6 +489,8 @@ def main():
     ap.add_argument("--configs", default="none,antispoof,passive,passive-bypass,inline,inline-bypass,suricata-ids")
     ap.add_argument("--rules", default=str(repo / "tests/fixtures/bench-1000.rules"))
     ap.add_argument("--write")
+    ap.add_argument("--section", help="the markers --write replaces (default: dataplane, or "
+                    "dataplane-own-cpu with --own-cpu)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--workers", type=int, default=4 if (os.cpu_count() or 1) >= 8 else 1,
                     help="workers_per_vif (default: 4 from 8 CPUs up, else 1)")
@@ -629,7 +638,7 @@ def main():
     if a.write:
         doc = Path(a.write)
         text = doc.read_text()
-        name = "dataplane-own-cpu" if a.own_cpu else "dataplane"
+        name = a.section or ("dataplane-own-cpu" if a.own_cpu else "dataplane")
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         block = f"{begin}\n`{cmd}` ({a.rounds} alternating rounds, medians, ratios paired by round; {os.cpu_count()} CPUs, " \
                 f"kernel {os.uname().release})\n\n{table}\n{end}"
