@@ -174,7 +174,7 @@ fn alerts_name_the_guest_and_vifs_follow_the_inventory() {
         s["inspection"]["vif5.0"]["frames"].as_u64().unwrap() >= 6,
         "{s:#}"
     );
-    assert_eq!(s["inspection"]["vif5.0"]["ring_drops"], 0);
+    assert_eq!(s["inspection"]["vif5.0"]["capture_drops"], 0);
     let human = stdout(&cli(dir.path(), &["alerts"]));
     assert!(
         human.contains("domain 5 (web) vif5.0") && human.contains("guest exfil"),
@@ -256,7 +256,7 @@ for p in range(9000, 9060):
 /// A passive worker that cannot read (the service stopped with SIGSTOP) while its guest sends
 /// more than the worker's capture socket holds (`ring_mib` or `queue_mib` = 1): the kernel
 /// drops the rest.
-/// When the service runs again it counts them (`ring_drops`, part of LOST): every datagram the
+/// When the service runs again it counts them (`capture_drops`, part of LOST): every datagram the
 /// guest sent was either read or counted as dropped, whichever way the worker reads its vif.
 fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -293,7 +293,7 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
         capture,
         sent,
         || vif("frames").saturating_sub(read_before),
-        || vif("ring_drops"),
+        || vif("capture_drops"),
     );
     assert!(
         vif("lost") >= dropped,

@@ -191,7 +191,7 @@ fn trimmed_capture_keeps_flow_state_and_reinspects_reused_tuples() {
         "vif6.0 copied {} bytes: {s:#}",
         n(&v6["bytes"])
     );
-    assert_eq!(n(&v5["ring_drops"]) + n(&v6["ring_drops"]), 0);
+    assert_eq!(n(&v5["capture_drops"]) + n(&v6["capture_drops"]), 0);
     // Past the depth vif5.0 counted the upload's segments in the kernel rather than copying
     // them; vif6.0 counted guest 5's segments once the connection was established and busy.
     assert!(
@@ -369,5 +369,9 @@ fn pure_acks_are_counted_with_every_byte_inspected() {
         n(&v5["uncopied"]) > 0 && n(&v6["uncopied"]) > 0,
         "no pure ACK was left uncopied: {s:#}"
     );
-    assert_eq!(n(&v5["ring_drops"]) + n(&v6["ring_drops"]), 0, "{s:#}");
+    assert_eq!(
+        n(&v5["capture_drops"]) + n(&v6["capture_drops"]),
+        0,
+        "{s:#}"
+    );
 }

@@ -58,8 +58,8 @@ pub struct VifCounters {
     pub worker_frames: Vec<AtomicU64>,
     pub bytes: AtomicU64,
     pub alerts: AtomicU64,
-    /// Passive: frames the ring had no room for (kernel count).
-    pub ring_drops: AtomicU64,
+    /// Passive: frames the kernel had no room for in the worker's queue or ring (its count).
+    pub capture_drops: AtomicU64,
     /// Inline: frames dropped by a `drop`/`reject` rule.
     pub verdict_drops: AtomicU64,
     /// Inline: the kernel forwards handed-over directions itself (`capture::bpf::FastPath`).
@@ -120,13 +120,13 @@ impl VifCounters {
             .sum()
     }
 
-    /// Frames lost to inspection: ring overflow (passive); overload drops, full receive
+    /// Frames lost to inspection: a full queue or ring (passive); overload drops, full receive
     /// queues, frames too long to read and frames the kernel refused on send (inline). The
     /// one definition behind `virtsec status`'s LOST, the XenStore counters' `lost` and
     /// `virtsec_vif_drops_total`.
     pub fn lost(&self) -> u64 {
         [
-            &self.ring_drops,
+            &self.capture_drops,
             &self.overload_drops,
             &self.queue_drops,
             &self.truncated,
@@ -147,7 +147,7 @@ pub struct VifStatus {
     pub frames: u64,
     pub bytes: u64,
     pub alerts: u64,
-    pub ring_drops: u64,
+    pub capture_drops: u64,
     /// Frames lost to inspection, all causes ([`VifCounters::lost`]).
     pub lost: u64,
     /// Frames copied headers-only by the kernel (their payload is inspected elsewhere or
@@ -1175,7 +1175,7 @@ impl DataPlane {
                         frames: c.frames(),
                         bytes: ld(&c.bytes),
                         alerts: ld(&c.alerts),
-                        ring_drops: ld(&c.ring_drops),
+                        capture_drops: ld(&c.capture_drops),
                         lost: c.lost(),
                         trimmed: ld(&c.trimmed),
                         uncopied: ld(&c.uncopied),
@@ -1253,7 +1253,7 @@ mod tests {
     fn lost_counts_every_cause_once() {
         let c = VifCounters::new(2);
         for (a, n) in [
-            (&c.ring_drops, 1),
+            (&c.capture_drops, 1),
             (&c.overload_drops, 10),
             (&c.truncated, 100),
             (&c.send_errors, 1000),

@@ -89,7 +89,7 @@ fn inspect(mut ins: Inspector, mut src: Box<dyn Source>, kind: SourceKind) {
         // Workers of one vif add their own socket's drops.
         let st = src.stats();
         vif.counters
-            .ring_drops
+            .capture_drops
             .fetch_add(st.drops - last_drops, Ordering::Relaxed);
         last_drops = st.drops;
     }
