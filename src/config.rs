@@ -114,6 +114,16 @@ pub struct InspectConfig {
     pub inline: InlineConfig,
 }
 
+impl InspectConfig {
+    /// The memory bound of the passive source `capture` chooses, MiB.
+    pub fn capture_mib(&self) -> usize {
+        match self.capture {
+            crate::capture::SourceKind::Ring => self.ring_mib,
+            crate::capture::SourceKind::Queue => self.queue_mib,
+        }
+    }
+}
+
 impl Default for InspectConfig {
     fn default() -> Self {
         InspectConfig {
@@ -559,6 +569,9 @@ mod tests {
         assert_eq!((c.inspect.ring_mib, c.inspect.queue_mib), (16, 64));
         let c = parse("[inspect]\nqueue_mib = 256\n").unwrap();
         assert_eq!((c.inspect.ring_mib, c.inspect.queue_mib), (16, 256));
+        assert_eq!(c.inspect.capture_mib(), 256);
+        let c = parse("[inspect]\ncapture = \"ring\"\nqueue_mib = 256\n").unwrap();
+        assert_eq!(c.inspect.capture_mib(), 16);
         let e = parse("[inspect]\nqueue_mib = 2048\n")
             .unwrap_err()
             .to_string();

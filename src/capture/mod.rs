@@ -86,8 +86,9 @@ pub const DEFAULT_RING_MIB: usize = 16;
 /// may keep queued while it does not. At 16 MiB (the ring's size) a worker scanning every byte
 /// on a CPU of its own lost 0.1-1% of frames in most runs of four guest streams in the lab:
 /// its reads slowed for tens of milliseconds at a time (2,048 frames read in 70 ms against
-/// 25 µs a frame otherwise) while the guests kept sending; at 64 MiB it lost frames in one
-/// run of 14 (docs/performance.md, "The queue's bound").
+/// 25 µs a frame otherwise) while the guests kept sending; at 64 MiB 0.04% of frames over five
+/// rounds of `benches/dataplane.py`, none in three of them, against 0.18% at 16 MiB
+/// (docs/performance.md, "The queue's bound").
 pub const DEFAULT_QUEUE_MIB: usize = 64;
 
 impl std::str::FromStr for SourceKind {

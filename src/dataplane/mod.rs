@@ -739,10 +739,9 @@ pub struct DataPlaneOptions {
     pub inline: InlineConfig,
     /// How passive workers read their vif (`[inspect] capture`).
     pub capture: crate::capture::SourceKind,
-    /// Passive ring per worker, MiB (`[inspect] ring_mib`).
-    pub ring_mib: usize,
-    /// Most a passive worker's queue holds, MiB (`[inspect] queue_mib`).
-    pub queue_mib: usize,
+    /// The ring's size, or the most the queue holds, per passive worker, MiB (`[inspect]
+    /// ring_mib` or `queue_mib`, whichever `capture` uses).
+    pub capture_mib: usize,
     /// Passive ring block timeout, ms (`[inspect] block_timeout_ms`).
     pub block_timeout_ms: u32,
     /// Flows one worker tracks.
@@ -930,10 +929,7 @@ impl DataPlane {
                 let group = (n > 1).then_some(self.fanout_seq);
                 let ring = passive::CaptureOptions {
                     kind: self.opts.capture,
-                    mib: match self.opts.capture {
-                        crate::capture::SourceKind::Ring => self.opts.ring_mib,
-                        crate::capture::SourceKind::Queue => self.opts.queue_mib,
-                    },
+                    mib: self.opts.capture_mib,
                     block_ms: self.opts.block_timeout_ms,
                 };
                 let past = self.flow_limits();
