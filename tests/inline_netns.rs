@@ -11,7 +11,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use virtsec::lab::toolstack::GuestSpec;
@@ -442,7 +442,19 @@ fn inline_workers_keep_each_connection_on_one_worker() {
     for s in sinks {
         assert_eq!(sink_count(s), 4 << 20, "bytes lost through inline workers");
     }
-    let s = status(dir.path()).unwrap();
+    // The kernel's counts of what it forwarded reach the status when worker 0 next reads
+    // them (every 100 ms while it runs; later on a busy machine): wait for them a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s = status(dir.path()).unwrap();
+        let counted = s["inspection"]["vif5.0"]["uncopied_bytes"]
+            .as_u64()
+            .unwrap_or(0);
+        if counted > 4 << 20 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let v = &s["inspection"]["vif5.0"];
     assert_eq!(v["inline"]["fast_path"], true, "{v}");
     let crossed = v["bytes"].as_u64().unwrap_or(0) - before;
