@@ -84,11 +84,10 @@ pub const DEFAULT_RING_MIB: usize = 16;
 /// The most frame memory a passive worker's queue holds by default, MiB (`[inspect]
 /// queue_mib`). Nothing is allocated while the worker keeps up; the bound is what the kernel
 /// may keep queued while it does not. At 16 MiB (the ring's size) a worker scanning every byte
-/// on a CPU of its own lost 0.1-1% of frames in most runs of four guest streams in the lab:
+/// on a CPU of its own lost frames in every round of `benches/dataplane.py --own-cpu` (0.18%):
 /// its reads slowed for tens of milliseconds at a time (2,048 frames read in 70 ms against
-/// 25 µs a frame otherwise) while the guests kept sending; at 64 MiB 0.04% of frames over five
-/// rounds of `benches/dataplane.py`, none in three of them, against 0.18% at 16 MiB
-/// (docs/performance.md, "The queue's bound").
+/// 25 µs a frame otherwise) while the guests kept sending; at 64 MiB 0.04%, none lost in three
+/// rounds of five (docs/performance.md, "The queue's bound").
 pub const DEFAULT_QUEUE_MIB: usize = 64;
 
 impl std::str::FromStr for SourceKind {
