@@ -136,45 +136,9 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     // Matchers over the payload bytes (each packet as a chunk of one long stream).
+    let payloads: Vec<&[u8]> = pkts.iter().map(|p| p.payload).collect();
     for n in [10usize, 1000] {
-        let lits = literals(n);
-        let mut g = c.benchmark_group(format!("matcher {n} literals"));
-        g.throughput(Throughput::Bytes(payload));
-        let pats: Vec<Vec<u8>> = lits.iter().map(|l| l.bytes.clone()).collect();
-        let raw = aho_corasick::AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(&pats)
-            .expect("ac");
-        g.bench_function(
-            "baseline: aho-corasick crate, overlapping search per packet",
-            |b| {
-                b.iter(|| {
-                    pkts.iter()
-                        .map(|p| raw.find_overlapping_iter(p.payload).count())
-                        .sum::<usize>()
-                })
-            },
-        );
-        for (name, backend) in [
-            ("virtsec aho-corasick stream", Backend::Ac),
-            ("virtsec hyperscan stream", Backend::Hs),
-        ] {
-            let Ok(m) = AnyMatcher::build(&lits, backend) else {
-                eprintln!("{name}: backend unavailable, skipped");
-                continue;
-            };
-            g.bench_function(name, |b| {
-                b.iter(|| {
-                    let mut st = m.new_stream();
-                    let mut hits = 0usize;
-                    for p in &pkts {
-                        m.scan(&mut st, p.payload, &mut |_, _| hits += 1);
-                    }
-                    hits
-                })
-            });
-        }
-        g.finish();
+        matchers(c, &format!("matcher {n} literals"), "packet", n, &payloads);
     }
 
     // Matchers over random bytes in 64 KiB chunks (one stream), as a bulk transfer's
@@ -187,47 +151,57 @@ fn benches(c: &mut Criterion) {
         x ^= x << 17;
         *b = x as u8;
     }
+    let chunks: Vec<&[u8]> = random.chunks(65536).collect();
     for n in [100usize, 1000] {
-        let lits = literals(n);
-        let mut g = c.benchmark_group(format!("matcher {n} literals, random 64 KiB chunks"));
-        g.throughput(Throughput::Bytes(random.len() as u64));
-        let pats: Vec<Vec<u8>> = lits.iter().map(|l| l.bytes.clone()).collect();
-        let raw = aho_corasick::AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(&pats)
-            .expect("ac");
-        g.bench_function(
-            "baseline: aho-corasick crate, overlapping search per chunk",
-            |b| {
-                b.iter(|| {
-                    random
-                        .chunks(65536)
-                        .map(|c| raw.find_overlapping_iter(c).count())
-                        .sum::<usize>()
-                })
-            },
-        );
-        for (name, backend) in [
-            ("virtsec aho-corasick stream", Backend::Ac),
-            ("virtsec hyperscan stream", Backend::Hs),
-        ] {
-            let Ok(m) = AnyMatcher::build(&lits, backend) else {
-                eprintln!("{name}: backend unavailable, skipped");
-                continue;
-            };
-            g.bench_function(name, |b| {
-                b.iter(|| {
-                    let mut st = m.new_stream();
-                    let mut hits = 0usize;
-                    for c in random.chunks(65536) {
-                        m.scan(&mut st, c, &mut |_, _| hits += 1);
-                    }
-                    hits
-                })
-            });
-        }
-        g.finish();
+        let group = format!("matcher {n} literals, random 64 KiB chunks");
+        matchers(c, &group, "chunk", n, &chunks);
     }
+}
+
+/// The first `n` bench literals over `chunks` (one stream): the aho-corasick crate's
+/// overlapping search per `unit` (the baseline), then virtsec's streaming backends.
+fn matchers(c: &mut Criterion, group: &str, unit: &str, n: usize, chunks: &[&[u8]]) {
+    let lits = literals(n);
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Bytes(
+        chunks.iter().map(|c| c.len() as u64).sum(),
+    ));
+    let pats: Vec<Vec<u8>> = lits.iter().map(|l| l.bytes.clone()).collect();
+    let raw = aho_corasick::AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(&pats)
+        .expect("ac");
+    g.bench_function(
+        format!("baseline: aho-corasick crate, overlapping search per {unit}"),
+        |b| {
+            b.iter(|| {
+                chunks
+                    .iter()
+                    .map(|c| raw.find_overlapping_iter(c).count())
+                    .sum::<usize>()
+            })
+        },
+    );
+    for (name, backend) in [
+        ("virtsec aho-corasick stream", Backend::Ac),
+        ("virtsec hyperscan stream", Backend::Hs),
+    ] {
+        let Ok(m) = AnyMatcher::build(&lits, backend) else {
+            eprintln!("{name}: backend unavailable, skipped");
+            continue;
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut st = m.new_stream();
+                let mut hits = 0usize;
+                for c in chunks {
+                    m.scan(&mut st, c, &mut |_, _| hits += 1);
+                }
+                hits
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group! {
