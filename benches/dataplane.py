@@ -152,11 +152,11 @@ class Virtsec:
         if "-sched" in config:
             keys.append('placement = "scheduler"')
         # -ring: passive vifs read through a TPACKET_V3 ring instead of the socket's queue.
-        capture = 'capture = "ring"\n' if "-ring" in config else ""
+        passive_keys = 'capture = "ring"\n' if "-ring" in config else ""
         # -qNmib: the queue's bound (`queue_mib`) at N MiB instead of the default.
         bound = re.search(r"-q(\d+)mib", config)
         if bound:
-            capture += f"queue_mib = {int(bound.group(1))}\n"
+            passive_keys += f"queue_mib = {int(bound.group(1))}\n"
         inline_section = "".join(f"{k}\n" for k in ["[inspect.inline]"] + keys) if keys else ""
 
         self.work, self.mode = work, config
@@ -167,7 +167,7 @@ class Virtsec:
             f'[xenstore]\npath = "{work}/xs.sock"\n[control]\nsocket = "{work}/control.sock"\n'
             f'[log]\ntarget = "stderr"\nlevel = "warn"\n'
             f'[inspect]\nrules = [{rule_files}]\neve = "{work}/eve.json"\nmode = "passive"\n'
-            f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n{capture}'
+            f'inspect_past_depth = {past}\nworkers_per_vif = {WORKERS}\n{passive_keys}'
             # Here the guests share the service's CPUs (on Xen they have their own vCPUs): the
             # workers get them first, as they would get dom0's (docs/configuration.md, `nice`).
             f'nice = -10\n'
