@@ -749,6 +749,87 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
     let _ = p.wait();
 }
 
+/// An operator who gives the service some CPUs (`taskset`, systemd's `CPUAffinity=`; here
+/// the one CPU of the thread that starts it) keeps its inline workers on them: a quiet
+/// guest's frames arriving on another CPU do not pull the idle worker there, though the
+/// kernel would let a thread widen its own affinity. The log says why it stays.
+#[test]
+fn inline_workers_stay_on_the_cpus_the_service_was_given() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    if !usable() {
+        eprintln!(
+            "SKIPPED inline_workers_stay_on_the_cpus_the_service_was_given: needs root, nft, tc"
+        );
+        return;
+    }
+    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.len() < 2 {
+        eprintln!("SKIPPED inline_workers_stay_on_the_cpus_the_service_was_given: needs two CPUs");
+        return;
+    }
+    let (given, other) = (cpus[0], cpus[1]);
+    let _serial = serial();
+    let mut lab = InlineLab::new(
+        "vic",
+        "10.93.0",
+        "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7106; rev:1;)",
+        "",
+    );
+    // The service inherits the affinity of the thread that spawns it.
+    let mut one = CpuSet::new();
+    one.set(given).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+    let (_log, d) = lab.start();
+    sched_setaffinity(Pid::from_raw(0), &allowed).unwrap();
+    lab.wait_inline();
+    // A quiet guest pinging from the other CPU for 1.5 s: fifteen of the placement's windows.
+    let mut p = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.g5,
+            "taskset",
+            "-c",
+            &other.to_string(),
+        ])
+        .args(["ping", "-q", "-c", "150", "-i", "0.01", "10.93.0.6"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let w = worker_cpus(d.pid()).unwrap_or_default();
+        if seen.last() != Some(&w) {
+            seen.push(w);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = p.kill();
+    let _ = p.wait();
+    assert_eq!(
+        seen,
+        vec![given.to_string()],
+        "the worker's CPUs over the pings"
+    );
+    let status = status(lab.dir.path()).expect("status");
+    assert_eq!(
+        status["inspection"]["vif5.0"]["inline"]["worker_cpus"],
+        serde_json::json!([null])
+    );
+    let log = std::fs::read_to_string(lab.dir.path().join("virtsecd.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!(
+            "cannot run on CPU {other}, where its frames arrive (CPU {other} is not one of the service's CPUs ({given}"
+        )),
+        "{log}"
+    );
+}
+
 /// A worker that cannot read (the service stopped with SIGSTOP) while its guest sends more
 /// than the worker's receive queue holds (4 MiB): the kernel drops the rest before any
 /// worker sees them. When the service runs again it counts them (`queue_drops`, part of

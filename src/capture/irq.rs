@@ -176,11 +176,50 @@ impl IrqFollower {
     }
 }
 
-/// The calling thread pinned to one CPU, or left where it was allowed to run.
+/// Why a worker was not pinned to a CPU.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The CPU is outside the affinity the service was started with (`taskset`, systemd's
+    /// `CPUAffinity=`): a thread may widen its own affinity, so this is checked here, not by
+    /// the kernel.
+    #[error(
+        "CPU {cpu} is not one of the service's CPUs ({allowed}: taskset or systemd's CPUAffinity=)"
+    )]
+    NotInAffinity { cpu: usize, allowed: String },
+    /// The kernel refused (a cpuset without that CPU, a CPU that does not exist).
+    #[error("the kernel refused the CPU: {0}")]
+    Refused(#[from] nix::Error),
+}
+
+/// A CPU set as the kernel writes CPU lists (`"1"`, `"0-3,8"`).
+fn cpu_list(set: &CpuSet) -> String {
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// The calling thread pinned to one CPU of those it was allowed to run on, or left where it
+/// was allowed to run.
 #[derive(Default)]
 pub struct ThreadPin {
     cpu: Option<usize>,
-    /// The thread's affinity before it was first pinned, restored by `unpin`.
+    /// The thread's affinity before it was first pinned (inherited from the service's:
+    /// the operator's choice), the only CPUs it is pinned to and what `unpin` restores.
     allowed: Option<CpuSet>,
 }
 
@@ -190,14 +229,22 @@ impl ThreadPin {
         self.cpu
     }
 
-    /// Pins the calling thread to `cpu`; an error (a CPU outside the allowed set, cpuset or
-    /// `CPUAffinity=`) leaves it as it was.
-    pub fn pin(&mut self, cpu: usize) -> nix::Result<()> {
+    /// Pins the calling thread to `cpu`; a CPU outside the thread's affinity from before its
+    /// first pinning, or one the kernel refuses (a cpuset), is an error and leaves the thread
+    /// as it was.
+    pub fn pin(&mut self, cpu: usize) -> Result<(), PinError> {
+        let allowed = match self.allowed {
+            Some(a) => a,
+            None => *self.allowed.insert(sched_getaffinity(Pid::from_raw(0))?),
+        };
+        if !allowed.is_set(cpu).unwrap_or(false) {
+            return Err(PinError::NotInAffinity {
+                cpu,
+                allowed: cpu_list(&allowed),
+            });
+        }
         let mut set = CpuSet::new();
         set.set(cpu)?;
-        if self.allowed.is_none() {
-            self.allowed = Some(sched_getaffinity(Pid::from_raw(0))?);
-        }
         // Pid 0: the calling thread.
         sched_setaffinity(Pid::from_raw(0), &set)?;
         self.cpu = Some(cpu);
@@ -350,6 +397,54 @@ NMI:          0          0   Non-maskable interrupts
         assert_eq!(placed, Some(Placement::Pinned { irq: 71, cpu }));
         assert_eq!(gone, Some(Placement::NoInterrupt));
         assert_eq!(after, before);
+    }
+
+    #[test]
+    fn writes_cpu_lists_as_the_kernel_does() {
+        let set = |cpus: &[usize]| {
+            let mut s = CpuSet::new();
+            for &c in cpus {
+                s.set(c).expect("cpu");
+            }
+            s
+        };
+        assert_eq!(cpu_list(&set(&[1])), "1");
+        assert_eq!(cpu_list(&set(&[0, 1, 2, 3, 8])), "0-3,8");
+        assert_eq!(cpu_list(&set(&[5, 7])), "5,7");
+        assert_eq!(cpu_list(&set(&[])), "");
+    }
+
+    /// An operator who confines the service (`taskset`, systemd's `CPUAffinity=`) confines
+    /// its workers: the kernel would let a thread widen its own affinity, so the pin must
+    /// refuse a CPU outside it (needs two CPUs the test may use).
+    #[test]
+    fn a_cpu_outside_the_affinity_the_service_was_given_is_refused() {
+        let cpus = my_cpus();
+        if cpus.len() < 2 {
+            eprintln!("skipped: needs two CPUs");
+            return;
+        }
+        let (given, other) = (cpus[0], cpus[1]);
+        let (res, after, inside) = on_thread(move || {
+            let mut one = CpuSet::new();
+            one.set(given).expect("cpu");
+            sched_setaffinity(Pid::from_raw(0), &one).expect("confine the thread");
+            let mut pin = ThreadPin::default();
+            let res = pin.pin(other).map_err(|e| e.to_string());
+            let after = my_cpus();
+            // A CPU inside the affinity is still pinned to.
+            let inside = pin.pin(given).is_ok() && pin.cpu() == Some(given);
+            (res, after, inside)
+        });
+        let why = res.expect_err("pinned outside the service's CPUs");
+        assert!(
+            why.contains(&format!(
+                "CPU {other} is not one of the service's CPUs ({given}"
+            )),
+            "{why}"
+        );
+        assert_eq!(after, vec![given]);
+        assert!(inside);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::placement::Placer;
+use super::placement::{Placed, Placer};
 use super::{Inspector, DETACH, UNPINNED};
 use crate::capture::inline::{self as topo, Splice};
 use crate::capture::irq::{IrqFollower, Placement};
@@ -226,7 +226,12 @@ fn forward(
         ins.maybe_reload();
         if let Some(p) = placer.as_mut() {
             if let Some(placed) = p.check(Instant::now()) {
-                log::debug!("{name}: inline worker {index} {placed}");
+                // Moves come and go with the traffic; a CPU it may not use is the operator's.
+                let level = match placed {
+                    Placed::NotAllowed { .. } => log::Level::Info,
+                    _ => log::Level::Debug,
+                };
+                log::log!(level, "{name}: inline worker {index} {placed}");
                 publish(p.cpu());
             }
         }
