@@ -26,6 +26,8 @@ Configurations:
                direction after its first MiB, like Suricata's stream bypass)
   inline-busy  inline workers keep polling between frames (spin_us = 10 ms): no thread
                wake-up per frame, a core per worker
+  *-sNus       inline workers keep polling N µs after forwarding frames before they sleep
+               (`spin_us`; default 50)
   *-sched      inline workers left where the scheduler puts them (`placement = "scheduler"`)
                instead of beside their guest's frames while idle (the default, "auto")
   *-tc         inline with its kernel fast path attached as tc cls_bpf filters (kernels
@@ -140,6 +142,10 @@ class Virtsec:
         # -busy: inline workers poll without sleeping between frames ~100 times a second or
         # more (spin_us = 10 ms), trading a core per worker for no thread wake-up per frame.
         keys = ["spin_us = 10000"] if "-busy" in config else []
+        # -sNus: inline workers keep polling N µs after forwarding (`spin_us`, default 50).
+        spin = re.search(r"-s(\d+)us", config)
+        if spin:
+            keys.append(f"spin_us = {int(spin.group(1))}")
         # -tc: the inline fast path attached as tc cls_bpf filters (what kernels without tcx,
         # such as Debian 12's 6.1, get) instead of tcx links.
         if config.endswith("-tc"):
