@@ -51,6 +51,9 @@ Configurations:
 (iperf3, ping, sockperf, and so the kernel's forwarding of their frames) on CPU 0, the baseline
 too: Xen's topology, where the guests' vCPUs are not dom0's, instead of the default's, where
 guests and inspector share every CPU. Its table goes between the `dataplane-own-cpu` markers.
+--backend-cpu (with --own-cpu): the vifs' received frames are steered (RPS) to the service's
+CPUs, so the guests' frames enter the backend's stack and are forwarded there, as netback's
+NAPI poll does on a dom0 vCPU; the baseline too (its frames then cross CPUs as on Xen).
 --section NAME writes between `NAME` markers instead (a section of its own).
 
 --small-frames adds a column: guest 1 sends 64-byte UDP datagrams to guest 2 as fast as one
@@ -75,6 +78,8 @@ DD, G = "vsbench-d0", ["vsbench-g1", "vsbench-g2"]
 WORKERS = 1
 # --own-cpu: what the guests' programs and the inspector run under (taskset), else nothing.
 GUEST_PIN, SERVICE_PIN = [], []
+# --backend-cpu: the RPS mask (hex) that steers the vifs' received frames to the service's CPUs.
+BACKEND_RPS = ""
 # virtsecd's Prometheus endpoint inside the backend domain's namespace.
 METRICS_PORT = 9977
 ADDR = ["169.254.77.1", "169.254.77.2"]
@@ -105,6 +110,10 @@ def setup():
         sh("ip", "netns", "add", g)
         sh("ip", "-n", DD, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", g)
         sh("ip", "-n", DD, "link", "set", vif, "master", "xenbr0", "up")
+        if BACKEND_RPS:
+            # --backend-cpu: what the guest sends is taken into the backend's stack on the
+            # service's CPUs, as netback's NAPI poll does on a dom0 vCPU.
+            ns(DD, "sh", "-c", f"echo {BACKEND_RPS} > /sys/class/net/{vif}/queues/rx-0/rps_cpus")
         sh("ip", "-n", g, "link", "set", "eth0", "address", MAC[i])
         sh("ip", "-n", g, "addr", "add", ADDR[i] + "/16", "dev", "eth0")
         sh("ip", "-n", g, "link", "set", "eth0", "up")
@@ -502,10 +511,13 @@ def main():
                     help="workers_per_vif (default: 4 from 8 CPUs up, else 1)")
     ap.add_argument("--small-frames", action="store_true",
                     help="add 64-byte UDP frames a second and the inspector's CPU per frame")
+    ap.add_argument("--backend-cpu", action="store_true",
+                    help="with --own-cpu: the guests' frames enter the backend's stack on the "
+                         "service's CPUs (RPS on the vifs), as netback delivers them on dom0's")
     ap.add_argument("--own-cpu", action="store_true",
                     help="the inspector on CPUs 1..n-1, the guests on CPU 0 (Xen's topology)")
     a = ap.parse_args()
-    global WORKERS, GUEST_PIN, SERVICE_PIN
+    global WORKERS, GUEST_PIN, SERVICE_PIN, BACKEND_RPS
     WORKERS = a.workers
     if a.own_cpu:
         n = os.cpu_count() or 1
@@ -513,6 +525,10 @@ def main():
             sys.exit("--own-cpu needs 2 CPUs or more")
         GUEST_PIN = ["taskset", "-c", "0"]
         SERVICE_PIN = ["taskset", "-c", f"1-{n - 1}"]
+        if a.backend_cpu:
+            BACKEND_RPS = format(((1 << n) - 1) & ~1, "x")
+    elif a.backend_cpu:
+        sys.exit("--backend-cpu needs --own-cpu")
     if os.geteuid() != 0:
         sys.exit("needs root (namespaces, nftables)")
     configs = a.configs.split(",")
@@ -631,7 +647,8 @@ def main():
                + (f" ({med([x[1] for x in r['small']]):.2f} µs)" if c != "none" else "") + " |"
                if a.small_frames else ""))
     cmd = (f"sudo benches/dataplane.py --rounds {a.rounds} --secs {a.secs} --workers {a.workers} "
-           + ("--own-cpu " if a.own_cpu else "") + ("--small-frames " if a.small_frames else "")
+           + ("--own-cpu " if a.own_cpu else "") + ("--backend-cpu " if a.backend_cpu else "")
+           + ("--small-frames " if a.small_frames else "")
            + f"--configs {','.join(configs)}")
     table = "\n".join([
         "| configuration | Gbit/s 1 / 4 streams | vs none (paired) | rounds' ratios, min–max | ping p50 / p99 µs | "
