@@ -649,6 +649,15 @@ fn worker_cpus(pid: u32) -> Option<String> {
     None
 }
 
+/// The CPUs this thread may run on: its affinity, and as a list.
+fn my_cpus() -> (nix::sched::CpuSet, Vec<usize>) {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus = (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    (set, cpus)
+}
+
 /// `placement = "auto"` (the default): an idle inline worker runs on the CPU its guest's
 /// frames arrive on (a veth delivers them on the sender's CPU: the pinging process's here)
 /// and moves when they do; under a bulk transfer from that same CPU it is busy and leaves it
@@ -659,10 +668,7 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
         eprintln!("SKIPPED an_idle_inline_worker_runs_where_its_guests_frames_arrive: needs root, nft, tc");
         return;
     }
-    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
-        .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .collect();
+    let (_, cpus) = my_cpus();
     if cpus.len() < 2 {
         eprintln!(
             "SKIPPED an_idle_inline_worker_runs_where_its_guests_frames_arrive: needs two CPUs"
@@ -755,7 +761,7 @@ fn an_idle_inline_worker_runs_where_its_guests_frames_arrive() {
 /// kernel would let a thread widen its own affinity. The log says why it stays.
 #[test]
 fn inline_workers_stay_on_the_cpus_the_service_was_given() {
-    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::sched::{sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
     if !usable() {
         eprintln!(
@@ -763,10 +769,7 @@ fn inline_workers_stay_on_the_cpus_the_service_was_given() {
         );
         return;
     }
-    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .collect();
+    let (allowed, cpus) = my_cpus();
     if cpus.len() < 2 {
         eprintln!("SKIPPED inline_workers_stay_on_the_cpus_the_service_was_given: needs two CPUs");
         return;
