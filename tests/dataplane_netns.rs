@@ -239,6 +239,9 @@ for p in range(9000, 9060):
     assert_eq!(c["mode"], "passive", "{c}");
     assert!(c["frames"].as_u64().unwrap() >= 60, "{c}");
     assert_eq!(c["lost"], 0, "{c}");
+    // Nothing lost: nothing said of losses.
+    let log = std::fs::read_to_string(dir.path().join("virtsecd.log")).unwrap_or_default();
+    assert!(!log.contains("lost to inspection"), "{log}");
     // The earlier run's node for a vif that is gone was removed.
     assert!(dom0.read("/local/domain/0/virtsec/vif/9").is_err());
 
@@ -300,6 +303,24 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
         "drops are not in LOST: {}",
         vif("lost")
     );
+    // The operator is told, with the guest's identity and the cause, within a second or two.
+    let log = || std::fs::read_to_string(dir.path().join("virtsecd.log")).unwrap_or_default();
+    wait_for(
+        "the loss reported in the log",
+        Duration::from_secs(5),
+        || {
+            log().lines().any(|l| {
+                l.contains("WARN")
+                    && l.contains("vif5.0 of domain 5 (web): ")
+                    && l.contains(" frames lost to inspection since it was attached (")
+                    && l.contains(
+                        " with the capture queue or ring full): its worker did not keep up",
+                    )
+            })
+        },
+    );
+    // Once: the next report waits a minute, however much more is lost.
+    assert_eq!(log().matches("lost to inspection").count(), 1, "{}", log());
 }
 
 #[test]

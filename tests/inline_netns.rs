@@ -873,4 +873,18 @@ fn frames_the_kernel_drops_for_a_worker_that_fell_behind_are_counted() {
         "queue drops are not in LOST: {}",
         vif("lost")
     );
+    // The operator is told, with the guest's identity and the cause.
+    wait_for(
+        "the loss reported in the log",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(lab.dir.path().join("virtsecd.log"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("WARN: vif5.0 of domain 5 (web): ")
+                        && l.contains(" with a worker's receive queue full")
+                })
+        },
+    );
 }

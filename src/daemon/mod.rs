@@ -150,6 +150,9 @@ struct State {
     /// Kernel counters per (chain, reason) when anti-spoofing was set up by this run.
     violation_base: Option<std::collections::BTreeMap<(String, String), u64>>,
     last_violation_check: Instant,
+    /// Frames lost to inspection as last reported, per vif, and when they were last looked at.
+    losses: crate::dataplane::losses::LossWatch,
+    last_loss_check: Instant,
     /// The periodic read of the anti-spoofing counters, running in its own thread: `nft -j
     /// list` takes 5-20 ms (more with many vifs), which the event loop must not wait for
     /// while a quarantine or a new vif's policy is due. It wakes the loop when done.
@@ -302,6 +305,8 @@ impl Daemon {
                 requests: Default::default(),
                 violation_base: None,
                 last_violation_check: now,
+                losses: Default::default(),
+                last_loss_check: now,
                 violation_read: None,
                 waker,
                 alerts_rx: Some(alerts_rx),
@@ -409,6 +414,7 @@ impl State {
     /// Reconnects when due and detects a xenstored that stopped answering.
     fn maintain(&mut self, poll: &Poll) {
         self.report_violations();
+        self.report_losses();
         self.publish_status();
         self.publish_counters();
         let now = Instant::now();

@@ -109,6 +109,33 @@ impl State {
         }
     }
 
+    /// Tells the operator when a vif's traffic went uninspected (`dataplane::losses`): a
+    /// warning with the guest's identity (syslog MSGID `lost`), a vif's first loss within a
+    /// second, then at most one a minute per vif.
+    pub(super) fn report_losses(&mut self) {
+        if self.last_loss_check.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_loss_check = Instant::now();
+        let Some(dp) = &self.dataplane else { return };
+        for r in self.losses.check(Instant::now(), &dp.status()) {
+            let guest = self.inventory.get(&r.domid);
+            let name = guest.and_then(|g| g.name.as_deref()).unwrap_or("?");
+            let uuid = guest.and_then(|g| g.uuid.as_deref()).unwrap_or("-");
+            log::warn!(
+                target: "virtsec::event::lost",
+                vif = r.vif.as_str(),
+                domid = r.domid,
+                uuid = uuid,
+                name = name,
+                lost = r.lost.total();
+                "{} of domain {} ({name}): {r}: its worker did not keep up and that traffic was not inspected (virtsec status; docs/performance.md)",
+                r.vif,
+                r.domid
+            );
+        }
+    }
+
     /// Publishes a summary of the service's state for other tools at
     /// `/local/domain/<self>/virtsec/status` (JSON, rewritten when it changes, at most every
     /// 2 s): guests, vifs, alerts, quarantined VMs, anti-spoofing drops, in sync.

@@ -19,6 +19,7 @@
 //! are shared by its workers (a scan spreads over flows, so over fanout threads).
 
 mod inline;
+pub mod losses;
 mod passive;
 mod placement;
 
