@@ -273,9 +273,11 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
         "alert tcp any any -> any 8080 (msg:\"marker\"; content:\"evil-payload\"; sid:7011; rev:1;)\n",
     )
     .unwrap();
+    let eve = dir.path().join("eve.json");
     let extra = format!(
-        "[inspect]\nrules = [{:?}]\ncapture = \"{capture}\"\n{capture}_mib = 1\n",
-        rules.display().to_string()
+        "[inspect]\nrules = [{:?}]\neve = {:?}\ncapture = \"{capture}\"\n{capture}_mib = 1\n",
+        rules.display().to_string(),
+        eve.display().to_string()
     );
     let d = virtsecd_with(dir.path(), Some(&dd), &extra);
     ts.create(&GuestSpec::simple(5, "web", "xenbr0"), None)
@@ -321,6 +323,21 @@ fn frames_the_kernel_drops_are_counted(capture: &str, tag: &str, net: &str) {
     );
     // Once: the next report waits a minute, however much more is lost.
     assert_eq!(log().matches("lost to inspection").count(), 1, "{}", log());
+    // And the SIEM gets it as an EVE event with the guest's identity.
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&eve)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["event_type"] == "lost")
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["xen"]["vif"], "vif5.0", "{e}");
+    assert_eq!(e["xen"]["domid"], 5, "{e}");
+    assert_eq!(e["xen"]["name"], "web", "{e}");
+    assert!(e["lost"]["capture_full"].as_u64().unwrap_or(0) > 0, "{e}");
+    assert_eq!(e["lost"]["frames"], e["lost"]["capture_full"], "{e}");
+    assert_eq!(e["lost"]["seconds"], serde_json::Value::Null, "{e}");
 }
 
 #[test]

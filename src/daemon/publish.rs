@@ -98,20 +98,27 @@ impl State {
                 "antispoof": {"reason": reason, "dropped": delta, "total": total},
                 "xen": {"domid": v["domid"], "uuid": v["uuid"], "name": v["name"], "vif": ifname},
             });
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.cfg.inspect.eve)
-            {
-                use std::io::Write;
-                let _ = writeln!(f, "{line}");
-            }
+            self.append_eve(&line);
+        }
+    }
+
+    /// Appends one event to the EVE file (the data plane's alerts go through its own writer;
+    /// these events are rare enough to open the file each time, which also follows rotation).
+    fn append_eve(&self, line: &serde_json::Value) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.cfg.inspect.eve)
+        {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
         }
     }
 
     /// Tells the operator when a vif's traffic went uninspected (`dataplane::losses`): a
-    /// warning with the guest's identity (syslog MSGID `lost`), a vif's first loss within a
-    /// second, then at most one a minute per vif.
+    /// warning with the guest's identity (syslog MSGID `lost`) and an EVE event
+    /// (`event_type:"lost"`), a vif's first loss within a second, then at most one a minute
+    /// per vif.
     pub(super) fn report_losses(&mut self) {
         if self.last_loss_check.elapsed() < Duration::from_secs(1) {
             return;
@@ -133,6 +140,27 @@ impl State {
                 r.vif,
                 r.domid
             );
+            let l = &r.lost;
+            self.append_eve(&serde_json::json!({
+                "timestamp": crate::inspect::eve::format_ts(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0)
+                ),
+                "event_type": "lost",
+                "lost": {
+                    "frames": l.total(),
+                    "seconds": r.over.map(|d| d.as_secs()),
+                    "capture_full": l.capture,
+                    "queue_full": l.queue,
+                    "overload_dropped": l.overload,
+                    "overload_forwarded": l.bypassed,
+                    "truncated": l.truncated,
+                    "send_errors": l.send,
+                },
+                "xen": {"domid": r.domid, "uuid": guest.and_then(|g| g.uuid.as_deref()), "name": guest.and_then(|g| g.name.as_deref()), "vif": r.vif},
+            }));
         }
     }
 
