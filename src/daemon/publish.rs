@@ -88,12 +88,7 @@ impl State {
                 "anti-spoofing: {who}: {delta} frame(s) dropped ({reason}), {total} in total"
             );
             let line = serde_json::json!({
-                "timestamp": crate::inspect::eve::format_ts(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as u64)
-                        .unwrap_or(0)
-                ),
+                "timestamp": crate::inspect::eve::format_time(std::time::SystemTime::now()),
                 "event_type": "antispoof",
                 "antispoof": {"reason": reason, "dropped": delta, "total": total},
                 "xen": {"domid": v["domid"], "uuid": v["uuid"], "name": v["name"], "vif": ifname},
@@ -136,18 +131,13 @@ impl State {
                 uuid = uuid,
                 name = name,
                 lost = r.lost.total();
-                "{} of domain {} ({name}): {r}: its worker did not keep up and that traffic was not inspected (virtsec status; docs/performance.md)",
+                "{} of domain {} ({name}): {r}: its worker did not keep up and that traffic was not inspected (`virtsec status`; the admin guide's \"dom0's CPUs\")",
                 r.vif,
                 r.domid
             );
             let l = &r.lost;
             self.append_eve(&serde_json::json!({
-                "timestamp": crate::inspect::eve::format_ts(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as u64)
-                        .unwrap_or(0)
-                ),
+                "timestamp": crate::inspect::eve::format_time(std::time::SystemTime::now()),
                 "event_type": "lost",
                 "lost": {
                     "frames": l.total(),

@@ -84,6 +84,15 @@ pub fn alert_value(a: &Alert, r: &Rule, xen: Option<&XenIdentity>) -> serde_json
     serde_json::to_value(&line).unwrap_or(serde_json::Value::Null)
 }
 
+/// [`format_ts`] of a point in time (the epoch for one before it).
+pub fn format_time(t: std::time::SystemTime) -> String {
+    let us = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    format_ts(us)
+}
+
 /// `2023-11-14T22:13:20.001665+0000` from microseconds since the epoch (UTC).
 pub fn format_ts(us: u64) -> String {
     let secs = us / 1_000_000;

@@ -228,11 +228,6 @@ fn now_s() -> u64 {
         .unwrap_or(0)
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let us = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
-    crate::inspect::eve::format_ts(us)
-}
-
 /// The quarantine manager (owned by the daemon's event loop).
 pub struct Quarantine {
     cfg: QuarantineConfig,
@@ -971,7 +966,7 @@ impl Quarantine {
             Err(e) => format!("failed: {e}"),
         };
         let v = serde_json::json!({
-            "timestamp": rfc3339(SystemTime::now()),
+            "timestamp": crate::inspect::eve::format_time(SystemTime::now()),
             "event_type": "quarantine",
             "quarantine": {"op": "delegated", "request": op, "by": source, "outcome": outcome},
             "xen": {"domid": op.domid()},
@@ -1000,7 +995,7 @@ impl Quarantine {
                 "detach-failed"
             };
             let v = serde_json::json!({
-                "timestamp": rfc3339(SystemTime::now()),
+                "timestamp": crate::inspect::eve::format_time(SystemTime::now()),
                 "event_type": "quarantine",
                 "quarantine": {
                     "op": op,
@@ -1046,7 +1041,7 @@ impl Quarantine {
     /// Audits a request that was not executed (e.g. a XenStore request not written by dom0).
     pub fn audit_refused(&mut self, source: &str, why: &str) {
         let v = serde_json::json!({
-            "timestamp": rfc3339(SystemTime::now()),
+            "timestamp": crate::inspect::eve::format_time(SystemTime::now()),
             "event_type": "quarantine",
             "quarantine": {"op": "refused", "source": source, "reason": why},
         });
@@ -1062,7 +1057,7 @@ impl Quarantine {
 
     fn audit_event(&mut self, op: &str, action: Option<Action>, r: &Record, why: &str, by: &str) {
         let v = serde_json::json!({
-            "timestamp": rfc3339(SystemTime::now()),
+            "timestamp": crate::inspect::eve::format_time(SystemTime::now()),
             "event_type": "quarantine",
             "quarantine": {
                 "op": op,
