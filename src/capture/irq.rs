@@ -191,11 +191,16 @@ pub enum PinError {
     Refused(#[from] nix::Error),
 }
 
+/// The CPUs in `set`, in order.
+pub(crate) fn cpus_of(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
 /// A CPU set as the kernel writes CPU lists (`"1"`, `"0-3,8"`).
 fn cpu_list(set: &CpuSet) -> String {
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .collect();
+    let cpus = cpus_of(set);
     let mut parts = Vec::new();
     let mut i = 0;
     while i < cpus.len() {
@@ -324,10 +329,7 @@ NMI:          0          0   Non-maskable interrupts
     }
 
     fn my_cpus() -> Vec<usize> {
-        let set = sched_getaffinity(Pid::from_raw(0)).expect("affinity");
-        (0..CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .collect()
+        cpus_of(&sched_getaffinity(Pid::from_raw(0)).expect("affinity"))
     }
 
     #[test]

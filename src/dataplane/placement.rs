@@ -282,12 +282,10 @@ mod tests {
     /// a fake `/proc` (needs two CPUs the test may use).
     #[test]
     fn quiet_and_busy_windows_pin_and_unpin_the_thread() {
-        use nix::sched::{sched_getaffinity, CpuSet};
+        use nix::sched::sched_getaffinity;
         use nix::unistd::Pid;
         let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
-        let cpus: Vec<usize> = (0..CpuSet::count())
-            .filter(|&c| allowed.is_set(c).unwrap_or(false))
-            .collect();
+        let cpus = crate::capture::irq::cpus_of(&allowed);
         if cpus.len() < 2 {
             eprintln!("skipped: needs two CPUs");
             return;
@@ -321,12 +319,7 @@ mod tests {
             );
             let now = sched_getaffinity(Pid::from_raw(0)).unwrap();
             assert!(now.is_set(target).unwrap());
-            assert_eq!(
-                (0..CpuSet::count())
-                    .filter(|&c| now.is_set(c).unwrap_or(false))
-                    .count(),
-                1
-            );
+            assert_eq!(crate::capture::irq::cpus_of(&now).len(), 1);
             // A busy window (90% on frames): given its CPUs back.
             p.worked(Duration::from_millis(90));
             assert_eq!(p.check(start + 2 * WINDOW).cloned(), Some(Placed::Busy));
